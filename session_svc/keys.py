@@ -1,0 +1,86 @@
+"""Every Redis key the service and its workers use, built in one place.
+
+Layout (``P`` is the key prefix, ``{bNN}`` the hash tag of a bucket of users):
+
+    P:{bNN}:s:<sid>          HASH    session fields and counters
+    P:{bNN}:m:<sid>          STREAM  messages, entry id ``<seq>-0`` (so a page is one XRANGE)
+    P:{bNN}:y:<sid>          HASH    memories, field = memory seq, value = memory JSON
+    P:{bNN}:yi:<sid>:<type>  ZSET    memory seqs of one type (``*`` = all types), score = seq
+    P:{bNN}:u:<uid>          ZSET    a user's sessions, score = last activity (microseconds)
+    P:{bNN}:ua:<uid>         ZSET    the same, active sessions only
+    P:{bNN}:stats            HASH    exact service-wide counters of this bucket
+    P:{bNN}:outbox           STREAM  change log drained into PostgreSQL by the workers
+    P:meta                   HASH    layout facts (bucket count) checked at start-up
+
+The bucket is chosen by user id, so a session, its user's indexes, its bucket's stats and the outbox
+shard it writes to all share one hash slot: every script touches one slot and Redis Cluster works.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+MEMORY_ALL = "*"
+
+
+def bucket_of(user_id: str, buckets: int) -> int:
+    return zlib.crc32(user_id.encode()) % buckets
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    prefix: str
+    buckets: int
+
+    def tag(self, bucket: int) -> str:
+        return f"{self.prefix}:{{b{bucket:02d}}}"
+
+    def for_user(self, user_id: str) -> UserKeys:
+        return UserKeys(self.tag(bucket_of(user_id, self.buckets)), user_id)
+
+    def stats(self, bucket: int) -> str:
+        return f"{self.tag(bucket)}:stats"
+
+    def outbox(self, bucket: int) -> str:
+        return f"{self.tag(bucket)}:outbox"
+
+    @property
+    def meta(self) -> str:
+        return f"{self.prefix}:meta"
+
+
+@dataclass(frozen=True, slots=True)
+class UserKeys:
+    """Keys of one user's bucket; all in the same hash slot."""
+
+    tag: str
+    user_id: str
+
+    @property
+    def sessions(self) -> str:
+        return f"{self.tag}:u:{self.user_id}"
+
+    @property
+    def active(self) -> str:
+        return f"{self.tag}:ua:{self.user_id}"
+
+    @property
+    def stats(self) -> str:
+        return f"{self.tag}:stats"
+
+    @property
+    def outbox(self) -> str:
+        return f"{self.tag}:outbox"
+
+    def session(self, sid: str) -> str:
+        return f"{self.tag}:s:{sid}"
+
+    def messages(self, sid: str) -> str:
+        return f"{self.tag}:m:{sid}"
+
+    def memories(self, sid: str) -> str:
+        return f"{self.tag}:y:{sid}"
+
+    def memory_index(self, sid: str, memory_type: str = MEMORY_ALL) -> str:
+        return f"{self.tag}:yi:{sid}:{memory_type}"
