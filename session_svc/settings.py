@@ -6,6 +6,7 @@ Tests build ``Settings(...)`` explicitly; nothing imports-time reads the environ
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
@@ -31,6 +32,28 @@ class Settings:
     redis_pool_timeout: float = 5.0
     redis_socket_timeout: float = 5.0
     max_body_bytes: int = 1024 * 1024
+    # Write-through and expiry (workers).
+    # A session untouched this long leaves Redis once everything it holds is in Postgres.
+    session_hot_ttl: int = 3600
+    # Guide housekeeping, off (0) by default: end active sessions idle this many days,
+    # archive completed sessions this many days after their last update.
+    end_idle_after_days: int = 0
+    archive_completed_after_days: int = 0
+    flush_batch_size: int = 500
+    # An outbox entry delivered this many times without a commit goes to the dead-letter stream.
+    flush_max_deliveries: int = 5
+    # A pending entry idle this long (ms) is presumed orphaned by a dead worker and reclaimed.
+    flush_claim_idle_ms: int = 30_000
+    db_pool_size: int = 10
+
+    def __post_init__(self) -> None:
+        # Both end up inside SQL identifiers and Redis keys: keep them to a safe alphabet.
+        if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", self.db_schema):
+            raise ValueError(f"DB_SCHEMA must be a lower-case SQL identifier, got {self.db_schema!r}")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.key_prefix):
+            raise ValueError(f"KEY_PREFIX must match [A-Za-z0-9_.-]{{1,64}}, got {self.key_prefix!r}")
+        if not 1 <= self.redis_buckets <= 1024:
+            raise ValueError("REDIS_BUCKETS must be between 1 and 1024")
 
     @property
     def arq_url(self) -> str:

@@ -1,0 +1,111 @@
+"""Reads from PostgreSQL, the system of record, for sessions whose data has left Redis.
+
+Rows come back in the very shapes Redis stores (a session hash of strings, stream fields of a message,
+a memory's JSON document), so one set of formatters in ``store.py`` serves both tiers and a cold
+session answers with the same JSON as a hot one. Timestamps and money are converted to integer
+microseconds in SQL, exactly (``numeric``), never through a float.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+import orjson
+
+Hash = dict[str, str]
+
+_SESSION_COLUMNS = """
+    session_id, user_id, title, status, conversation_data::text AS conversation_data,
+    metadata::text AS metadata, session_summary, message_count::text, total_tokens::text,
+    (total_cost * 1000000)::bigint::text AS cost_micros, memory_count::text,
+    (extract(epoch FROM created_at) * 1000000)::bigint::text AS created_at,
+    (extract(epoch FROM updated_at) * 1000000)::bigint::text AS updated_at,
+    (extract(epoch FROM last_activity) * 1000000)::bigint::text AS last_activity,
+    version::text AS v
+"""
+
+
+def _iso_sql(column: str) -> str:
+    return f"to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+
+
+async def load_session(pool: asyncpg.Pool, schema: str, sid: str) -> Hash | None:
+    row = await pool.fetchrow(
+        f'SELECT {_SESSION_COLUMNS} FROM "{schema}".sessions WHERE session_id = $1', sid
+    )
+    return dict(row) if row is not None else None
+
+
+async def load_sessions(pool: asyncpg.Pool, schema: str, sids: list[str]) -> dict[str, Hash]:
+    rows = await pool.fetch(
+        f'SELECT {_SESSION_COLUMNS} FROM "{schema}".sessions WHERE session_id = ANY($1::text[])', sids
+    )
+    return {r["session_id"]: dict(r) for r in rows}
+
+
+async def load_messages(
+    pool: asyncpg.Pool, schema: str, sid: str, lo: int, hi: int
+) -> list[tuple[int, Hash]]:
+    """Messages ``lo..hi`` (sequence numbers, inclusive) as stream fields."""
+    rows = await pool.fetch(
+        f"""SELECT seq, message_id AS id, role, content, message_type AS type, metadata::text AS meta,
+                   tokens_used::text AS tokens, (cost_usd * 1000000)::bigint::text AS cost,
+                   (extract(epoch FROM created_at) * 1000000)::bigint::text AS ts
+            FROM "{schema}".session_messages
+            WHERE session_id = $1 AND seq BETWEEN $2 AND $3 ORDER BY seq""",
+        sid,
+        lo,
+        hi,
+    )
+    return [
+        (r["seq"], {k: r[k] for k in ("id", "role", "content", "type", "meta", "tokens", "cost", "ts")})
+        for r in rows
+    ]
+
+
+def _memory_doc(r: asyncpg.Record) -> str:
+    return orjson.dumps(
+        {
+            "memory_id": r["memory_id"],
+            "memory_type": r["memory_type"],
+            "content": r["content"],
+            "metadata": orjson.Fragment(r["metadata"]),
+            "created_at": r["created"],
+        }
+    ).decode()
+
+
+_MEMORY_COLUMNS = (
+    f"seq, memory_id, memory_type, content, metadata::text AS metadata, {_iso_sql('created_at')} AS created"
+)
+
+
+async def load_memory_docs(pool: asyncpg.Pool, schema: str, sid: str) -> list[tuple[int, str]]:
+    """Every memory of a session, oldest first, as (seq, JSON document)."""
+    rows = await pool.fetch(
+        f'SELECT {_MEMORY_COLUMNS} FROM "{schema}".session_memories WHERE session_id = $1 ORDER BY seq', sid
+    )
+    return [(r["seq"], _memory_doc(r)) for r in rows]
+
+
+async def load_memories(
+    pool: asyncpg.Pool, schema: str, sid: str, memory_type: str | None, offset: int, limit: int
+) -> tuple[int, list[str]]:
+    """One page of memories, newest first, and the total count."""
+    rows = await pool.fetch(
+        f"""SELECT {_MEMORY_COLUMNS}, count(*) OVER () AS total FROM "{schema}".session_memories
+            WHERE session_id = $1 AND ($2::text IS NULL OR memory_type = $2)
+            ORDER BY seq DESC OFFSET $3 LIMIT $4""",
+        sid,
+        memory_type,
+        offset,
+        limit,
+    )
+    if not rows:
+        total = await pool.fetchval(
+            f"""SELECT count(*) FROM "{schema}".session_memories
+                WHERE session_id = $1 AND ($2::text IS NULL OR memory_type = $2)""",
+            sid,
+            memory_type,
+        )
+        return int(total), []
+    return int(rows[0]["total"]), [_memory_doc(r) for r in rows]

@@ -1,0 +1,40 @@
+"""Domain errors, turned into HTTP answers in one place (``middleware.py``).
+
+ServiceError
+├── NotFound      404  no such session/memory for this user (another user's session looks the same)
+├── Conflict      409  the session's state forbids the change
+├── BadRequest    400  input that the models cannot express (the detail is the guide's list shape)
+└── Unavailable   503  Redis or PostgreSQL cannot be reached
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServiceError(Exception):
+    status = 500
+
+    def __init__(self, detail: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class NotFound(ServiceError):
+    status = 404
+
+
+class Conflict(ServiceError):
+    status = 409
+
+
+class BadRequest(ServiceError):
+    status = 400
+
+
+class Unavailable(ServiceError):
+    status = 503
+
+
+SESSION_NOT_FOUND = "Session not found"
+MEMORY_NOT_FOUND = "Memory not found"

@@ -1,0 +1,226 @@
+"""The Lua scripts that make each write one atomic server-side step (and each hot read one round trip).
+
+Conventions shared by every session-scoped script:
+- KEYS are all in one hash slot (the user's bucket, see ``keys.py``); ``ARGV[1]`` is the session id and
+  ``ARGV[2]`` the requesting user id.
+- The first element of the reply is a status: ``ok``; ``missing`` (no such session for this user);
+  ``cold`` (the session is known to the user's index but its data has left Redis: read it from
+  Postgres, or rehydrate it before writing); ``conflict`` followed by the current status.
+- Every write bumps the session's version ``v`` and appends one entry to the bucket's outbox stream, in
+  the same script, so an acknowledged write is always on its way to Postgres. The worker records the
+  highest version it committed in ``fv``; the expiry sweep deletes a session only when ``v == fv``.
+- Timestamps are integer microseconds since the epoch, passed in by the caller.
+"""
+
+from __future__ import annotations
+
+# Resolves ownership: the session hash is KEYS[1], the user's index KEYS[uidx].
+_PROLOGUE = """
+local function owner_state(skey, ukey, sid, uid)
+  local owner = redis.call('HGET', skey, 'user_id')
+  if not owner then
+    if redis.call('ZSCORE', ukey, sid) then return 'cold' end
+    return 'missing'
+  end
+  if owner ~= uid then return 'missing' end
+  return nil
+end
+local function touch(uidx, aidx, status, now, sid)
+  redis.call('ZADD', uidx, now, sid)
+  if status == 'active' then redis.call('ZADD', aidx, now, sid) end
+end
+"""
+
+# KEYS: session, user index, user active index, bucket stats, outbox
+# ARGV: sid, uid, title, conversation_data, metadata, session_summary, now
+CREATE_SESSION = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return {'conflict', 'exists'} end
+redis.call('HSET', KEYS[1], 'session_id', ARGV[1], 'user_id', ARGV[2], 'title', ARGV[3],
+  'status', 'active', 'conversation_data', ARGV[4], 'metadata', ARGV[5], 'session_summary', ARGV[6],
+  'message_count', 0, 'total_tokens', 0, 'cost_micros', 0, 'memory_count', 0,
+  'created_at', ARGV[7], 'updated_at', ARGV[7], 'last_activity', ARGV[7], 'v', 1, 'fv', 0, 'mfirst', 1)
+redis.call('ZADD', KEYS[2], ARGV[7], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[7], ARGV[1])
+redis.call('HINCRBY', KEYS[4], 'sessions', 1)
+redis.call('HINCRBY', KEYS[4], 'active', 1)
+redis.call('XADD', KEYS[5], '*', 'k', 's', 'sid', ARGV[1], 'uid', ARGV[2], 'v', 1)
+return {'ok'}
+"""
+
+# KEYS: session, user index
+# ARGV: sid, uid
+GET_SESSION = (
+    _PROLOGUE
+    + """
+local state = owner_state(KEYS[1], KEYS[2], ARGV[1], ARGV[2])
+if state then return {state} end
+return {'ok', redis.call('HGETALL', KEYS[1])}
+"""
+)
+
+# KEYS: session, user index, user active index, bucket stats, outbox
+# ARGV: sid, uid, now, new status or '', then field/value pairs to set
+# The guide's state machine: active -> completed -> archived, active -> ended. Asking for the current
+# status is allowed; a request that changes nothing writes nothing (so ending twice is a no-op).
+UPDATE_SESSION = (
+    _PROLOGUE
+    + """
+local state = owner_state(KEYS[1], KEYS[2], ARGV[1], ARGV[2])
+if state then return {state} end
+local cur = redis.call('HGET', KEYS[1], 'status')
+local new = ARGV[4]
+local moves = {active = {completed = true, ended = true}, completed = {archived = true}}
+if new ~= '' and new ~= cur then
+  if not (moves[cur] and moves[cur][new]) then return {'conflict', cur} end
+elseif #ARGV == 4 then
+  return {'ok', redis.call('HGETALL', KEYS[1])}
+end
+if new ~= '' and new ~= cur then
+  redis.call('HSET', KEYS[1], 'status', new)
+  if cur == 'active' then
+    redis.call('ZREM', KEYS[3], ARGV[1])
+    redis.call('HINCRBY', KEYS[4], 'active', -1)
+  end
+end
+for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[3])
+local v = redis.call('HINCRBY', KEYS[1], 'v', 1)
+redis.call('XADD', KEYS[5], '*', 'k', 's', 'sid', ARGV[1], 'uid', ARGV[2], 'v', v)
+return {'ok', redis.call('HGETALL', KEYS[1])}
+"""
+)
+
+# KEYS: session, messages, user index, user active index, bucket stats, outbox
+# ARGV: sid, uid, now, message_id, role, content, message_type, tokens, cost_micros, metadata
+# Counters and the sequence number change in the same step as the append; the message's stream id is
+# <seq>-0, so a page of messages is one XRANGE.
+APPEND_MESSAGE = (
+    _PROLOGUE
+    + """
+local state = owner_state(KEYS[1], KEYS[3], ARGV[1], ARGV[2])
+if state then return {state} end
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'active' then return {'conflict', status} end
+local seq = redis.call('HINCRBY', KEYS[1], 'message_count', 1)
+redis.call('HINCRBY', KEYS[1], 'total_tokens', ARGV[8])
+redis.call('HINCRBY', KEYS[1], 'cost_micros', ARGV[9])
+local v = redis.call('HINCRBY', KEYS[1], 'v', 1)
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[3], 'last_activity', ARGV[3])
+redis.call('XADD', KEYS[2], seq .. '-0', 'id', ARGV[4], 'role', ARGV[5], 'content', ARGV[6],
+  'type', ARGV[7], 'tokens', ARGV[8], 'cost', ARGV[9], 'meta', ARGV[10], 'ts', ARGV[3])
+touch(KEYS[3], KEYS[4], status, ARGV[3], ARGV[1])
+redis.call('HINCRBY', KEYS[5], 'messages', 1)
+redis.call('HINCRBY', KEYS[5], 'tokens', ARGV[8])
+redis.call('HINCRBY', KEYS[5], 'cost_micros', ARGV[9])
+redis.call('XADD', KEYS[6], '*', 'k', 'm', 'sid', ARGV[1], 'uid', ARGV[2], 'v', v, 'seq', seq,
+  'id', ARGV[4], 'role', ARGV[5], 'content', ARGV[6], 'type', ARGV[7], 'tokens', ARGV[8],
+  'cost', ARGV[9], 'meta', ARGV[10], 'ts', ARGV[3])
+return {'ok', seq}
+"""
+)
+
+# KEYS: session, messages, user index
+# ARGV: sid, uid, first seq, last seq
+# Messages below ``mfirst`` are only in Postgres (the session was rehydrated after leaving Redis).
+LIST_MESSAGES = (
+    _PROLOGUE
+    + """
+local state = owner_state(KEYS[1], KEYS[3], ARGV[1], ARGV[2])
+if state then return {state} end
+local h = redis.call('HMGET', KEYS[1], 'message_count', 'mfirst')
+local lo = math.max(tonumber(ARGV[3]), tonumber(h[2]))
+local hi = tonumber(ARGV[4])
+local entries = {}
+if lo <= hi then entries = redis.call('XRANGE', KEYS[2], lo .. '-0', hi .. '-0') end
+return {'ok', h[1], h[2], entries}
+"""
+)
+
+# KEYS: session, memories, memory index (all types), memory index (this type), user index,
+#       user active index, outbox
+# ARGV: sid, uid, now, memory_type, memory JSON document
+# Archived and ended sessions are read-only; a completed one still takes memories (e.g. its summary).
+CREATE_MEMORY = (
+    _PROLOGUE
+    + """
+local state = owner_state(KEYS[1], KEYS[5], ARGV[1], ARGV[2])
+if state then return {state} end
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'archived' or status == 'ended' then return {'conflict', status} end
+local seq = redis.call('HINCRBY', KEYS[1], 'memory_count', 1)
+local v = redis.call('HINCRBY', KEYS[1], 'v', 1)
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[3], 'last_activity', ARGV[3])
+redis.call('HSET', KEYS[2], seq, ARGV[5])
+redis.call('ZADD', KEYS[3], seq, seq)
+redis.call('ZADD', KEYS[4], seq, seq)
+touch(KEYS[5], KEYS[6], status, ARGV[3], ARGV[1])
+redis.call('XADD', KEYS[7], '*', 'k', 'y', 'sid', ARGV[1], 'uid', ARGV[2], 'v', v, 'seq', seq,
+  'doc', ARGV[5])
+return {'ok', seq}
+"""
+)
+
+# KEYS: session, memories, memory index to read, user index
+# ARGV: sid, uid, start, stop (ranks, newest first)
+LIST_MEMORIES = (
+    _PROLOGUE
+    + """
+local state = owner_state(KEYS[1], KEYS[4], ARGV[1], ARGV[2])
+if state then return {state} end
+local total = redis.call('ZCARD', KEYS[3])
+local seqs = redis.call('ZREVRANGE', KEYS[3], ARGV[3], ARGV[4])
+local docs = {}
+if #seqs > 0 then docs = redis.call('HMGET', KEYS[2], unpack(seqs)) end
+return {'ok', total, seqs, docs}
+"""
+)
+
+LIST_FIELDS = (
+    "user_id",
+    "title",
+    "status",
+    "message_count",
+    "total_tokens",
+    "cost_micros",
+    "created_at",
+    "updated_at",
+    "last_activity",
+)
+
+# KEYS: the user's index (all or active-only)
+# ARGV: session key prefix of the user's bucket, start, stop (ranks, newest activity first)
+# The session keys are built here rather than passed in because the page is only known here; they share
+# the index's hash tag, so the script still touches a single slot.
+LIST_USER_SESSIONS = """
+local total = redis.call('ZCARD', KEYS[1])
+local sids = redis.call('ZREVRANGE', KEYS[1], ARGV[2], ARGV[3])
+local rows = {}
+for i, sid in ipairs(sids) do
+  rows[i] = redis.call('HMGET', ARGV[1] .. sid, FIELDS)
+end
+return {total, sids, rows}
+""".replace("FIELDS", ", ".join(f"'{f}'" for f in LIST_FIELDS))
+
+# KEYS: session, memories, user index, user active index, memory index key prefix (``...:yi:<sid>:``)
+# ARGV: sid, n, then n field/value pairs of the session hash, then (seq, memory_type, doc) triples
+# Brings a cold session back from Postgres. If another request already did, it changes nothing.
+REHYDRATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local n = tonumber(ARGV[2])
+local h = {}
+local i = 3
+for _ = 1, n do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  h[ARGV[i]] = ARGV[i + 1]
+  i = i + 2
+end
+while i <= #ARGV do
+  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 2])
+  redis.call('ZADD', KEYS[5] .. '*', ARGV[i], ARGV[i])
+  redis.call('ZADD', KEYS[5] .. ARGV[i + 1], ARGV[i], ARGV[i])
+  i = i + 3
+end
+redis.call('ZADD', KEYS[3], 'NX', h['last_activity'], ARGV[1])
+if h['status'] == 'active' then redis.call('ZADD', KEYS[4], 'NX', h['last_activity'], ARGV[1]) end
+return 1
+"""

@@ -1,0 +1,57 @@
+"""The one error middleware: every failure leaves as JSON ``{"detail": ...}``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import asyncpg
+import orjson
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from session_svc.errors import ServiceError
+from session_svc.typedefs import SETTINGS
+
+log = logging.getLogger("session_svc")
+
+_HTTP_DETAIL = {
+    404: "Not Found",
+    405: "Method Not Allowed",
+    413: "Request body too large",
+}
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ServiceError as exc:
+        return json_response({"detail": exc.detail}, exc.status)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        detail = _HTTP_DETAIL.get(exc.status, exc.reason)
+        if exc.status == 413:
+            detail = f"Request body too large (limit {request.app[SETTINGS].max_body_bytes} bytes)"
+        return json_response({"detail": detail}, exc.status)
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        log.warning("redis unavailable: %s %s: %r", request.method, request.path, exc)
+        return json_response({"detail": "Session store unavailable (Redis)"}, 503)
+    except (
+        OSError,
+        asyncpg.PostgresConnectionError,
+        asyncpg.CannotConnectNowError,
+        asyncpg.InterfaceError,
+    ) as exc:
+        log.warning("postgres unavailable: %s %s: %r", request.method, request.path, exc)
+        return json_response({"detail": "Session store unavailable (PostgreSQL)"}, 503)
+    except Exception:
+        log.exception("unhandled error: %s %s", request.method, request.path_qs)
+        return json_response({"detail": "Internal server error"}, 500)

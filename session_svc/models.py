@@ -1,0 +1,307 @@
+"""Request and response models: they validate input at the edge and generate the OpenAPI document.
+
+Bodies are parsed strictly (``"5"`` is not a token count); query strings, which are text by nature, are
+parsed in lax mode (``page=2`` is an int). Unknown body fields are ignored, as the original service did.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from enum import StrEnum
+from typing import Annotated, Any
+
+import orjson
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+# Size limits (documented in README, "Limits").
+MAX_ID_CHARS = 255
+MAX_TITLE_CHARS = 500
+MAX_CONTENT_CHARS = 256 * 1024
+MAX_SUMMARY_CHARS = 64 * 1024
+MAX_MEMORY_CHARS = 64 * 1024
+MAX_METADATA_BYTES = 16 * 1024
+MAX_CONVERSATION_BYTES = 256 * 1024
+MAX_TOKENS_PER_MESSAGE = 2**31 - 1
+MAX_COST_PER_MESSAGE = Decimal(1_000_000)
+MICROS = 1_000_000
+
+
+class SessionStatus(StrEnum):
+    active = "active"
+    completed = "completed"
+    archived = "archived"
+    ended = "ended"
+
+
+class Role(StrEnum):
+    user = "user"
+    assistant = "assistant"
+    system = "system"
+    tool_call = "tool_call"
+    tool_result = "tool_result"
+
+
+class MessageType(StrEnum):
+    chat = "chat"
+    system = "system"
+    tool_call = "tool_call"
+    tool_result = "tool_result"
+    notification = "notification"
+
+
+class MemoryType(StrEnum):
+    preference = "preference"
+    conversation = "conversation"
+    entity = "entity"
+    summary = "summary"
+    custom = "custom"
+
+
+def _capped_json(limit: int) -> AfterValidator:
+    def check(value: dict[str, Any]) -> dict[str, Any]:
+        if len(orjson.dumps(value)) > limit:
+            raise ValueError(f"must serialize to at most {limit} bytes of JSON")
+        return value
+
+    return AfterValidator(check)
+
+
+def _no_control_chars(value: str) -> str:
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("must not contain control characters")
+    return value
+
+
+def _non_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be blank")
+    return value
+
+
+UserId = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS), AfterValidator(_no_control_chars)]
+Metadata = Annotated[dict[str, Any], _capped_json(MAX_METADATA_BYTES)]
+ConversationData = Annotated[dict[str, Any], _capped_json(MAX_CONVERSATION_BYTES)]
+
+
+def to_micros(value: Decimal) -> int:
+    micros = value * MICROS
+    if micros != micros.to_integral_value():
+        raise ValueError("must have at most 6 decimal places")
+    return int(micros)
+
+
+def _cost(value: float | int) -> Decimal:
+    # repr of a float is the shortest string that round-trips, so 0.0001 becomes Decimal("0.0001")
+    # exactly, not the binary 0.000100000000000000004792...
+    amount = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+    if not amount.is_finite() or amount < 0 or amount > MAX_COST_PER_MESSAGE:
+        raise ValueError(f"must be a number between 0 and {MAX_COST_PER_MESSAGE}")
+    to_micros(amount)
+    return amount
+
+
+Cost = Annotated[float | int, AfterValidator(_cost)]
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", use_enum_values=False)
+
+
+class SessionCreate(Body):
+    user_id: UserId
+    title: Annotated[str, Field(max_length=MAX_TITLE_CHARS)] = ""
+    metadata: Metadata = Field(default_factory=dict)
+    conversation_data: ConversationData = Field(default_factory=dict)
+    session_summary: Annotated[str, Field(max_length=MAX_SUMMARY_CHARS)] = ""
+
+
+class SessionUpdate(Body):
+    title: Annotated[str, Field(max_length=MAX_TITLE_CHARS)] | None = None
+    metadata: Metadata | None = None
+    conversation_data: ConversationData | None = None
+    session_summary: Annotated[str, Field(max_length=MAX_SUMMARY_CHARS)] | None = None
+    status: SessionStatus | None = None
+
+
+class MessageCreate(Body):
+    role: Role
+    content: Annotated[str, Field(min_length=1, max_length=MAX_CONTENT_CHARS), AfterValidator(_non_blank)]
+    message_type: MessageType = MessageType.chat
+    tokens_used: Annotated[int, Field(ge=0, le=MAX_TOKENS_PER_MESSAGE)] = 0
+    cost_usd: Cost = 0
+    metadata: Metadata = Field(default_factory=dict)
+
+
+class MemoryCreate(Body):
+    memory_type: MemoryType
+    content: Annotated[str, Field(min_length=1, max_length=MAX_MEMORY_CHARS), AfterValidator(_non_blank)]
+    metadata: Metadata = Field(default_factory=dict)
+
+
+# Query strings --------------------------------------------------------------------------------------
+
+
+class Query(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class OwnerQuery(Query):
+    user_id: UserId
+
+
+class MessagePageQuery(OwnerQuery):
+    page: Annotated[int, Field(ge=1, le=10_000_000)] = 1
+    page_size: Annotated[int, Field(ge=1, le=200)] = 100
+
+
+class MemoryQuery(OwnerQuery):
+    memory_type: MemoryType | None = None
+
+
+class MemoryPageQuery(MemoryQuery):
+    page: Annotated[int, Field(ge=1, le=10_000_000)] = 1
+    page_size: Annotated[int, Field(ge=1, le=200)] = 50
+
+
+class UserSessionsQuery(OwnerQuery):
+    active_only: bool = False
+    page: Annotated[int, Field(ge=1, le=10_000_000)] = 1
+    page_size: Annotated[int, Field(ge=1, le=100)] = 50
+
+
+# Responses (documentation only: handlers build plain dicts in exactly these shapes) ------------------
+
+
+class SessionOut(BaseModel):
+    session_id: str
+    user_id: str
+    title: str
+    status: SessionStatus
+    conversation_data: dict[str, Any]
+    metadata: dict[str, Any]
+    is_active: bool
+    message_count: int
+    total_tokens: int
+    total_cost: float = Field(description="USD, exact to 6 decimals")
+    session_summary: str
+    created_at: str
+    updated_at: str
+    last_activity: str
+
+
+class SessionListItem(BaseModel):
+    session_id: str
+    user_id: str
+    title: str
+    status: SessionStatus
+    is_active: bool
+    message_count: int
+    total_tokens: int
+    total_cost: float
+    created_at: str
+    updated_at: str
+    last_activity: str
+
+
+class SessionList(BaseModel):
+    sessions: list[SessionListItem]
+    total: int
+    page: int
+    page_size: int
+
+
+class SessionSummaryOut(BaseModel):
+    session_id: str
+    user_id: str
+    title: str
+    status: SessionStatus
+    message_count: int
+    total_tokens: int
+    total_cost: float
+    has_memory: bool
+    is_active: bool
+    session_summary: str
+    created_at: str
+    last_activity: str
+
+
+class MessageOut(BaseModel):
+    message_id: str
+    session_id: str
+    user_id: str
+    sequence: int = Field(description="1, 2, 3... in the order the service accepted the messages")
+    role: Role
+    content: str
+    message_type: MessageType
+    metadata: dict[str, Any]
+    tokens_used: int
+    cost_usd: float
+    created_at: str
+
+
+class MessageList(BaseModel):
+    messages: list[MessageOut]
+    total: int
+    page: int
+    page_size: int
+
+
+class MemoryOut(BaseModel):
+    memory_id: str
+    session_id: str
+    user_id: str
+    memory_type: MemoryType
+    content: str
+    metadata: dict[str, Any]
+    created_at: str
+
+
+class MemoryList(BaseModel):
+    memories: list[MemoryOut]
+    total: int
+    page: int
+    page_size: int
+
+
+class StatsOut(BaseModel):
+    total_sessions: int
+    active_sessions: int
+    total_messages: int
+    total_tokens: int
+    total_cost: float
+    average_messages_per_session: float
+
+
+class MessageText(BaseModel):
+    message: str
+
+
+class ErrorItem(BaseModel):
+    type: str
+    loc: list[str | int]
+    msg: str
+
+
+class ErrorOut(BaseModel):
+    detail: str | list[ErrorItem]
+
+
+class HealthOut(BaseModel):
+    status: str
+    service: str
+    port: int
+    version: str
+    timestamp: str
+
+
+class HealthDetailedOut(BaseModel):
+    service: str
+    status: str = Field(description="operational, or degraded when Redis or Postgres is unreachable")
+    port: int
+    version: str
+    redis_connected: bool
+    database_connected: bool
+    outbox_backlog: int | None = Field(description="outbox entries not yet written to Postgres")
+    outbox_lag_seconds: float | None = Field(description="age of the oldest unwritten entry")
+    dead_letters: int | None
+    timestamp: str

@@ -1,0 +1,483 @@
+"""Sessions, messages and memories: the domain operations, Redis first, Postgres for what left Redis.
+
+Every function takes the ``Backend`` (one process-wide Redis client, the key layout, the registered
+scripts and, when configured, the asyncpg pool) and plain values, and returns JSON-ready dicts in the
+guide's shapes. Hot paths are one script call. A session whose data has left Redis (``cold``) is read
+from Postgres with the same shapes, and brought back into Redis before it is written to (``cold.py``).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import asyncpg
+import orjson
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+
+from session_svc import cold, lua
+from session_svc.errors import MEMORY_NOT_FOUND, SESSION_NOT_FOUND, Conflict, NotFound
+from session_svc.keys import MEMORY_ALL, Keys, UserKeys
+from session_svc.models import MICROS, MemoryCreate, MessageCreate, SessionCreate, SessionUpdate, to_micros
+
+Row = dict[str, Any]
+Hash = dict[str, str]
+T = TypeVar("T")
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Scripts:
+    create_session: AsyncScript
+    get_session: AsyncScript
+    update_session: AsyncScript
+    append_message: AsyncScript
+    list_messages: AsyncScript
+    create_memory: AsyncScript
+    list_memories: AsyncScript
+    list_user_sessions: AsyncScript
+    rehydrate: AsyncScript
+
+    @classmethod
+    def register(cls, redis: Redis) -> Scripts:
+        return cls(
+            create_session=redis.register_script(lua.CREATE_SESSION),
+            get_session=redis.register_script(lua.GET_SESSION),
+            update_session=redis.register_script(lua.UPDATE_SESSION),
+            append_message=redis.register_script(lua.APPEND_MESSAGE),
+            list_messages=redis.register_script(lua.LIST_MESSAGES),
+            create_memory=redis.register_script(lua.CREATE_MEMORY),
+            list_memories=redis.register_script(lua.LIST_MEMORIES),
+            list_user_sessions=redis.register_script(lua.LIST_USER_SESSIONS),
+            rehydrate=redis.register_script(lua.REHYDRATE),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    redis: Redis
+    keys: Keys
+    scripts: Scripts
+    # None when the service runs without Postgres (unit tests): nothing is cold then.
+    pg: asyncpg.Pool | None = None
+    schema: str = "dev"
+
+
+# Formatting ------------------------------------------------------------------------------------------
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def iso(us: int | str) -> str:
+    return (_EPOCH + timedelta(microseconds=int(us))).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def usd(micros: int | str) -> float:
+    # Correctly rounded division: the nearest double to n/10^6, whose shortest repr is that decimal.
+    return int(micros) / MICROS
+
+
+def session_out(h: Hash) -> Row:
+    status = h["status"]
+    return {
+        "session_id": h["session_id"],
+        "user_id": h["user_id"],
+        "title": h["title"],
+        "status": status,
+        "conversation_data": orjson.Fragment(h["conversation_data"]),
+        "metadata": orjson.Fragment(h["metadata"]),
+        "is_active": status == "active",
+        "message_count": int(h["message_count"]),
+        "total_tokens": int(h["total_tokens"]),
+        "total_cost": usd(h["cost_micros"]),
+        "session_summary": h["session_summary"],
+        "created_at": iso(h["created_at"]),
+        "updated_at": iso(h["updated_at"]),
+        "last_activity": iso(h["last_activity"]),
+    }
+
+
+def summary_out(h: Hash) -> Row:
+    status = h["status"]
+    return {
+        "session_id": h["session_id"],
+        "user_id": h["user_id"],
+        "title": h["title"],
+        "status": status,
+        "message_count": int(h["message_count"]),
+        "total_tokens": int(h["total_tokens"]),
+        "total_cost": usd(h["cost_micros"]),
+        "has_memory": int(h["memory_count"]) > 0,
+        "is_active": status == "active",
+        "session_summary": h["session_summary"],
+        "created_at": iso(h["created_at"]),
+        "last_activity": iso(h["last_activity"]),
+    }
+
+
+def list_item_out(sid: str, h: Hash) -> Row:
+    status = h["status"]
+    return {
+        "session_id": sid,
+        "user_id": h["user_id"],
+        "title": h["title"],
+        "status": status,
+        "is_active": status == "active",
+        "message_count": int(h["message_count"]),
+        "total_tokens": int(h["total_tokens"]),
+        "total_cost": usd(h["cost_micros"]),
+        "created_at": iso(h["created_at"]),
+        "updated_at": iso(h["updated_at"]),
+        "last_activity": iso(h["last_activity"]),
+    }
+
+
+def message_out(sid: str, uid: str, seq: int, f: Hash) -> Row:
+    """``f`` is a message as stored in the stream (and as ``cold.py`` rebuilds it from Postgres)."""
+    return {
+        "message_id": f["id"],
+        "session_id": sid,
+        "user_id": uid,
+        "sequence": seq,
+        "role": f["role"],
+        "content": f["content"],
+        "message_type": f["type"],
+        "metadata": orjson.Fragment(f["meta"]),
+        "tokens_used": int(f["tokens"]),
+        "cost_usd": usd(f["cost"]),
+        "created_at": iso(f["ts"]),
+    }
+
+
+def memory_out(sid: str, uid: str, doc: str) -> Row:
+    d = orjson.loads(doc)
+    return {"memory_id": d.pop("memory_id"), "session_id": sid, "user_id": uid, **d}
+
+
+def _pairs(flat: Sequence[str]) -> Hash:
+    it = iter(flat)
+    return dict(zip(it, it, strict=True))
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+# Cold sessions ---------------------------------------------------------------------------------------
+
+
+async def _cold_hash(b: Backend, sid: str, uid: str) -> Hash:
+    """The session as Postgres has it, or NotFound. Also used when Redis simply does not know the id:
+    Postgres is the system of record, so a session that Redis lost entirely is still found."""
+    if b.pg is not None:
+        h = await cold.load_session(b.pg, b.schema, sid)
+        if h is not None and h["user_id"] == uid:
+            return h
+    raise NotFound(SESSION_NOT_FOUND)
+
+
+async def _rehydrate(b: Backend, uk: UserKeys, sid: str, uid: str) -> None:
+    """Bring a cold session back into Redis (its row and memories; its messages stay in Postgres and
+    are read from there by sequence number) so that a write can proceed on the hot path."""
+    h = await _cold_hash(b, sid, uid)
+    assert b.pg is not None
+    memories = await cold.load_memory_docs(b.pg, b.schema, sid)
+    types = [str(orjson.loads(doc)["memory_type"]) for _, doc in memories]
+    h = {**h, "fv": h["v"], "mfirst": str(int(h["message_count"]) + 1)}
+    argv: list[str | int] = [sid, len(h), *(x for kv in h.items() for x in kv)]
+    for (seq, doc), mtype in zip(memories, types, strict=True):
+        argv += [seq, mtype, doc]
+    await b.scripts.rehydrate(
+        keys=[uk.session(sid), uk.memories(sid), uk.sessions, uk.active, uk.tag + ":yi:" + sid + ":"],
+        args=argv,
+    )
+
+
+async def _write(b: Backend, uk: UserKeys, sid: str, uid: str, call: Callable[[], Awaitable[T]]) -> T:
+    """Run a write script; if the session is cold, rehydrate it once and run the script again."""
+    reply: Any = await call()
+    if reply[0] in ("cold", "missing"):
+        await _rehydrate(b, uk, sid, uid)
+        reply = await call()
+    return reply  # type: ignore[no-any-return]
+
+
+def _check(reply: Sequence[Any], what: str) -> None:
+    state = reply[0]
+    if state in ("missing", "cold"):
+        raise NotFound(SESSION_NOT_FOUND)
+    if state == "conflict":
+        raise Conflict(f"Session is {reply[1]}: {what}")
+
+
+# Sessions --------------------------------------------------------------------------------------------
+
+
+async def create_session(b: Backend, body: SessionCreate) -> Row:
+    sid = str(uuid.uuid4())
+    now = now_us()
+    uk = b.keys.for_user(body.user_id)
+    h: Hash = {
+        "session_id": sid,
+        "user_id": body.user_id,
+        "title": body.title,
+        "status": "active",
+        "conversation_data": _dumps(body.conversation_data),
+        "metadata": _dumps(body.metadata),
+        "session_summary": body.session_summary,
+        "message_count": "0",
+        "total_tokens": "0",
+        "cost_micros": "0",
+        "memory_count": "0",
+        "created_at": str(now),
+        "updated_at": str(now),
+        "last_activity": str(now),
+    }
+    reply = await b.scripts.create_session(
+        keys=[uk.session(sid), uk.sessions, uk.active, uk.stats, uk.outbox],
+        args=[
+            sid,
+            body.user_id,
+            body.title,
+            h["conversation_data"],
+            h["metadata"],
+            body.session_summary,
+            now,
+        ],
+    )
+    _check(reply, "cannot create")
+    return session_out(h)
+
+
+async def _session_hash(b: Backend, sid: str, uid: str) -> Hash:
+    uk = b.keys.for_user(uid)
+    reply = await b.scripts.get_session(keys=[uk.session(sid), uk.sessions], args=[sid, uid])
+    if reply[0] == "ok":
+        return _pairs(reply[1])
+    return await _cold_hash(b, sid, uid)
+
+
+async def get_session(b: Backend, sid: str, uid: str) -> Row:
+    return session_out(await _session_hash(b, sid, uid))
+
+
+async def get_summary(b: Backend, sid: str, uid: str) -> Row:
+    return summary_out(await _session_hash(b, sid, uid))
+
+
+async def update_session(b: Backend, sid: str, uid: str, body: SessionUpdate) -> Row:
+    fields: list[str] = []
+    if body.title is not None:
+        fields += ["title", body.title]
+    if body.metadata is not None:
+        fields += ["metadata", _dumps(body.metadata)]
+    if body.conversation_data is not None:
+        fields += ["conversation_data", _dumps(body.conversation_data)]
+    if body.session_summary is not None:
+        fields += ["session_summary", body.session_summary]
+    status = body.status.value if body.status is not None else ""
+    return await _set_session(b, sid, uid, status, fields)
+
+
+async def end_session(b: Backend, sid: str, uid: str) -> None:
+    await _set_session(b, sid, uid, "ended", [])
+
+
+async def _set_session(b: Backend, sid: str, uid: str, status: str, fields: list[str]) -> Row:
+    uk = b.keys.for_user(uid)
+
+    def call() -> Awaitable[Any]:
+        return b.scripts.update_session(
+            keys=[uk.session(sid), uk.sessions, uk.active, uk.stats, uk.outbox],
+            args=[sid, uid, now_us(), status, *fields],
+        )
+
+    reply = await _write(b, uk, sid, uid, call)
+    _check(reply, f"it cannot become {status}" if status else "cannot update")
+    return session_out(_pairs(reply[1]))
+
+
+async def list_user_sessions(b: Backend, uid: str, active_only: bool, page: int, page_size: int) -> Row:
+    uk = b.keys.for_user(uid)
+    start = (page - 1) * page_size
+    total, sids, rows = await b.scripts.list_user_sessions(
+        keys=[uk.active if active_only else uk.sessions],
+        args=[uk.tag + ":s:", start, start + page_size - 1],
+    )
+    hashes: dict[str, Hash] = {}
+    cold_ids: list[str] = []
+    for sid, values in zip(sids, rows, strict=True):
+        if values[0] is None:
+            cold_ids.append(sid)
+        else:
+            hashes[sid] = dict(zip(lua.LIST_FIELDS, values, strict=True))
+    if cold_ids and b.pg is not None:
+        hashes.update(await cold.load_sessions(b.pg, b.schema, cold_ids))
+    sessions = [list_item_out(sid, hashes[sid]) for sid in sids if sid in hashes]
+    return {"sessions": sessions, "total": int(total), "page": page, "page_size": page_size}
+
+
+async def stats(b: Backend) -> Row:
+    async with b.redis.pipeline(transaction=False) as pipe:
+        for bucket in range(b.keys.buckets):
+            pipe.hgetall(b.keys.stats(bucket))
+        per_bucket: list[Hash] = await pipe.execute()
+    totals = {"sessions": 0, "active": 0, "messages": 0, "tokens": 0, "cost_micros": 0}
+    for h in per_bucket:
+        for name in totals:
+            totals[name] += int(h.get(name, 0))
+    sessions = totals["sessions"]
+    return {
+        "total_sessions": sessions,
+        "active_sessions": totals["active"],
+        "total_messages": totals["messages"],
+        "total_tokens": totals["tokens"],
+        "total_cost": usd(totals["cost_micros"]),
+        "average_messages_per_session": round(totals["messages"] / sessions, 2) if sessions else 0.0,
+    }
+
+
+# Messages --------------------------------------------------------------------------------------------
+
+
+async def append_message(b: Backend, sid: str, uid: str, body: MessageCreate) -> Row:
+    uk = b.keys.for_user(uid)
+    message_id = str(uuid.uuid4())
+    cost = to_micros(body.cost_usd)  # type: ignore[arg-type]  # validated into a Decimal
+    meta = _dumps(body.metadata)
+    now = now_us()
+
+    def call() -> Awaitable[Any]:
+        return b.scripts.append_message(
+            keys=[uk.session(sid), uk.messages(sid), uk.sessions, uk.active, uk.stats, uk.outbox],
+            args=[
+                sid,
+                uid,
+                now,
+                message_id,
+                body.role.value,
+                body.content,
+                body.message_type.value,
+                body.tokens_used,
+                cost,
+                meta,
+            ],
+        )
+
+    reply = await _write(b, uk, sid, uid, call)
+    _check(reply, "only an active session takes new messages")
+    f = {
+        "id": message_id,
+        "role": body.role.value,
+        "content": body.content,
+        "type": body.message_type.value,
+        "meta": meta,
+        "tokens": str(body.tokens_used),
+        "cost": str(cost),
+        "ts": str(now),
+    }
+    return message_out(sid, uid, int(reply[1]), f)
+
+
+async def list_messages(b: Backend, sid: str, uid: str, page: int, page_size: int) -> Row:
+    uk = b.keys.for_user(uid)
+    lo = (page - 1) * page_size + 1
+    hi = lo + page_size - 1
+    reply = await b.scripts.list_messages(
+        keys=[uk.session(sid), uk.messages(sid), uk.sessions], args=[sid, uid, lo, hi]
+    )
+    messages: list[Row] = []
+    if reply[0] == "ok":
+        total, first = int(reply[1]), int(reply[2])
+        if lo < first and b.pg is not None:
+            for seq, f in await cold.load_messages(b.pg, b.schema, sid, lo, min(hi, first - 1)):
+                messages.append(message_out(sid, uid, seq, f))
+        for entry_id, flat in reply[3]:
+            messages.append(message_out(sid, uid, int(entry_id.partition("-")[0]), _pairs(flat)))
+    else:
+        h = await _cold_hash(b, sid, uid)
+        total = int(h["message_count"])
+        assert b.pg is not None
+        for seq, f in await cold.load_messages(b.pg, b.schema, sid, lo, hi):
+            messages.append(message_out(sid, uid, seq, f))
+    return {"messages": messages, "total": total, "page": page, "page_size": page_size}
+
+
+# Memories --------------------------------------------------------------------------------------------
+
+
+async def create_memory(b: Backend, sid: str, uid: str, body: MemoryCreate) -> Row:
+    uk = b.keys.for_user(uid)
+    mtype = body.memory_type.value
+    doc = _dumps(
+        {
+            "memory_id": str(uuid.uuid4()),
+            "memory_type": mtype,
+            "content": body.content,
+            "metadata": body.metadata,
+            "created_at": iso(now_us()),
+        }
+    )
+
+    def call() -> Awaitable[Any]:
+        return b.scripts.create_memory(
+            keys=[
+                uk.session(sid),
+                uk.memories(sid),
+                uk.memory_index(sid),
+                uk.memory_index(sid, mtype),
+                uk.sessions,
+                uk.active,
+                uk.outbox,
+            ],
+            args=[sid, uid, now_us(), mtype, doc],
+        )
+
+    reply = await _write(b, uk, sid, uid, call)
+    _check(reply, "it no longer takes memories")
+    return memory_out(sid, uid, doc)
+
+
+async def list_memories(
+    b: Backend, sid: str, uid: str, memory_type: str | None, page: int, page_size: int
+) -> Row:
+    """Newest first."""
+    uk = b.keys.for_user(uid)
+    start = (page - 1) * page_size
+    reply = await b.scripts.list_memories(
+        keys=[
+            uk.session(sid),
+            uk.memories(sid),
+            uk.memory_index(sid, memory_type or MEMORY_ALL),
+            uk.sessions,
+        ],
+        args=[sid, uid, start, start + page_size - 1],
+    )
+    if reply[0] == "ok":
+        total = int(reply[1])
+        docs = [d for d in reply[3] if d is not None]
+    else:
+        await _cold_hash(b, sid, uid)
+        assert b.pg is not None
+        total, docs = await cold.load_memories(b.pg, b.schema, sid, memory_type, start, page_size)
+    return {
+        "memories": [memory_out(sid, uid, d) for d in docs],
+        "total": total,
+        "page": page,
+        "page_size": page_size,
+    }
+
+
+async def latest_memory(b: Backend, sid: str, uid: str, memory_type: str | None) -> Row:
+    page = await list_memories(b, sid, uid, memory_type, 1, 1)
+    if not page["memories"]:
+        raise NotFound(MEMORY_NOT_FOUND)
+    return page["memories"][0]  # type: ignore[no-any-return]

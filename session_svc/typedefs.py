@@ -1,0 +1,11 @@
+"""Typed application keys: the only way handlers reach shared resources."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from session_svc.settings import Settings
+from session_svc.store import Backend
+
+SETTINGS = web.AppKey("settings", Settings)
+BACKEND = web.AppKey("backend", Backend)

@@ -1,0 +1,49 @@
+"""Turning request bodies and query strings into models, or a 400 in the guide's list shape."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from session_svc.errors import SESSION_NOT_FOUND, BadRequest, NotFound
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _problems(exc: ValidationError, where: str) -> list[dict[str, Any]]:
+    return [
+        {"type": e["type"], "loc": [where, *e["loc"]], "msg": e["msg"]}
+        for e in exc.errors(include_url=False, include_context=False, include_input=False)
+    ]
+
+
+async def parse_body(request: web.Request, model: type[M]) -> M:
+    raw = await request.read()  # aiohttp raises 413 past client_max_size
+    try:
+        # JSON mode: strict types, yet enum values arrive as the strings they are.
+        return model.model_validate_json(raw or b"null")
+    except ValidationError as exc:
+        raise BadRequest(_problems(exc, "body")) from None
+
+
+def parse_query(request: web.Request, model: type[M], **path: str) -> M:
+    """Query parameters (plus any path parameters given) into ``model``."""
+    try:
+        return model.model_validate({**request.query, **path})
+    except ValidationError as exc:
+        raise BadRequest(_problems(exc, "query")) from None
+
+
+def session_id(request: web.Request) -> str:
+    """Session ids are UUIDs the service issued; anything else cannot exist, so it is a 404."""
+    raw = request.match_info["session_id"]
+    try:
+        parsed = uuid.UUID(raw)
+    except ValueError:
+        raise NotFound(SESSION_NOT_FOUND) from None
+    if str(parsed) != raw:
+        raise NotFound(SESSION_NOT_FOUND)
+    return raw
