@@ -10,6 +10,8 @@ Layout (``P`` is the key prefix, ``{bNN}`` the hash tag of a bucket of users):
     P:{bNN}:ua:<uid>         ZSET    the same, active sessions only
     P:{bNN}:stats            HASH    exact service-wide counters of this bucket
     P:{bNN}:outbox           STREAM  change log drained into PostgreSQL by the workers
+    P:{bNN}:dead             STREAM  outbox entries that kept failing (dead letters)
+    P:{bNN}:hot              ZSET    sessions held in Redis, score = last write (microseconds)
     P:meta                   HASH    layout facts (bucket count) checked at start-up
 
 The bucket is chosen by user id, so a session, its user's indexes, its bucket's stats and the outbox
@@ -45,6 +47,12 @@ class Keys:
     def outbox(self, bucket: int) -> str:
         return f"{self.tag(bucket)}:outbox"
 
+    def dead(self, bucket: int) -> str:
+        return f"{self.tag(bucket)}:dead"
+
+    def hot(self, bucket: int) -> str:
+        return f"{self.tag(bucket)}:hot"
+
     @property
     def meta(self) -> str:
         return f"{self.prefix}:meta"
@@ -72,6 +80,10 @@ class UserKeys:
     @property
     def outbox(self) -> str:
         return f"{self.tag}:outbox"
+
+    @property
+    def hot(self) -> str:
+        return f"{self.tag}:hot"
 
     def session(self, sid: str) -> str:
         return f"{self.tag}:s:{sid}"

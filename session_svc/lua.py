@@ -10,6 +10,8 @@ Conventions shared by every session-scoped script:
   the same script, so an acknowledged write is always on its way to Postgres. The worker records the
   highest version it committed in ``fv``; the expiry sweep deletes a session only when ``v == fv``.
 - Timestamps are integer microseconds since the epoch, passed in by the caller.
+- Every write also scores the session in its bucket's ``hot`` set (always the last KEY), which is how
+  the expiry sweep finds idle sessions without scanning.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ local function touch(uidx, aidx, status, now, sid)
 end
 """
 
-# KEYS: session, user index, user active index, bucket stats, outbox
+# KEYS: session, user index, user active index, bucket stats, outbox, hot set
 # ARGV: sid, uid, title, conversation_data, metadata, session_summary, now
 CREATE_SESSION = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'conflict', 'exists'} end
@@ -44,6 +46,7 @@ redis.call('ZADD', KEYS[3], ARGV[7], ARGV[1])
 redis.call('HINCRBY', KEYS[4], 'sessions', 1)
 redis.call('HINCRBY', KEYS[4], 'active', 1)
 redis.call('XADD', KEYS[5], '*', 'k', 's', 'sid', ARGV[1], 'uid', ARGV[2], 'v', 1)
+redis.call('ZADD', KEYS[6], ARGV[7], ARGV[1])
 return {'ok'}
 """
 
@@ -58,10 +61,11 @@ return {'ok', redis.call('HGETALL', KEYS[1])}
 """
 )
 
-# KEYS: session, user index, user active index, bucket stats, outbox
-# ARGV: sid, uid, now, new status or '', then field/value pairs to set
+# KEYS: session, user index, user active index, bucket stats, outbox, hot set
+# ARGV: sid, uid, now, new status or '', idle-before or '', then field/value pairs to set
 # The guide's state machine: active -> completed -> archived, active -> ended. Asking for the current
 # status is allowed; a request that changes nothing writes nothing (so ending twice is a no-op).
+# idle-before (housekeeping): change the session only if its last activity is older than that.
 UPDATE_SESSION = (
     _PROLOGUE
     + """
@@ -70,9 +74,12 @@ if state then return {state} end
 local cur = redis.call('HGET', KEYS[1], 'status')
 local new = ARGV[4]
 local moves = {active = {completed = true, ended = true}, completed = {archived = true}}
+if ARGV[5] ~= '' and tonumber(redis.call('HGET', KEYS[1], 'last_activity')) >= tonumber(ARGV[5]) then
+  return {'conflict', 'busy'}
+end
 if new ~= '' and new ~= cur then
   if not (moves[cur] and moves[cur][new]) then return {'conflict', cur} end
-elseif #ARGV == 4 then
+elseif #ARGV == 5 then
   return {'ok', redis.call('HGETALL', KEYS[1])}
 end
 if new ~= '' and new ~= cur then
@@ -82,15 +89,16 @@ if new ~= '' and new ~= cur then
     redis.call('HINCRBY', KEYS[4], 'active', -1)
   end
 end
-for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('HSET', KEYS[1], 'updated_at', ARGV[3])
 local v = redis.call('HINCRBY', KEYS[1], 'v', 1)
 redis.call('XADD', KEYS[5], '*', 'k', 's', 'sid', ARGV[1], 'uid', ARGV[2], 'v', v)
+redis.call('ZADD', KEYS[6], ARGV[3], ARGV[1])
 return {'ok', redis.call('HGETALL', KEYS[1])}
 """
 )
 
-# KEYS: session, messages, user index, user active index, bucket stats, outbox
+# KEYS: session, messages, user index, user active index, bucket stats, outbox, hot set
 # ARGV: sid, uid, now, message_id, role, content, message_type, tokens, cost_micros, metadata
 # Counters and the sequence number change in the same step as the append; the message's stream id is
 # <seq>-0, so a page of messages is one XRANGE.
@@ -115,6 +123,7 @@ redis.call('HINCRBY', KEYS[5], 'cost_micros', ARGV[9])
 redis.call('XADD', KEYS[6], '*', 'k', 'm', 'sid', ARGV[1], 'uid', ARGV[2], 'v', v, 'seq', seq,
   'id', ARGV[4], 'role', ARGV[5], 'content', ARGV[6], 'type', ARGV[7], 'tokens', ARGV[8],
   'cost', ARGV[9], 'meta', ARGV[10], 'ts', ARGV[3])
+redis.call('ZADD', KEYS[7], ARGV[3], ARGV[1])
 return {'ok', seq}
 """
 )
@@ -137,7 +146,7 @@ return {'ok', h[1], h[2], entries}
 )
 
 # KEYS: session, memories, memory index (all types), memory index (this type), user index,
-#       user active index, outbox
+#       user active index, outbox, hot set
 # ARGV: sid, uid, now, memory_type, memory JSON document
 # Archived and ended sessions are read-only; a completed one still takes memories (e.g. its summary).
 CREATE_MEMORY = (
@@ -156,6 +165,7 @@ redis.call('ZADD', KEYS[4], seq, seq)
 touch(KEYS[5], KEYS[6], status, ARGV[3], ARGV[1])
 redis.call('XADD', KEYS[7], '*', 'k', 'y', 'sid', ARGV[1], 'uid', ARGV[2], 'v', v, 'seq', seq,
   'doc', ARGV[5])
+redis.call('ZADD', KEYS[8], ARGV[3], ARGV[1])
 return {'ok', seq}
 """
 )
@@ -201,7 +211,8 @@ end
 return {total, sids, rows}
 """.replace("FIELDS", ", ".join(f"'{f}'" for f in LIST_FIELDS))
 
-# KEYS: session, memories, user index, user active index, memory index key prefix (``...:yi:<sid>:``)
+# KEYS: session, memories, user index, user active index, memory index key prefix (``...:yi:<sid>:``),
+#       hot set
 # ARGV: sid, n, then n field/value pairs of the session hash, then (seq, memory_type, doc) triples
 # Brings a cold session back from Postgres. If another request already did, it changes nothing.
 REHYDRATE = """
@@ -222,5 +233,42 @@ while i <= #ARGV do
 end
 redis.call('ZADD', KEYS[3], 'NX', h['last_activity'], ARGV[1])
 if h['status'] == 'active' then redis.call('ZADD', KEYS[4], 'NX', h['last_activity'], ARGV[1]) end
+redis.call('ZADD', KEYS[6], h['updated_at'], ARGV[1])
+return 1
+"""
+
+# KEYS: hot set of one bucket
+# ARGV: session key prefix of the bucket (``P:{bNN}:``), idle cutoff (microseconds), sids...
+# Evicts the given sessions that are idle and fully flushed (v == fv). A write that raced the sweep has
+# bumped v (or updated_at) and wins: the session stays. Never a blind DEL, never a TTL on unflushed data.
+# The user's indexes keep the session id: that is how a cold session is still listed and found.
+EVICT = """
+local evicted = 0
+for i = 3, #ARGV do
+  local sid = ARGV[i]
+  local skey = ARGV[1] .. 's:' .. sid
+  local h = redis.call('HMGET', skey, 'v', 'fv', 'updated_at')
+  if not h[1] then
+    redis.call('ZREM', KEYS[1], sid)
+  elseif h[1] == h[2] and tonumber(h[3]) < tonumber(ARGV[2]) then
+    local yi = ARGV[1] .. 'yi:' .. sid .. ':'
+    redis.call('DEL', skey, ARGV[1] .. 'm:' .. sid, ARGV[1] .. 'y:' .. sid, yi .. '*', yi .. 'preference',
+      yi .. 'conversation', yi .. 'entity', yi .. 'summary', yi .. 'custom')
+    redis.call('ZREM', KEYS[1], sid)
+    evicted = evicted + 1
+  end
+end
+return evicted
+"""
+
+# KEYS: hot set of one bucket
+# ARGV: session key prefix of the bucket, then (sid, version) pairs just committed to Postgres
+# Records the flushed version; it only ever rises (batches may commit out of order).
+MARK_FLUSHED = """
+for i = 2, #ARGV, 2 do
+  local skey = ARGV[1] .. 's:' .. ARGV[i]
+  local fv = redis.call('HGET', skey, 'fv')
+  if fv and tonumber(fv) < tonumber(ARGV[i + 1]) then redis.call('HSET', skey, 'fv', ARGV[i + 1]) end
+end
 return 1
 """

@@ -22,10 +22,6 @@ from session_svc.keys import Keys
 GROUP = "flush"
 
 
-def dead_letters_key(keys: Keys, bucket: int) -> str:
-    return f"{keys.tag(bucket)}:dead"
-
-
 @dataclass(frozen=True, slots=True)
 class Backlog:
     entries: int  # written but not yet committed to Postgres (pending + never delivered)
@@ -44,7 +40,7 @@ async def backlog(redis: Redis, keys: Keys) -> Backlog:
     dead = 0
     for bucket in range(keys.buckets):
         stream = keys.outbox(bucket)
-        dead += await redis.xlen(dead_letters_key(keys, bucket))
+        dead += await redis.xlen(keys.dead(bucket))
         try:
             groups = await redis.xinfo_groups(stream)
         except ResponseError:  # no such stream yet

@@ -196,7 +196,7 @@ async def _rehydrate(b: Backend, uk: UserKeys, sid: str, uid: str) -> None:
     for (seq, doc), mtype in zip(memories, types, strict=True):
         argv += [seq, mtype, doc]
     await b.scripts.rehydrate(
-        keys=[uk.session(sid), uk.memories(sid), uk.sessions, uk.active, uk.tag + ":yi:" + sid + ":"],
+        keys=[uk.session(sid), uk.memories(sid), uk.sessions, uk.active, uk.memory_index(sid, ""), uk.hot],
         args=argv,
     )
 
@@ -242,7 +242,7 @@ async def create_session(b: Backend, body: SessionCreate) -> Row:
         "last_activity": str(now),
     }
     reply = await b.scripts.create_session(
-        keys=[uk.session(sid), uk.sessions, uk.active, uk.stats, uk.outbox],
+        keys=[uk.session(sid), uk.sessions, uk.active, uk.stats, uk.outbox, uk.hot],
         args=[
             sid,
             body.user_id,
@@ -291,13 +291,26 @@ async def end_session(b: Backend, sid: str, uid: str) -> None:
     await _set_session(b, sid, uid, "ended", [])
 
 
-async def _set_session(b: Backend, sid: str, uid: str, status: str, fields: list[str]) -> Row:
+async def set_status_if_idle(b: Backend, sid: str, uid: str, status: str, idle_before_us: int) -> bool:
+    """Housekeeping: move the session to ``status`` only if it has been idle since ``idle_before_us``.
+    False when it is busy again, already moved on, or gone."""
+    try:
+        await _set_session(b, sid, uid, status, [], idle_before_us)
+    except (Conflict, NotFound):
+        return False
+    return True
+
+
+async def _set_session(
+    b: Backend, sid: str, uid: str, status: str, fields: list[str], idle_before_us: int | None = None
+) -> Row:
     uk = b.keys.for_user(uid)
+    guard = "" if idle_before_us is None else str(idle_before_us)
 
     def call() -> Awaitable[Any]:
         return b.scripts.update_session(
-            keys=[uk.session(sid), uk.sessions, uk.active, uk.stats, uk.outbox],
-            args=[sid, uid, now_us(), status, *fields],
+            keys=[uk.session(sid), uk.sessions, uk.active, uk.stats, uk.outbox, uk.hot],
+            args=[sid, uid, now_us(), status, guard, *fields],
         )
 
     reply = await _write(b, uk, sid, uid, call)
@@ -357,7 +370,7 @@ async def append_message(b: Backend, sid: str, uid: str, body: MessageCreate) ->
 
     def call() -> Awaitable[Any]:
         return b.scripts.append_message(
-            keys=[uk.session(sid), uk.messages(sid), uk.sessions, uk.active, uk.stats, uk.outbox],
+            keys=[uk.session(sid), uk.messages(sid), uk.sessions, uk.active, uk.stats, uk.outbox, uk.hot],
             args=[
                 sid,
                 uid,
@@ -437,6 +450,7 @@ async def create_memory(b: Backend, sid: str, uid: str, body: MemoryCreate) -> R
                 uk.sessions,
                 uk.active,
                 uk.outbox,
+                uk.hot,
             ],
             args=[sid, uid, now_us(), mtype, doc],
         )
