@@ -128,7 +128,7 @@ class MessageCreate(Body):
     content: Annotated[str, Field(min_length=1, max_length=MAX_CONTENT_CHARS), AfterValidator(_non_blank)]
     message_type: MessageType = MessageType.chat
     tokens_used: Annotated[int, Field(ge=0, le=MAX_TOKENS_PER_MESSAGE)] = 0
-    cost_usd: Cost = 0
+    cost_usd: Cost = Field(default=0, validate_default=True)
     metadata: Metadata = Field(default_factory=dict)
 
 
