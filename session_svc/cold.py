@@ -39,7 +39,7 @@ async def load_sessions(pool: asyncpg.Pool, schema: str, sids: list[str]) -> dic
     rows = await pool.fetch(
         f'SELECT {_SESSION_COLUMNS} FROM "{schema}".sessions WHERE session_id = ANY($1::text[])', sids
     )
-    return {r["session_id"]: dict(r) for r in rows}
+    return {r["session_id"]: _session_hash(r) for r in rows}
 
 
 async def load_messages(

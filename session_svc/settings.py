@@ -45,6 +45,10 @@ class Settings:
     # A pending entry idle this long (ms) is presumed orphaned by a dead worker and reclaimed.
     flush_claim_idle_ms: int = 30_000
     db_pool_size: int = 10
+    # Consumer name of this worker in the outbox group; stable names recover their own work at restart.
+    worker_name: str = ""
+    # Port of the worker's Prometheus endpoint (0 = none).
+    worker_metrics_port: int = 0
 
     def __post_init__(self) -> None:
         # Both end up inside SQL identifiers and Redis keys: keep them to a safe alphabet.

@@ -430,13 +430,14 @@ async def list_messages(b: Backend, sid: str, uid: str, page: int, page_size: in
 async def create_memory(b: Backend, sid: str, uid: str, body: MemoryCreate) -> Row:
     uk = b.keys.for_user(uid)
     mtype = body.memory_type.value
+    now = now_us()
     doc = _dumps(
         {
             "memory_id": str(uuid.uuid4()),
             "memory_type": mtype,
             "content": body.content,
             "metadata": body.metadata,
-            "created_at": iso(now_us()),
+            "created_at": iso(now),
         }
     )
 
@@ -452,7 +453,7 @@ async def create_memory(b: Backend, sid: str, uid: str, body: MemoryCreate) -> R
                 uk.outbox,
                 uk.hot,
             ],
-            args=[sid, uid, now_us(), mtype, doc],
+            args=[sid, uid, now, mtype, doc],
         )
 
     reply = await _write(b, uk, sid, uid, call)
