@@ -28,11 +28,23 @@ def _iso_sql(column: str) -> str:
     return f"to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
 
 
+def _compact(text: str) -> str:
+    # jsonb prints ``{"a": 1}``; Redis holds what orjson wrote, ``{"a":1}``. Answer the same either way.
+    return orjson.dumps(orjson.loads(text)).decode()
+
+
+def _session_hash(row: asyncpg.Record) -> Hash:
+    h = dict(row)
+    h["conversation_data"] = _compact(h["conversation_data"])
+    h["metadata"] = _compact(h["metadata"])
+    return h
+
+
 async def load_session(pool: asyncpg.Pool, schema: str, sid: str) -> Hash | None:
     row = await pool.fetchrow(
         f'SELECT {_SESSION_COLUMNS} FROM "{schema}".sessions WHERE session_id = $1', sid
     )
-    return dict(row) if row is not None else None
+    return _session_hash(row) if row is not None else None
 
 
 async def load_sessions(pool: asyncpg.Pool, schema: str, sids: list[str]) -> dict[str, Hash]:
