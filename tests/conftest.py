@@ -1,0 +1,254 @@
+"""Shared fixtures: the real Redis and PostgreSQL, isolated per test (Redis) and per run (Postgres).
+
+- Redis: each test gets its own ``KEY_PREFIX``; every key under a prefix the test used is deleted after
+  it (SCAN + DEL, never FLUSHDB). ``make_settings(key_prefix=...)`` registers extra prefixes for cleanup.
+- PostgreSQL: one schema per pytest run, built by the project's own migrations and dropped at the end.
+- Servers default to 127.0.0.1:6379 and postgres@127.0.0.1:5432/test; override them with
+  ``TEST_REDIS_URL`` / ``TEST_DATABASE_URL``.
+
+Fixtures meant for every test module (API, workers, faults): ``test_urls``, ``db_schema``, ``key_prefix``,
+``make_settings``, ``settings``, ``app``, ``client``, ``make_client``, ``redis``, ``pg``,
+``private_redis``. Request helpers (``make_session`` ...) live in ``tests/helpers.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import pytest
+import redis as redis_sync
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from redis.asyncio import Redis
+
+from session_svc import migrate
+from session_svc.app import create_app
+from session_svc.settings import Settings
+
+
+@dataclass(frozen=True)
+class ServerUrls:
+    redis_url: str
+    database_url: str
+
+
+@pytest.fixture(scope="session")
+def test_urls() -> ServerUrls:
+    return ServerUrls(
+        redis_url=os.environ.get("TEST_REDIS_URL") or "redis://127.0.0.1:6379/0",
+        database_url=os.environ.get("TEST_DATABASE_URL") or "postgresql://postgres@127.0.0.1:5432/test",
+    )
+
+
+@pytest.fixture(scope="session")
+def db_schema(test_urls: ServerUrls) -> Iterator[str]:
+    """A fresh schema for this pytest run, migrated to head; dropped (CASCADE) at the end.
+
+    Synchronous on purpose: ``migrate.upgrade`` runs its own event loop (``asyncio.run``).
+    """
+    schema = "t_" + uuid.uuid4().hex[:10]
+    migrate.upgrade(Settings(database_url=test_urls.database_url, db_schema=schema))
+    try:
+        yield schema
+    finally:
+
+        async def drop() -> None:
+            conn = await asyncpg.connect(test_urls.database_url)
+            try:
+                await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            finally:
+                await conn.close()
+
+        asyncio.run(drop())
+
+
+def delete_prefix(redis_url: str, prefix: str) -> int:
+    """Delete every key under ``prefix:`` (SCAN MATCH + DEL); returns how many were deleted."""
+    deleted = 0
+    with redis_sync.Redis.from_url(redis_url) as r:
+        batch: list[bytes] = []
+        for key in r.scan_iter(match=f"{prefix}:*", count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                deleted += r.delete(*batch)
+                batch = []
+        if batch:
+            deleted += r.delete(*batch)
+    return deleted
+
+
+@dataclass
+class PrefixRegistry:
+    """Key prefixes a test used on the shared Redis; all are wiped after the test."""
+
+    redis_url: str
+    prefixes: set[str] = field(default_factory=set)
+
+    def new(self) -> str:
+        prefix = "t" + uuid.uuid4().hex[:12]
+        self.prefixes.add(prefix)
+        return prefix
+
+
+@pytest.fixture
+def prefix_registry(test_urls: ServerUrls) -> Iterator[PrefixRegistry]:
+    registry = PrefixRegistry(test_urls.redis_url)
+    yield registry
+    for prefix in registry.prefixes:
+        delete_prefix(registry.redis_url, prefix)
+
+
+@pytest.fixture
+def key_prefix(prefix_registry: PrefixRegistry) -> str:
+    """This test's own Redis key prefix."""
+    return prefix_registry.new()
+
+
+MakeSettings = Callable[..., Settings]
+
+
+@pytest.fixture
+def make_settings(
+    test_urls: ServerUrls, db_schema: str, key_prefix: str, prefix_registry: PrefixRegistry
+) -> MakeSettings:
+    """``make_settings(**overrides)``: Settings on the test servers, this test's prefix and the run's schema.
+
+    A ``key_prefix`` override is cleaned up after the test too (when it lives on the shared Redis).
+    """
+
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "redis_url": test_urls.redis_url,
+            "database_url": test_urls.database_url,
+            "db_schema": db_schema,
+            "key_prefix": key_prefix,
+        }
+        values.update(overrides)
+        if values["redis_url"] == test_urls.redis_url:
+            prefix_registry.prefixes.add(values["key_prefix"])
+        return Settings(**values)
+
+    return make
+
+
+@pytest.fixture
+def settings(make_settings: MakeSettings) -> Settings:
+    return make_settings()
+
+
+@pytest.fixture
+def app(settings: Settings) -> web.Application:
+    return create_app(settings)
+
+
+@pytest.fixture
+async def client(aiohttp_client: Any, app: web.Application) -> TestClient:
+    return await aiohttp_client(app)
+
+
+MakeClient = Callable[..., Awaitable[TestClient]]
+
+
+@pytest.fixture
+def make_client(aiohttp_client: Any, make_settings: MakeSettings) -> MakeClient:
+    """``await make_client(**settings_overrides)``: another app (and server) built with other settings."""
+
+    async def make(**overrides: Any) -> TestClient:
+        return await aiohttp_client(create_app(make_settings(**overrides)))
+
+    return make
+
+
+@pytest.fixture
+async def redis(test_urls: ServerUrls) -> AsyncIterator[Redis]:
+    """A raw client on the shared test Redis (decoded strings) for inspecting keys."""
+    client = Redis.from_url(test_urls.redis_url, decode_responses=True)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def pg(test_urls: ServerUrls, db_schema: str) -> AsyncIterator[asyncpg.Connection]:
+    """An asyncpg connection whose search_path is the run's schema."""
+    conn = await asyncpg.connect(test_urls.database_url, server_settings={"search_path": db_schema})
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+# Private servers for fault injection ------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class PrivateRedis:
+    """A throw-away ``redis-server`` this test owns: safe to kill, pause or reconfigure."""
+
+    port: int
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+def start_private_redis(*extra: str) -> PrivateRedis:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not installed; fault tests need it")
+    for _ in range(5):  # the free port may be taken between probing and binding
+        port = free_port()
+        proc = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *extra],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        server = PrivateRedis(port, proc)
+        deadline = time.monotonic() + 10
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                with redis_sync.Redis(port=port, socket_connect_timeout=0.5) as r:
+                    if r.ping():
+                        return server
+            except redis_sync.ConnectionError:
+                time.sleep(0.05)
+        server.kill()
+    raise RuntimeError("could not start a private redis-server")
+
+
+@pytest.fixture
+def private_redis() -> Iterator[Callable[..., PrivateRedis]]:
+    """``private_redis(*extra_args)`` starts a private redis-server; all are killed after the test."""
+    started: list[PrivateRedis] = []
+
+    def start(*extra: str) -> PrivateRedis:
+        server = start_private_redis(*extra)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.kill()

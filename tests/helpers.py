@@ -1,0 +1,132 @@
+"""Request helpers shared by the test modules: small wrappers that assert the call succeeded."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+
+SESSIONS = "/api/v1/sessions"
+ISO_Z = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z$")
+
+SESSION_FIELDS = {
+    "session_id",
+    "user_id",
+    "title",
+    "status",
+    "conversation_data",
+    "metadata",
+    "is_active",
+    "message_count",
+    "total_tokens",
+    "total_cost",
+    "session_summary",
+    "created_at",
+    "updated_at",
+    "last_activity",
+}
+MESSAGE_FIELDS = {
+    "message_id",
+    "session_id",
+    "user_id",
+    "sequence",
+    "role",
+    "content",
+    "message_type",
+    "metadata",
+    "tokens_used",
+    "cost_usd",
+    "created_at",
+}
+MEMORY_FIELDS = {"memory_id", "session_id", "user_id", "memory_type", "content", "metadata", "created_at"}
+
+
+def new_user() -> str:
+    return "user-" + uuid.uuid4().hex
+
+
+def session_url(sid: str, suffix: str = "") -> str:
+    return f"{SESSIONS}/{sid}{suffix}"
+
+
+def parse_iso_z(value: str) -> datetime:
+    """Asserts ISO 8601 UTC with a trailing Z and returns the aware datetime."""
+    assert isinstance(value, str) and ISO_Z.match(value), value
+    parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    assert parsed.tzinfo is not None and parsed.utcoffset() == UTC.utcoffset(parsed)
+    return parsed
+
+
+async def ok_json(resp: Any) -> Any:
+    """The JSON body of a response that must be 200."""
+    body = await resp.json()
+    assert resp.status == 200, (resp.status, body)
+    return body
+
+
+async def make_session(client: TestClient, user_id: str, **fields: Any) -> dict[str, Any]:
+    return await ok_json(await client.post(SESSIONS, json={"user_id": user_id, **fields}))
+
+
+async def get_session(client: TestClient, sid: str, user_id: str) -> dict[str, Any]:
+    return await ok_json(await client.get(session_url(sid), params={"user_id": user_id}))
+
+
+async def update_session(client: TestClient, sid: str, user_id: str, **fields: Any) -> dict[str, Any]:
+    resp = await client.put(session_url(sid), params={"user_id": user_id}, json=fields)
+    return await ok_json(resp)
+
+
+async def end_session(client: TestClient, sid: str, user_id: str) -> dict[str, Any]:
+    return await ok_json(await client.delete(session_url(sid), params={"user_id": user_id}))
+
+
+async def add_message(client: TestClient, sid: str, user_id: str, **fields: Any) -> dict[str, Any]:
+    body = {"role": "user", "content": "hello", **fields}
+    resp = await client.post(session_url(sid, "/messages"), params={"user_id": user_id}, json=body)
+    return await ok_json(resp)
+
+
+async def list_messages(client: TestClient, sid: str, user_id: str, **params: Any) -> dict[str, Any]:
+    resp = await client.get(session_url(sid, "/messages"), params={"user_id": user_id, **params})
+    return await ok_json(resp)
+
+
+async def add_memory(client: TestClient, sid: str, user_id: str, **fields: Any) -> dict[str, Any]:
+    body = {"memory_type": "preference", "content": "likes tea", **fields}
+    resp = await client.post(session_url(sid, "/memory"), params={"user_id": user_id}, json=body)
+    return await ok_json(resp)
+
+
+async def list_sessions(client: TestClient, user_id: str, **params: Any) -> dict[str, Any]:
+    resp = await client.get(f"/api/v1/users/{user_id}/sessions", params=params)
+    return await ok_json(resp)
+
+
+async def stats(client: TestClient) -> dict[str, Any]:
+    return await ok_json(await client.get(f"{SESSIONS}/stats"))
+
+
+async def error_json(resp: Any, status: int) -> Any:
+    """The JSON error body of a response that must have ``status``; asserts the ``detail`` shape."""
+    assert resp.content_type == "application/json", (resp.status, await resp.text())
+    body = await resp.json()
+    assert resp.status == status, (resp.status, body)
+    assert set(body) == {"detail"}, body
+    return body
+
+
+async def validation_locs(resp: Any) -> list[list[str | int]]:
+    """Asserts a 400 in the guide's list shape and returns the ``loc`` of each problem."""
+    body = await error_json(resp, 400)
+    detail = body["detail"]
+    assert isinstance(detail, list) and detail, body
+    for item in detail:
+        assert set(item) == {"type", "loc", "msg"}, item
+        assert isinstance(item["type"], str) and item["type"]
+        assert isinstance(item["msg"], str) and item["msg"]
+        assert isinstance(item["loc"], list) and item["loc"][0] in ("body", "query"), item
+    return [item["loc"] for item in detail]
