@@ -1,0 +1,145 @@
+"""Messages: append, sequence numbers, paging, atomic counters under concurrency, exact money."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+from tests.helpers import (
+    MESSAGE_FIELDS,
+    add_message,
+    get_session,
+    list_messages,
+    make_session,
+    new_user,
+    ok_json,
+    parse_iso_z,
+    session_url,
+    stats,
+)
+
+
+async def test_append_returns_the_message_in_the_guide_shape(client: Any) -> None:
+    user = new_user()
+    s = await make_session(client, user)
+    sid = s["session_id"]
+    m = await add_message(
+        client,
+        sid,
+        user,
+        role="user",
+        content="Hello, this is a test message",
+        message_type="chat",
+        tokens_used=5,
+        cost_usd=0.0001,
+        metadata={"model": "gpt-4"},
+    )
+    assert set(m) == MESSAGE_FIELDS
+    assert str(uuid.UUID(m["message_id"])) == m["message_id"]
+    assert (m["session_id"], m["user_id"], m["sequence"]) == (sid, user, 1)
+    assert (m["role"], m["content"], m["message_type"]) == ("user", "Hello, this is a test message", "chat")
+    assert (m["tokens_used"], m["cost_usd"], m["metadata"]) == (5, 0.0001, {"model": "gpt-4"})
+    parse_iso_z(m["created_at"])
+
+    after = await get_session(client, sid, user)
+    assert (after["message_count"], after["total_tokens"], after["total_cost"]) == (1, 5, 0.0001)
+    assert parse_iso_z(after["last_activity"]) >= parse_iso_z(s["last_activity"])
+
+    listed = await list_messages(client, sid, user)
+    assert listed == {"messages": [m], "total": 1, "page": 1, "page_size": 100}
+
+
+async def test_append_defaults(client: Any) -> None:
+    user = new_user()
+    sid = (await make_session(client, user))["session_id"]
+    resp = await client.post(
+        session_url(sid, "/messages"), params={"user_id": user}, json={"role": "assistant", "content": "hi"}
+    )
+    m = await ok_json(resp)
+    assert (m["message_type"], m["tokens_used"], m["cost_usd"], m["metadata"]) == ("chat", 0, 0.0, {})
+
+
+async def test_every_role_and_message_type_is_accepted(client: Any) -> None:
+    user = new_user()
+    sid = (await make_session(client, user))["session_id"]
+    roles = ["user", "assistant", "system", "tool_call", "tool_result"]
+    types = ["chat", "system", "tool_call", "tool_result", "notification"]
+    for role, mtype in zip(roles, types, strict=True):
+        m = await add_message(client, sid, user, role=role, message_type=mtype, content=f"{role}/{mtype}")
+        assert (m["role"], m["message_type"]) == (role, mtype)
+    listed = await list_messages(client, sid, user)
+    pairs = [(m["role"], m["message_type"]) for m in listed["messages"]]
+    assert pairs == list(zip(roles, types, strict=True))
+
+
+async def test_messages_are_oldest_first_with_increasing_sequences_and_pages(client: Any) -> None:
+    user = new_user()
+    sid = (await make_session(client, user))["session_id"]
+    sent = [await add_message(client, sid, user, content=f"m{i}") for i in range(1, 6)]
+    assert [m["sequence"] for m in sent] == [1, 2, 3, 4, 5]
+
+    everything = await list_messages(client, sid, user)
+    assert [m["content"] for m in everything["messages"]] == ["m1", "m2", "m3", "m4", "m5"]
+    assert [m["sequence"] for m in everything["messages"]] == [1, 2, 3, 4, 5]
+    assert everything["total"] == 5
+
+    pages = [await list_messages(client, sid, user, page=p, page_size=2) for p in (1, 2, 3, 4)]
+    assert [[m["sequence"] for m in p["messages"]] for p in pages] == [[1, 2], [3, 4], [5], []]
+    assert [p["total"] for p in pages] == [5, 5, 5, 5]
+    assert [(p["page"], p["page_size"]) for p in pages] == [(1, 2), (2, 2), (3, 2), (4, 2)]
+
+
+async def test_largest_allowed_page_sizes(client: Any) -> None:
+    user = new_user()
+    sid = (await make_session(client, user))["session_id"]
+    await add_message(client, sid, user)
+    assert (await list_messages(client, sid, user, page_size=200))["page_size"] == 200
+    resp = await client.get(f"/api/v1/users/{user}/sessions", params={"page_size": 100})
+    assert (await ok_json(resp))["page_size"] == 100
+
+
+async def test_counters_are_exact_under_200_concurrent_appends(client: Any) -> None:
+    user = new_user()
+    sid = (await make_session(client, user))["session_id"]
+    url = session_url(sid, "/messages")
+
+    async def post(i: int) -> Any:
+        body = {"role": "user", "content": f"msg {i}", "tokens_used": 3, "cost_usd": 0.0001}
+        return await ok_json(await client.post(url, params={"user_id": user}, json=body))
+
+    replies = await asyncio.gather(*(post(i) for i in range(200)))
+    assert sorted(r["sequence"] for r in replies) == list(range(1, 201))
+
+    s = await get_session(client, sid, user)
+    assert s["message_count"] == 200
+    assert s["total_tokens"] == 600
+    assert s["total_cost"] == 0.02
+
+    listed = await list_messages(client, sid, user, page_size=200)
+    assert listed["total"] == 200
+    assert [m["sequence"] for m in listed["messages"]] == list(range(1, 201))
+    # each stored message is the one that was acknowledged with that sequence number
+    by_seq = {r["sequence"]: r["content"] for r in replies}
+    assert all(m["content"] == by_seq[m["sequence"]] for m in listed["messages"])
+
+    body = await stats(client)
+    assert (body["total_messages"], body["total_tokens"], body["total_cost"]) == (200, 600, 0.02)
+    assert body["average_messages_per_session"] == 200.0
+
+
+async def test_money_adds_up_exactly(client: Any) -> None:
+    user = new_user()
+    sid = (await make_session(client, user))["session_id"]
+    await add_message(client, sid, user, cost_usd=0.1)
+    await add_message(client, sid, user, cost_usd=0.2)
+    assert (await get_session(client, sid, user))["total_cost"] == 0.3
+    assert (await stats(client))["total_cost"] == 0.3
+    listed = await list_messages(client, sid, user)
+    assert [m["cost_usd"] for m in listed["messages"]] == [0.1, 0.2]
+
+    other = (await make_session(client, user))["session_id"]
+    for cost in (0.000001, 1.234567, 5, 0.7):
+        await add_message(client, other, user, cost_usd=cost)
+    assert (await get_session(client, other, user))["total_cost"] == 6.934568
+    assert (await stats(client))["total_cost"] == 7.234568
