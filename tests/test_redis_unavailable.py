@@ -1,0 +1,56 @@
+"""Redis going away: every request answers 503 with a JSON detail (never 500); health says degraded."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.helpers import (
+    SESSIONS,
+    add_message,
+    error_json,
+    get_session,
+    make_session,
+    new_user,
+    ok_json,
+    session_url,
+)
+
+
+@pytest.mark.fault
+async def test_requests_answer_503_when_redis_is_gone(make_client: Any, private_redis: Any) -> None:
+    server = private_redis()
+    client = await make_client(redis_url=server.url, redis_socket_timeout=2.0, redis_pool_timeout=2.0)
+    user = new_user()
+    sid = (await make_session(client, user))["session_id"]
+    await add_message(client, sid, user)
+    assert (await get_session(client, sid, user))["message_count"] == 1
+
+    server.kill()
+
+    params = {"user_id": user}
+    attempts = [
+        ("GET", session_url(sid), params, None),  # first use of a pooled connection to a dead server
+        ("GET", session_url(sid), params, None),  # a fresh connection: refused
+        ("POST", session_url(sid, "/messages"), params, {"role": "user", "content": "hi"}),
+        ("PUT", session_url(sid), params, {"title": "x"}),
+        ("DELETE", session_url(sid), params, None),
+        ("POST", SESSIONS, {}, {"user_id": user}),
+        ("GET", f"/api/v1/users/{user}/sessions", {}, None),
+        ("GET", session_url(sid, "/messages"), params, None),
+        ("POST", session_url(sid, "/memory"), params, {"memory_type": "entity", "content": "x"}),
+        ("GET", session_url(sid, "/memory"), params, None),
+        ("GET", f"{SESSIONS}/stats", {}, None),
+    ]
+    for method, url, query, body in attempts:
+        resp = await client.request(method, url, params=query, json=body)
+        detail = (await error_json(resp, 503))["detail"]
+        assert isinstance(detail, str) and "redis" in detail.lower(), (method, url, detail)
+
+    # Liveness still answers; readiness tells which store is down.
+    assert (await ok_json(await client.get("/health")))["status"] == "healthy"
+    health = await ok_json(await client.get("/health/detailed"))
+    assert health["redis_connected"] is False
+    assert health["database_connected"] is True
+    assert health["status"] != "operational"

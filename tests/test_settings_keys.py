@@ -1,0 +1,143 @@
+"""Unit tests: settings from the environment, and the Redis key layout (one hash slot per user bucket)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+from redis.crc import key_slot
+
+from session_svc.keys import MEMORY_ALL, Keys, bucket_of
+from session_svc.settings import Settings
+from tests.helpers import add_memory, add_message, make_session, new_user
+
+
+def test_from_env_reads_typed_values() -> None:
+    s = Settings.from_env(
+        {
+            "REDIS_URL": "redis://example:6380/2",
+            "DATABASE_URL": "postgresql://u@db:5433/x",
+            "SERVICE_PORT": "9001",
+            "LOG_LEVEL": "DEBUG",
+            "DEBUG": "true",
+            "KEY_PREFIX": "svc.a-1",
+            "DB_SCHEMA": "prod_1",
+            "REDIS_BUCKETS": "64",
+            "REDIS_POOL_TIMEOUT": "1.5",
+            "MAX_BODY_BYTES": "4096",
+            "UNRELATED": "ignored",
+        }
+    )
+    assert s.redis_url == "redis://example:6380/2"
+    assert s.database_url == "postgresql://u@db:5433/x"
+    assert s.service_port == 9001
+    assert s.log_level == "DEBUG"
+    assert s.debug is True
+    assert s.key_prefix == "svc.a-1"
+    assert s.db_schema == "prod_1"
+    assert s.redis_buckets == 64
+    assert s.redis_pool_timeout == 1.5
+    assert s.max_body_bytes == 4096
+    assert s.arq_url == "redis://example:6380/2"  # no ARQ_REDIS_URL: the queue shares REDIS_URL
+
+
+def test_from_env_defaults_and_empty_values() -> None:
+    assert Settings.from_env({}) == Settings()
+    assert Settings.from_env({"SERVICE_PORT": "", "DEBUG": ""}) == Settings()
+    defaults = Settings()
+    assert (defaults.service_port, defaults.max_body_bytes, defaults.debug) == (8205, 1024 * 1024, False)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"), [("1", True), ("yes", True), ("ON", True), ("0", False), ("no", False)]
+)
+def test_from_env_booleans(raw: str, expected: bool) -> None:
+    assert Settings.from_env({"DEBUG": raw}).debug is expected
+
+
+def test_arq_url_can_be_separate() -> None:
+    s = Settings.from_env({"REDIS_URL": "redis://a:1/0", "ARQ_REDIS_URL": "redis://b:2/0"})
+    assert s.arq_url == "redis://b:2/0"
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"SERVICE_PORT": "eighty"},
+        {"DB_SCHEMA": "Robert'); DROP TABLE"},
+        {"DB_SCHEMA": "UPPER"},
+        {"KEY_PREFIX": "has space"},
+        {"KEY_PREFIX": "a*b"},
+        {"REDIS_BUCKETS": "0"},
+        {"REDIS_BUCKETS": "1025"},
+    ],
+)
+def test_from_env_refuses_bad_values(env: dict[str, str]) -> None:
+    with pytest.raises(ValueError):
+        Settings.from_env(env)
+
+
+# Key layout -------------------------------------------------------------------------------------------
+
+
+def test_every_key_of_a_users_session_shares_one_slot() -> None:
+    keys = Keys("ss", 16)
+    for _ in range(50):
+        user = new_user()
+        sid = str(uuid.uuid4())
+        uk = keys.for_user(user)
+        bucket = bucket_of(user, 16)
+        names = [
+            uk.session(sid),
+            uk.messages(sid),
+            uk.memories(sid),
+            uk.memory_index(sid, MEMORY_ALL),
+            uk.memory_index(sid, "preference"),
+            uk.sessions,
+            uk.active,
+            uk.stats,
+            uk.outbox,
+            keys.stats(bucket),
+            keys.outbox(bucket),
+        ]
+        assert len(set(names)) == len(names) - 2  # the last two are the bucket-level names of the same keys
+        assert {key_slot(n.encode()) for n in names} == {key_slot(names[0].encode())}
+        assert uk.stats == keys.stats(bucket) and uk.outbox == keys.outbox(bucket)
+        assert uk.memory_index(sid) == uk.memory_index(sid, MEMORY_ALL)
+        # Keys the Lua scripts build themselves from a prefix land on the same names.
+        assert uk.tag + ":s:" + sid == uk.session(sid)
+        assert uk.tag + ":yi:" + sid + ":" + "entity" == uk.memory_index(sid, "entity")
+
+
+def test_users_spread_over_buckets_and_slots() -> None:
+    keys = Keys("ss", 16)
+    users = [new_user() for _ in range(400)]
+    buckets = {bucket_of(u, 16) for u in users}
+    assert buckets == set(range(16))
+    slots = {key_slot(keys.for_user(u).sessions.encode()) for u in users}
+    assert len(slots) == 16
+    # Tricky user ids cannot move their keys out of the bucket's slot: the tag comes first.
+    for odd in ("{b03}", "a}b{c", "x:{y}", "ü{}"):
+        uk = keys.for_user(odd)
+        assert key_slot(uk.sessions.encode()) == key_slot(uk.session("s").encode())
+        assert key_slot(uk.active.encode()) == key_slot(uk.stats.encode())
+
+
+async def test_keys_written_by_the_service_share_the_users_slot(
+    client: Any, redis: Any, settings: Any
+) -> None:
+    users = [new_user() for _ in range(3)]
+    for user in users:
+        sid = (await make_session(client, user))["session_id"]
+        await add_message(client, sid, user)
+        await add_memory(client, sid, user, memory_type="entity")
+    keys = Keys(settings.key_prefix, settings.redis_buckets)
+    written = [k async for k in redis.scan_iter(match=f"{settings.key_prefix}:*")]
+    assert f"{settings.key_prefix}:meta" in written
+    for user in users:
+        tag = keys.for_user(user).tag
+        mine = [k for k in written if k.startswith(tag + ":")]
+        # session, messages, memories, two memory indexes, user index, active index, stats, outbox
+        assert len(mine) >= 9, mine
+        assert {key_slot(k.encode()) for k in mine} == {key_slot(tag.encode())}
