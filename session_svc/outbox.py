@@ -59,7 +59,8 @@ async def backlog(redis: Redis, keys: Keys) -> Backlog:
             candidates = [_ms(first_new[0][0])] if first_new else []
             if pending:
                 summary = await redis.xpending(stream, GROUP)
-                candidates.append(_ms(summary["min"]))
+                if summary["min"]:  # may have been acknowledged since XINFO
+                    candidates.append(_ms(summary["min"]))
         for ms in candidates:
             oldest_ms = ms if oldest_ms is None else min(oldest_ms, ms)
     age = max(0.0, time.time() - oldest_ms / 1000) if oldest_ms is not None else 0.0

@@ -1,0 +1,198 @@
+"""Benchmark: HTTP throughput and latency of the hot paths, and write-through throughput and lag.
+
+Run with ``scripts/bench.sh`` (it installs wrk if needed). Everything is measured in this run on this
+machine, against a baseline measured in the same run (``GET /health``: aiohttp + orjson, no Redis),
+so the ratios mean something on any machine. Uses its own key prefix and Postgres schema, and removes
+them afterwards; never touches other data.
+
+Prints a table: requests/s, p50 and p99 latency, ratio to baseline; then flush rows/s and outbox lag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from session_svc.settings import Settings
+
+PORT = int(os.environ.get("BENCH_PORT", "8290"))
+DURATION = os.environ.get("BENCH_DURATION", "8s")
+CONNECTIONS = os.environ.get("BENCH_CONNECTIONS", "64")
+PREFIX = f"bench{os.getpid()}"
+SCHEMA = f"bench{os.getpid()}"
+BASE = f"http://127.0.0.1:{PORT}"
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+POST_LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '{"role":"user","content":"Hello, this is a benchmark message of a typical chat size.","tokens_used":12,"cost_usd":0.0001,"metadata":{"model":"gpt-4"}}'
+"""
+
+
+def http(method: str, path: str, body: dict[str, object] | None = None) -> dict[str, object]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(BASE + path, data=data, method=method)
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())  # type: ignore[no-any-return]
+
+
+def wait_http() -> None:
+    for _ in range(100):
+        try:
+            http("GET", "/health")
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit("API did not start")
+
+
+def wrk(path: str, lua: str | None = None) -> tuple[float, float, float]:
+    cmd = ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{DURATION}", "--latency"]
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(lua or "")
+    cmd += ["-s", f.name, BASE + path]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    os.unlink(f.name)
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errors:
+        raise SystemExit(f"{path}: {errors.group(1)} error responses\n{out}")
+
+    def pct(p: str) -> float:
+        m = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)", out)
+        assert m, out
+        value, unit = float(m.group(1)), m.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    return rps, pct("50"), pct("99")
+
+
+async def backlog(r: aioredis.Redis, settings: Settings) -> tuple[int, float]:
+    from session_svc.keys import Keys
+    from session_svc.outbox import backlog as outbox_backlog
+
+    b = await outbox_backlog(r, Keys(settings.key_prefix, settings.redis_buckets))
+    return b.entries, b.oldest_age_s
+
+
+def main() -> None:
+    env = {
+        **os.environ,
+        "KEY_PREFIX": PREFIX,
+        "DB_SCHEMA": SCHEMA,
+        "SERVICE_PORT": str(PORT),
+        "LOG_LEVEL": "WARNING",
+    }
+    settings = Settings.from_env(env)
+    subprocess.run([PY, "-m", "session_svc.migrate"], env=env, check=True, capture_output=True)
+    api = subprocess.Popen([PY, "-m", "session_svc"], env=env, cwd=ROOT)
+    worker: subprocess.Popen[bytes] | None = None
+    try:
+        wait_http()
+        sid = http("POST", "/api/v1/sessions", {"user_id": "bench", "title": "bench"})["session_id"]
+        http("POST", f"/api/v1/sessions/{sid}/messages?user_id=bench", {"role": "user", "content": "warm"})
+        print(
+            f"# session_svc benchmark: wrk -t1 -c{CONNECTIONS} -d{DURATION}, one API process, "
+            f"{os.cpu_count()} cores, load generator on the same machine"
+        )
+        wrk("/health")  # warm-up
+        rows = []
+        base = wrk("/health")
+        rows.append(("GET /health (baseline: aiohttp+orjson, no Redis)", base))
+        rows.append(("GET session (1 EVALSHA)", wrk(f"/api/v1/sessions/{sid}?user_id=bench")))
+        rows.append(
+            (
+                "POST message (1 EVALSHA: append+counters+outbox)",
+                wrk(f"/api/v1/sessions/{sid}/messages?user_id=bench", POST_LUA),
+            )
+        )
+        rows.append(
+            ("GET messages page of 20", wrk(f"/api/v1/sessions/{sid}/messages?user_id=bench&page_size=20"))
+        )
+        print(f"{'endpoint':55} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs baseline':>12}")
+        for name, (rps, p50, p99) in rows:
+            print(f"{name:55} {rps:9.0f} {p50:8.2f} {p99:8.2f} {rps / base[0]:11.2f}x")
+
+        # Write-through: drain the backlog the POST run left (no worker ran during it).
+        async def drain() -> None:
+            r = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
+            entries, lag = await backlog(r, settings)
+            print(f"\noutbox backlog after the POST run: {entries} entries, oldest {lag:.1f}s")
+            nonlocal worker
+            t0 = time.monotonic()
+            worker = subprocess.Popen(
+                [PY, "-m", "workers"], env={**env, "SESSION_HOT_TTL": "86400"}, cwd=ROOT
+            )
+            while (await backlog(r, settings))[0] > 0:
+                await asyncio.sleep(0.05)
+            elapsed = time.monotonic() - t0
+            print(
+                f"drained {entries} entries in {elapsed:.2f}s (incl. worker start): {entries / elapsed:.0f} rows/s"
+            )
+
+            # Sustained: POST load with the worker running; sample the lag.
+            lags: list[float] = []
+            stop = asyncio.Event()
+
+            async def sample() -> None:
+                while not stop.is_set():
+                    lags.append((await backlog(r, settings))[1])
+                    await asyncio.sleep(0.25)
+
+            task = asyncio.create_task(sample())
+            rps, p50, p99 = await asyncio.to_thread(
+                wrk, f"/api/v1/sessions/{sid}/messages?user_id=bench", POST_LUA
+            )
+            stop.set()
+            await task
+            lags.sort()
+            print(
+                f"sustained POST with worker running: {rps:.0f} req/s, p50 {p50:.2f} ms, p99 {p99:.2f} ms; "
+                f"outbox lag p50 {lags[len(lags) // 2]:.2f}s max {lags[-1]:.2f}s"
+            )
+            t1 = time.monotonic()
+            while (await backlog(r, settings))[0] > 0:
+                await asyncio.sleep(0.05)
+            print(f"caught up {time.monotonic() - t1:.2f}s after the load stopped")
+            pg = await asyncpg.connect(settings.database_url)
+            n = await pg.fetchval(f'SELECT count(*) FROM "{SCHEMA}".session_messages')
+            mc = await pg.fetchval(f'SELECT message_count FROM "{SCHEMA}".sessions WHERE session_id=$1', sid)
+            print(f"postgres: {n} message rows, session message_count {mc}")
+            await pg.close()
+            await r.aclose()
+
+        asyncio.run(drain())
+    finally:
+        for p in (api, worker):
+            if p is not None:
+                p.send_signal(signal.SIGTERM)
+                p.wait(timeout=20)
+        asyncio.run(cleanup(settings))
+
+
+async def cleanup(settings: Settings) -> None:
+    r = aioredis.Redis.from_url(settings.redis_url)
+    async for key in r.scan_iter(match=f"{PREFIX}:*", count=1000):
+        await r.delete(key)
+    await r.aclose()
+    pg = await asyncpg.connect(settings.database_url)
+    await pg.execute(f'DROP SCHEMA IF EXISTS "{SCHEMA}" CASCADE')
+    await pg.close()
+
+
+if __name__ == "__main__":
+    main()
