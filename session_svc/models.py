@@ -59,7 +59,11 @@ class MemoryType(StrEnum):
 
 def _capped_json(limit: int) -> AfterValidator:
     def check(value: dict[str, Any]) -> dict[str, Any]:
-        if len(orjson.dumps(value)) > limit:
+        try:
+            size = len(orjson.dumps(value))
+        except TypeError:  # orjson refuses what Redis/Postgres JSON could not hold either
+            raise ValueError("integers must fit in 64 bits") from None
+        if size > limit:
             raise ValueError(f"must serialize to at most {limit} bytes of JSON")
         return value
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any, TypeVar
 
+import orjson
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
@@ -23,8 +24,13 @@ def _problems(exc: ValidationError, where: str) -> list[dict[str, Any]]:
 async def parse_body(request: web.Request, model: type[M]) -> M:
     raw = await request.read()  # aiohttp raises 413 past client_max_size
     try:
+        # RFC 8259 only: no NaN/Infinity, integers within 64 bits (what Redis, Postgres and orjson hold).
+        orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest([{"type": "json_invalid", "loc": ["body"], "msg": f"Invalid JSON: {exc}"}]) from None
+    try:
         # JSON mode: strict types, yet enum values arrive as the strings they are.
-        return model.model_validate_json(raw or b"null")
+        return model.model_validate_json(raw)
     except ValidationError as exc:
         raise BadRequest(_problems(exc, "body")) from None
 
