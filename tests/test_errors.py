@@ -154,6 +154,9 @@ BAD_REQUESTS: dict[str, Bad] = {
     ),
     "memory-get-no-user": Bad("GET", "/memory", [["query", "user_id"]], owner_query=False),
     "memories-no-user": Bad("GET", "/memories", [["query", "user_id"]], owner_query=False),
+    "user-id-control-char": Bad(
+        "GET", "", [["query", "user_id"]], query={"user_id": "a\x01b"}, owner_query=False
+    ),
     "empty-user-id": Bad("GET", "", [["query", "user_id"]], query={"user_id": ""}, owner_query=False),
     # bodies that are not a JSON object
     "malformed-json": Bad(
@@ -197,6 +200,18 @@ BAD_REQUESTS: dict[str, Bad] = {
         "/messages",
         [["body", "role"], ["body", "tokens_used"]],
         json={**MSG, "role": "x", "tokens_used": -5},
+    ),
+    "content-over-cap": Bad(
+        "POST", "/messages", [["body", "content"]], json={**MSG, "content": "c" * (256 * 1024 + 1)}
+    ),
+    "memory-content-over-cap": Bad(
+        "POST",
+        "/memory",
+        [["body", "content"]],
+        json={"memory_type": "entity", "content": "c" * (64 * 1024 + 1)},
+    ),
+    "put-summary-over-cap": Bad(
+        "PUT", "", [["body", "session_summary"]], json={"session_summary": "s" * (64 * 1024 + 1)}
     ),
     # message paging
     "messages-page-0": Bad("GET", "/messages", [["query", "page"]], query={"page": "0"}),
