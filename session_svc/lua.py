@@ -239,7 +239,8 @@ return 1
 
 # KEYS: hot set of one bucket
 # ARGV: session key prefix of the bucket (``P:{bNN}:``), idle cutoff (microseconds), sids...
-# Evicts the given sessions that are idle and fully flushed (v == fv). A write that raced the sweep has
+# Evicts the given sessions that are idle and fully flushed (v == fv), unless an outbox entry of theirs
+# failed (``stuck``: kept until an operator has looked at the dead letter). A write that raced the sweep has
 # bumped v (or updated_at) and wins: the session stays. Never a blind DEL, never a TTL on unflushed data.
 # The user's indexes keep the session id: that is how a cold session is still listed and found.
 EVICT = """
@@ -247,10 +248,10 @@ local evicted = 0
 for i = 3, #ARGV do
   local sid = ARGV[i]
   local skey = ARGV[1] .. 's:' .. sid
-  local h = redis.call('HMGET', skey, 'v', 'fv', 'updated_at')
+  local h = redis.call('HMGET', skey, 'v', 'fv', 'updated_at', 'stuck')
   if not h[1] then
     redis.call('ZREM', KEYS[1], sid)
-  elseif h[1] == h[2] and tonumber(h[3]) < tonumber(ARGV[2]) then
+  elseif h[1] == h[2] and not h[4] and tonumber(h[3]) < tonumber(ARGV[2]) then
     local yi = ARGV[1] .. 'yi:' .. sid .. ':'
     redis.call('DEL', skey, ARGV[1] .. 'm:' .. sid, ARGV[1] .. 'y:' .. sid, yi .. '*', yi .. 'preference',
       yi .. 'conversation', yi .. 'entity', yi .. 'summary', yi .. 'custom')

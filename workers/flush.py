@@ -142,18 +142,18 @@ class Flusher:
                 await self._dead_letter(e, "malformed entry")
         try:
             await self._commit(good)
-        except PG_UNAVAILABLE:
-            raise
-        except asyncpg.PostgresError as exc:
+        except Exception as exc:
+            if not _data_error(exc):
+                raise
             # Some entry cannot be written. Write them one by one so the rest goes through.
             FAILURES.labels("data").inc()
-            log.warning("batch of %d failed (%s); retrying entry by entry", len(good), exc)
+            log.warning("batch of %d failed (%r); retrying entry by entry", len(good), exc)
             for e in good:
                 try:
                     await self._commit([e])
-                except PG_UNAVAILABLE:
-                    raise
-                except asyncpg.PostgresError as one_exc:
+                except Exception as one_exc:
+                    if not _data_error(one_exc):
+                        raise
                     await self._failed(e, repr(one_exc))
                 else:
                     await self._done([e])
@@ -207,7 +207,8 @@ class Flusher:
         """One entry could not be written. Keep it pending for redelivery, or dead-letter it."""
         FAILURES.labels("entry").inc()
         skey = f"{self.keys.tag(e.bucket)}:s:{e.f.get('sid', '')}"
-        await cast("Awaitable[int]", self.redis.hset(skey, "stuck", e.id))  # the sweep keeps it in Redis
+        # Mark the session (only if it is in Redis) so the sweep keeps it there.
+        await cast("Awaitable[int]", self.redis.eval(_MARK_STUCK, 1, skey, e.id))
         info = await self.redis.xpending_range(self.keys.outbox(e.bucket), GROUP, e.id, e.id, 1)
         deliveries = int(info[0]["times_delivered"]) if info else self.max_deliveries
         if deliveries >= self.max_deliveries:
@@ -255,9 +256,12 @@ class Flusher:
         while not stop.is_set():
             try:
                 if own_pending:
+                    # Our own pending entries (after a restart under the same name, or a failed
+                    # batch). Keep going while a bucket gives a full batch; whatever stays pending
+                    # after that (a poison entry) is redelivered by XAUTOCLAIM, counting deliveries.
                     await self.ensure_groups()
                     entries = await self.read(new=False)
-                    own_pending = bool(entries)
+                    own_pending = _full_batch(entries, self.batch_size)
                 elif time.monotonic() - last_maintenance > maintenance_every:
                     last_maintenance = time.monotonic()
                     await self.trim()
@@ -266,16 +270,38 @@ class Flusher:
                     entries = await self.read()
                 if entries:
                     await self.flush(entries)
-                elif not own_pending:
+                else:
                     await asyncio.sleep(self.idle_sleep)
                 backoff = 0.0
-            except UNAVAILABLE as exc:
-                FAILURES.labels("unavailable").inc()
+            except Exception as exc:
+                # Nothing may kill the drain. Whatever was read stays pending for this consumer;
+                # re-read it first once things work again.
                 backoff = min(5.0, max(0.2, backoff * 2))
-                log.warning("flush paused %.1fs: %r", backoff, exc)
-                # Whatever was read stays pending for this consumer; re-read it first.
+                if isinstance(exc, UNAVAILABLE):
+                    FAILURES.labels("unavailable").inc()
+                    log.warning("flush paused %.1fs: %r", backoff, exc)
+                else:
+                    FAILURES.labels("error").inc()
+                    log.exception("flush failed; retrying in %.1fs", backoff)
                 own_pending = True
                 await asyncio.sleep(backoff)
+
+
+def _data_error(exc: BaseException) -> bool:
+    """True when ``exc`` says "this data cannot be written", false when Postgres is just unreachable.
+    asyncpg's DataError (a parameter that cannot be encoded) is also an InterfaceError: check it first."""
+    if isinstance(exc, asyncpg.DataError):
+        return True
+    if isinstance(exc, PG_UNAVAILABLE):
+        return False
+    return isinstance(exc, (asyncpg.PostgresError, ValueError, KeyError, TypeError))
+
+
+def _full_batch(entries: Sequence[Entry], batch_size: int) -> bool:
+    per_bucket: dict[int, int] = defaultdict(int)
+    for e in entries:
+        per_bucket[e.bucket] += 1
+    return any(n >= batch_size for n in per_bucket.values())
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:
@@ -327,6 +353,8 @@ def _memory_row(e: Entry) -> tuple[Any, ...]:
         orjson.dumps(doc["metadata"]).decode(), doc["created_at"],
     )  # fmt: skip
 
+
+_MARK_STUCK = "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'stuck', ARGV[1]) end"
 
 _US = "'epoch'::timestamptz + {} * interval '1 microsecond'"
 
