@@ -128,6 +128,41 @@ async def test_counters_are_exact_under_200_concurrent_appends(client: Any) -> N
     assert body["average_messages_per_session"] == 200.0
 
 
+async def test_appends_racing_the_end_of_the_session_are_all_or_nothing(client: Any) -> None:
+    """Each append either lands (200, counted, listed) or is refused (409, no trace): never half."""
+    user = new_user()
+    sid = (await make_session(client, user))["session_id"]
+    url = session_url(sid, "/messages")
+    body = {"role": "user", "content": "x", "tokens_used": 2, "cost_usd": 0.000003}
+
+    async def post() -> Any:
+        return await client.post(url, params={"user_id": user}, json=body)
+
+    async def end_later() -> Any:
+        await asyncio.sleep(0)
+        return await client.delete(session_url(sid), params={"user_id": user})
+
+    results = await asyncio.gather(*(post() for _ in range(60)), end_later(), *(post() for _ in range(60)))
+    appends = results[:60] + results[61:]
+    assert results[60].status == 200
+    accepted = [await r.json() for r in appends if r.status == 200]
+    assert all(r.status in (200, 409) for r in appends)
+    n = len(accepted)
+    assert sorted(m["sequence"] for m in accepted) == list(range(1, n + 1))
+
+    s = await get_session(client, sid, user)
+    assert s["status"] == "ended"
+    assert (s["message_count"], s["total_tokens"]) == (n, 2 * n)
+    assert s["total_cost"] == n * 3 / 1_000_000  # exact: 3 micro-dollars each
+    listed = await list_messages(client, sid, user, page_size=200)
+    assert listed["total"] == n
+    assert [m["message_id"] for m in listed["messages"]] == [
+        m["message_id"] for m in sorted(accepted, key=lambda m: m["sequence"])
+    ]
+    st = await stats(client)
+    assert (st["total_messages"], st["total_tokens"], st["active_sessions"]) == (n, 2 * n, 0)
+
+
 async def test_money_adds_up_exactly(client: Any) -> None:
     user = new_user()
     sid = (await make_session(client, user))["session_id"]

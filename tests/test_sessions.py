@@ -158,6 +158,12 @@ async def test_listing_is_newest_activity_first_and_a_message_moves_a_session_up
     activity = [parse_iso_z(s["last_activity"]) for s in listing["sessions"]]
     assert activity == sorted(activity, reverse=True)
 
+    # A memory is activity too; a title change is not.
+    await add_memory(client, ids[1], user)
+    await update_session(client, ids[0], user, title="renamed")
+    listing = await list_sessions(client, user)
+    assert [s["session_id"] for s in listing["sessions"]] == [ids[1], ids[0], ids[2]]
+
 
 async def test_listing_pages_and_total_is_the_overall_count(client: Any) -> None:
     user = new_user()
@@ -281,3 +287,17 @@ async def test_stats_are_exact(client: Any) -> None:
     assert (body["total_sessions"], body["active_sessions"], body["total_messages"]) == (3, 1, 4)
     await update_session(client, a2, alice, status="archived")
     assert (await stats(client))["active_sessions"] == 1
+
+
+async def test_unicode_and_special_characters_round_trip(client: Any) -> None:
+    user = "用户-" + new_user()
+    title = '会话 "测试" \\ \u2603 🎉'
+    metadata = {"来源": "网页", "nested": {"emoji": "👍", "quote": '"', "list": [1, 2.5, None, True]}}
+    s = await make_session(client, user, title=title, metadata=metadata, conversation_data={"k": "\n\t"})
+    got = await get_session(client, s["session_id"], user)
+    assert (got["user_id"], got["title"], got["metadata"]) == (user, title, metadata)
+    assert got["conversation_data"] == {"k": "\n\t"}
+    m = await add_message(client, s["session_id"], user, content="你好世界 🌏\nline two")
+    assert m["content"] == "你好世界 🌏\nline two"
+    listing = await list_sessions(client, user)
+    assert [x["title"] for x in listing["sessions"]] == [title]

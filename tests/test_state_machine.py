@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -147,3 +148,24 @@ async def test_same_status_update_is_allowed_and_keeps_the_counters(client: Any)
     s = await update_session(client, sid, user, status="active", session_summary="still going")
     assert (s["status"], s["session_summary"]) == ("active", "still going")
     assert (await stats(client))["active_sessions"] == 1
+
+
+async def test_racing_complete_and_end_exactly_one_wins(client: Any) -> None:
+    user = new_user()
+    sids = [(await make_session(client, user))["session_id"] for _ in range(15)]
+
+    async def race(sid: str) -> tuple[int, int]:
+        put, delete = await asyncio.gather(
+            client.put(session_url(sid), params={"user_id": user}, json={"status": "completed"}),
+            client.delete(session_url(sid), params={"user_id": user}),
+        )
+        return put.status, delete.status
+
+    outcomes = await asyncio.gather(*(race(sid) for sid in sids))
+    for sid, (put, delete) in zip(sids, outcomes, strict=True):
+        assert sorted((put, delete)) == [200, 409], (put, delete)
+        expected = "completed" if put == 200 else "ended"
+        assert (await get_session(client, sid, user))["status"] == expected
+    body = await stats(client)
+    assert (body["total_sessions"], body["active_sessions"]) == (15, 0)
+    assert (await list_sessions(client, user, active_only="true"))["total"] == 0

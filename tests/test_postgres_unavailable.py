@@ -1,0 +1,32 @@
+"""PostgreSQL unreachable: the API keeps serving hot sessions from Redis and health says degraded."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+
+from tests.conftest import free_port
+from tests.helpers import add_message, error_json, get_session, list_messages, make_session, new_user, ok_json
+
+
+@pytest.mark.fault
+async def test_hot_sessions_are_served_while_postgres_is_down(make_client: Any) -> None:
+    # Nothing listens on a fresh free port: every connection attempt is refused.
+    client = await make_client(database_url=f"postgresql://postgres@127.0.0.1:{free_port()}/test")
+    health = await ok_json(await client.get("/health/detailed"))
+    assert (health["redis_connected"], health["database_connected"]) == (True, False)
+    assert health["status"] == "degraded"
+
+    user = new_user()
+    sid = (await make_session(client, user))["session_id"]
+    await add_message(client, sid, user, tokens_used=4)
+    assert (await get_session(client, sid, user))["message_count"] == 1
+    assert (await list_messages(client, sid, user))["total"] == 1
+
+    # An id Redis does not know must be checked against Postgres, the system of record: without it the
+    # service cannot claim "not found", so it answers 503 (JSON), not 404 and not 500.
+    resp = await client.get(f"/api/v1/sessions/{uuid.uuid4()}", params={"user_id": user})
+    detail = (await error_json(resp, 503))["detail"]
+    assert isinstance(detail, str) and detail
