@@ -411,6 +411,19 @@ async def test_body_over_the_configured_limit_is_413(make_client: Any) -> None:
         detail = (await error_json(resp, 413))["detail"]
         assert isinstance(detail, str) and detail, (method, url)
 
+    # Without a Content-Length (chunked upload) the limit holds too.
+    async def chunks() -> Any:
+        for _ in range(4):
+            yield b'{"role": "user", "content": "' + b"c" * 1000 + b'"}'[:1000]
+
+    resp = await client.post(
+        session_url(sid, "/messages"),
+        params={"user_id": owner},
+        data=chunks(),
+        headers={"Content-Type": "application/json"},
+    )
+    await error_json(resp, 413)
+
     assert await snapshot(client, sid, owner) == before
 
 
