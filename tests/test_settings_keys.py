@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
+import asyncpg
 import pytest
 from redis.crc import key_slot
 
+from session_svc import migrate
 from session_svc.keys import MEMORY_ALL, Keys, bucket_of
 from session_svc.settings import Settings
 from tests.helpers import add_memory, add_message, make_session, new_user
@@ -141,3 +144,29 @@ async def test_keys_written_by_the_service_share_the_users_slot(
         # session, messages, memories, two memory indexes, user index, active index, stats, outbox
         assert len(mine) >= 9, mine
         assert {key_slot(k.encode()) for k in mine} == {key_slot(tag.encode())}
+
+
+# The run's Postgres schema ------------------------------------------------------------------------------
+
+
+async def test_run_schema_has_the_guides_tables(pg: Any, db_schema: str) -> None:
+    rows = await pg.fetch(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = $1", db_schema
+    )
+    assert {"sessions", "session_messages", "session_memories"} <= {r["table_name"] for r in rows}
+    assert await pg.fetchval("SELECT current_schema()") == db_schema
+
+
+def test_migrations_applied_again_are_a_no_op(settings: Settings) -> None:
+    migrate.upgrade(settings)  # the run's schema is already at head: must not fail or duplicate
+    migrate.upgrade(settings)
+
+    async def versions() -> list[str]:
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            rows = await conn.fetch(f'SELECT version_num FROM "{settings.db_schema}".alembic_version')
+            return [r["version_num"] for r in rows]
+        finally:
+            await conn.close()
+
+    assert len(asyncio.run(versions())) == 1
