@@ -60,8 +60,8 @@ def wait_http() -> None:
     raise SystemExit("API did not start")
 
 
-def wrk(path: str, lua: str | None = None) -> tuple[float, float, float]:
-    cmd = ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{DURATION}", "--latency"]
+def wrk(path: str, lua: str | None = None, connections: str = CONNECTIONS) -> tuple[float, float, float]:
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{DURATION}", "--latency"]
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(lua or "")
     cmd += ["-s", f.name, BASE + path]
@@ -122,6 +122,16 @@ def main() -> None:
         )
         rows.append(
             ("GET messages page of 20", wrk(f"/api/v1/sessions/{sid}/messages?user_id=bench&page_size=20"))
+        )
+        # One connection: latency of a single request with no queueing (what one chat turn sees).
+        rows.append(
+            ("GET session, 1 connection", wrk(f"/api/v1/sessions/{sid}?user_id=bench", connections="1"))
+        )
+        rows.append(
+            (
+                "POST message, 1 connection",
+                wrk(f"/api/v1/sessions/{sid}/messages?user_id=bench", POST_LUA, connections="1"),
+            )
         )
         print(f"{'endpoint':55} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs baseline':>12}")
         for name, (rps, p50, p99) in rows:
