@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Any, TypeVar
 
 import asyncpg
@@ -28,8 +28,6 @@ from session_svc.models import MICROS, MemoryCreate, MessageCreate, SessionCreat
 Row = dict[str, Any]
 Hash = dict[str, str]
 T = TypeVar("T")
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,8 +74,15 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
+@lru_cache(maxsize=4096)
+def _iso_seconds(seconds: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+
+
 def iso(us: int | str) -> str:
-    return (_EPOCH + timedelta(microseconds=int(us))).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """ISO 8601 UTC with microseconds and Z. Cached per second: a page of 200 messages formats fast."""
+    seconds, micros = divmod(int(us), 1_000_000)
+    return f"{_iso_seconds(seconds)}.{micros:06d}Z"
 
 
 def usd(micros: int | str) -> float:
