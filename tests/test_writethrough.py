@@ -1,0 +1,393 @@
+"""Write-through, end to end: HTTP writes -> outbox -> ``workers.flush.Flusher`` -> rows in Postgres.
+
+Shared Redis and Postgres, this module's own schema (made by the migrations, dropped afterwards) and each
+test's own key prefix. The flusher runs in-process, driven step by step (read / reclaim / flush) so that
+replays, reordering and dead letters are exact rather than timed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import pytest
+from redis.asyncio import Redis
+
+from session_svc import outbox
+from session_svc.keys import Keys, bucket_of
+from session_svc.settings import Settings
+from tests import support
+from tests.helpers import (
+    add_memory,
+    add_message,
+    end_session,
+    get_session,
+    make_session,
+    new_user,
+    ok_json,
+    session_url,
+    update_session,
+)
+from workers.flush import Flusher
+
+
+@pytest.fixture(scope="module")
+def db_schema(test_urls: Any) -> Iterator[str]:
+    """This module's own schema (overrides the per-run one of conftest)."""
+    schema = support.create_schema(test_urls.database_url)
+    yield schema
+    support.drop_schema(test_urls.database_url, schema)
+
+
+@pytest.fixture
+async def pool(test_urls: Any) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(test_urls.database_url, min_size=1, max_size=4)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+def keys(settings: Settings) -> Keys:
+    return Keys(settings.key_prefix, settings.redis_buckets)
+
+
+@pytest.fixture
+def flusher(redis: Redis, pool: asyncpg.Pool, keys: Keys, settings: Settings) -> Flusher:
+    return support.make_flusher(redis, pool, keys, settings.db_schema)
+
+
+async def health(client: Any) -> dict[str, Any]:
+    return await ok_json(await client.get("/health/detailed"))  # type: ignore[no-any-return]
+
+
+def message_entry(sid: str, uid: str, **over: str) -> dict[str, str]:
+    """An outbox message entry as APPEND_MESSAGE writes it (fields as strings)."""
+    entry = {
+        "k": "m",
+        "sid": sid,
+        "uid": uid,
+        "v": "2",
+        "seq": "1",
+        "id": str(uuid.uuid4()),
+        "role": "user",
+        "content": "injected",
+        "type": "chat",
+        "tokens": "1",
+        "cost": "0",
+        "meta": "{}",
+        "ts": "1700000000000000",
+    }
+    entry.update(over)
+    return entry
+
+
+async def test_http_writes_reach_postgres_as_the_api_answered(
+    client: Any, redis: Redis, pg: Any, keys: Keys, flusher: Flusher, db_schema: str
+) -> None:
+    user = new_user()
+    writes = 0
+    s = await make_session(
+        client,
+        user,
+        title="First title",
+        metadata={"source": "e2e"},
+        conversation_data={"turns": [1, 2], "nested": {"a": None, "b": 2.5}},
+        session_summary="nothing yet",
+    )
+    sid = s["session_id"]
+    await update_session(
+        client, sid, user, title="Renamed", metadata={"model": "gpt-4", "temperature": 0.7, "tags": ["a"]}
+    )
+    writes += 2
+    sent = [
+        ("user", "chat", "Hello", 5, 0.1),
+        ("assistant", "chat", "Hi there", 7, 0.2),
+        ("system", "system", "be nice", 0, 0),
+        ("tool_call", "tool_call", '{"q": 1}', 11, 0.000001),
+        ("tool_result", "tool_result", "ünïcödé ✓ 🚀", 3, 12.345678),
+    ]
+    msgs = []
+    for i, (role, mtype, content, tokens, cost) in enumerate(sent):
+        msgs.append(
+            await add_message(
+                client,
+                sid,
+                user,
+                role=role,
+                message_type=mtype,
+                content=content,
+                tokens_used=tokens,
+                cost_usd=cost,
+                metadata={"i": i},
+            )
+        )
+    mtypes = ("preference", "entity", "summary", "custom", "conversation", "preference")
+    mems = [
+        await add_memory(client, sid, user, memory_type=t, content=f"{t} {i}", metadata={"i": i})
+        for i, t in enumerate(mtypes)
+    ]
+    writes += len(sent) + len(mtypes)
+
+    ended = (await make_session(client, user, title="to end"))["session_id"]
+    ended_msg = await add_message(client, ended, user, content="bye", tokens_used=1, cost_usd=0.5)
+    await end_session(client, ended, user)
+    await end_session(client, ended, user)  # a no-op: writes nothing
+    done = (await make_session(client, user, title="to complete"))["session_id"]
+    await update_session(client, done, user, status="completed")
+    done_mem = await add_memory(client, done, user, memory_type="summary", content="it went well")
+    writes += 6
+
+    h = await health(client)
+    assert h["outbox_backlog"] == writes  # one outbox entry per acknowledged write, no more
+    assert h["dead_letters"] == 0
+
+    async def lag() -> float:
+        return float((await health(client))["outbox_lag_seconds"])
+
+    assert await support.eventually(lag, "a positive outbox lag") > 0
+
+    final = {x: await get_session(client, x, user) for x in (sid, ended, done)}
+    assert final[sid]["total_cost"] == 12.645679  # exact: 0.1 + 0.2 summed as micro-dollars
+    assert await support.drain(flusher) == writes
+
+    h = await health(client)
+    assert (h["outbox_backlog"], h["outbox_lag_seconds"], h["dead_letters"]) == (0, 0, 0)
+    assert h["database_connected"] is True
+
+    versions = {}
+    for x in final:
+        stored = await redis.hgetall(keys.for_user(user).session(x))
+        assert stored["fv"] == stored["v"]
+        versions[x] = int(stored["v"])
+    rows = await support.pg_sessions(pg, db_schema, list(final))
+    memory_counts = {sid: len(mems), ended: 0, done: 1}
+    assert rows == {x: support.api_session(final[x], memory_counts[x], versions[x]) for x in final}
+    assert rows[sid]["total_cost"] == Decimal("12.645679")
+    assert (rows[ended]["status"], rows[ended]["is_active"]) == ("ended", False)
+    assert (rows[done]["status"], rows[done]["is_active"]) == ("completed", False)
+    assert rows[sid]["title"] == "Renamed"
+
+    stored_msgs = await support.pg_messages(pg, db_schema, sid)
+    assert stored_msgs == [support.api_message(m) for m in msgs]
+    assert [m["sequence"] for m in stored_msgs] == [1, 2, 3, 4, 5]
+    assert [m["cost_usd"] for m in stored_msgs] == [
+        Decimal(x) for x in ("0.1", "0.2", "0", "0.000001", "12.345678")
+    ]
+    assert await support.pg_messages(pg, db_schema, ended) == [support.api_message(ended_msg)]
+
+    stored_mems = await support.pg_memories(pg, db_schema, sid)
+    assert stored_mems == [support.api_memory(m, i) for i, m in enumerate(mems, 1)]
+    assert [m["memory_type"] for m in stored_mems] == list(mtypes)
+    assert await support.pg_memories(pg, db_schema, done) == [support.api_memory(done_mem, 1)]
+
+
+async def test_replayed_and_reordered_batches_leave_the_same_rows(
+    client: Any,
+    redis: Redis,
+    pg: Any,
+    keys: Keys,
+    flusher: Flusher,
+    db_schema: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    user = new_user()
+    sid = (await make_session(client, user, title="v1"))["session_id"]
+    await add_message(client, sid, user, content="one", cost_usd=0.25)
+    await add_message(client, sid, user, content="two")
+    await add_memory(client, sid, user, memory_type="entity", content="Ada")
+    skey = keys.for_user(user).session(sid)
+
+    await flusher.ensure_groups()
+    first = await flusher.read()
+    assert len(first) == 4
+    stale = await redis.hgetall(skey)  # the session as a slow worker saw it with the first batch
+    await flusher.flush(first)
+
+    await update_session(client, sid, user, title="v2", metadata={"x": 1})
+    await add_message(client, sid, user, content="three", cost_usd=0.75)
+    await add_memory(client, sid, user, memory_type="summary", content="short")
+    second = await flusher.read()
+    assert len(second) == 3
+    await flusher.flush(second)
+    want = await support.pg_snapshot(pg, db_schema)
+    current = await get_session(client, sid, user)
+
+    # Replays (a worker killed between COMMIT and XACK) and reordering (newest batch first).
+    await flusher.flush(second)
+    await flusher.flush(first)
+    await flusher.flush(list(reversed(first + second)))
+    assert await support.pg_snapshot(pg, db_schema) == want
+
+    # An older version of the session written after a newer one: the version guard keeps the newer.
+    async def stale_snapshots(versions: Any) -> list[dict[str, str]]:
+        return [stale]
+
+    monkeypatch.setattr(flusher, "_snapshots", stale_snapshots)
+    await flusher.flush(first)
+    assert await support.pg_snapshot(pg, db_schema) == want
+
+    row = (await support.pg_sessions(pg, db_schema, [sid]))[sid]
+    v = int(await redis.hget(skey, "v"))
+    assert row == support.api_session(current, 2, v)
+    assert row["title"] == "v2" and row["total_cost"] == Decimal("1")
+    assert [m["sequence"] for m in await support.pg_messages(pg, db_schema, sid)] == [1, 2, 3]
+    assert [m["seq"] for m in await support.pg_memories(pg, db_schema, sid)] == [1, 2]
+    assert await redis.hget(skey, "fv") == str(v)  # a replay of older entries never lowers fv
+    assert (await outbox.backlog(redis, keys)).entries == 0
+
+
+async def test_malformed_entry_is_dead_lettered_and_the_rest_is_written(
+    client: Any, redis: Redis, pg: Any, keys: Keys, flusher: Flusher, db_schema: str
+) -> None:
+    user = new_user()
+    sid = (await make_session(client, user))["session_id"]
+    m1 = await add_message(client, sid, user, content="before")
+    bad_id = await redis.xadd(keys.outbox(bucket_of(user, keys.buckets)), {"k": "m", "sid": sid})
+    m2 = await add_message(client, sid, user, content="after")
+
+    await support.drain(flusher)
+
+    dead = await support.dead_letters(redis, keys)
+    assert [d["outbox_id"] for d in dead] == [bad_id]
+    assert await support.pg_messages(pg, db_schema, sid) == [support.api_message(m) for m in (m1, m2)]
+    h = await health(client)
+    assert (h["dead_letters"], h["outbox_backlog"]) == (1, 0)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param({"seq": "not-a-number"}, id="message-seq-not-an-integer"),
+        pytest.param({"v": "x"}, id="message-version-not-an-integer"),
+        pytest.param({"k": "y", "doc": "not json"}, id="memory-doc-not-json"),
+        pytest.param({"k": "y", "doc": '{"content": "no id"}'}, id="memory-doc-without-fields"),
+    ],
+)
+async def test_entry_with_unparsable_values_is_dead_lettered_not_fatal(
+    client: Any, redis: Redis, pg: Any, keys: Keys, flusher: Flusher, db_schema: str, bad: dict[str, str]
+) -> None:
+    """An entry with every field present but a value the worker cannot parse is a dead letter too: it
+    must neither stop the batch it is in nor escape ``flush`` (which would end the worker's loop)."""
+    user = new_user()
+    sid = (await make_session(client, user))["session_id"]
+    m1 = await add_message(client, sid, user, content="before")
+    bad_id = await redis.xadd(keys.outbox(bucket_of(user, keys.buckets)), message_entry(sid, user, **bad))
+    m2 = await add_message(client, sid, user, content="after")
+
+    await support.drain(flusher)
+
+    assert [d["outbox_id"] for d in await support.dead_letters(redis, keys)] == [bad_id]
+    assert await support.pg_messages(pg, db_schema, sid) == [support.api_message(m) for m in (m1, m2)]
+    assert (await health(client))["outbox_backlog"] == 0
+
+
+async def test_unwritable_entry_is_dead_lettered_after_max_deliveries(
+    client: Any, redis: Redis, pg: Any, keys: Keys, flusher: Flusher, db_schema: str
+) -> None:
+    """A message for a session that exists neither in Postgres nor in Redis fails on its own (foreign
+    key). It is retried on redelivery, dead-lettered after ``max_deliveries``, and blocks nothing."""
+    user = new_user()
+    sid = (await make_session(client, user))["session_id"]
+    m1 = await add_message(client, sid, user, content="first", cost_usd=0.3)
+    ghost = str(uuid.uuid4())
+    ghost_id = await redis.xadd(keys.outbox(bucket_of(user, keys.buckets)), message_entry(ghost, user))
+    m2 = await add_message(client, sid, user, content="second")
+
+    await flusher.ensure_groups()
+    rounds = 0
+    while rounds < 10:
+        entries = await flusher.read() or await flusher.reclaim()
+        if not entries:
+            break
+        await flusher.flush(entries)
+        rounds += 1
+    assert rounds == flusher.max_deliveries  # first delivery, then one redelivery per failure
+
+    dead = await support.dead_letters(redis, keys)
+    assert [(d["outbox_id"], d["sid"]) for d in dead] == [(ghost_id, ghost)]
+    assert dead[0]["error"]
+    assert await support.pg_messages(pg, db_schema, sid) == [support.api_message(m) for m in (m1, m2)]
+    h = await health(client)
+    assert h["dead_letters"] >= 1 and h["outbox_backlog"] == 0
+    # Dead-lettering must leave no trace of the unknown session in Redis (no half-made session hash).
+    assert await redis.exists(keys.for_user(user).session(ghost)) == 0
+
+
+async def test_worker_loop_survives_an_unwritable_entry(
+    client: Any, redis: Redis, pool: asyncpg.Pool, pg: Any, keys: Keys, db_schema: str
+) -> None:
+    """``Flusher.run`` (the worker's loop): a poison entry ends up dead-lettered, the loop keeps going
+    and writes what comes after it."""
+    flusher = support.make_flusher(redis, pool, keys, db_schema)
+    stop = asyncio.Event()
+    task = asyncio.create_task(flusher.run(stop, maintenance_every=0.3))
+    try:
+        user = new_user()
+        sid = (await make_session(client, user))["session_id"]
+        ghost_id = await redis.xadd(
+            keys.outbox(bucket_of(user, keys.buckets)), message_entry(str(uuid.uuid4()), user)
+        )
+        msgs = [await add_message(client, sid, user, content=f"m{i}") for i in range(3)]
+
+        async def settled() -> bool:
+            if task.done():
+                return True
+            b = await outbox.backlog(redis, keys)
+            return b.entries == 0 and b.dead_letters == 1
+
+        await support.eventually(settled, "the poison entry dead-lettered and the rest flushed")
+        assert not task.done(), f"the flush loop died: {task.exception()!r}"
+        more = await add_message(client, sid, user, content="later")
+
+        async def flushed() -> bool:
+            return len(await support.pg_messages(pg, db_schema, sid)) == 4 or task.done()
+
+        await support.eventually(flushed, "the message after the poison entry flushed")
+        assert not task.done(), f"the flush loop died: {task.exception()!r}"
+        assert [d["outbox_id"] for d in await support.dead_letters(redis, keys)] == [ghost_id]
+        assert await support.pg_messages(pg, db_schema, sid) == [
+            support.api_message(m) for m in [*msgs, more]
+        ]
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), timeout=10)
+
+
+@pytest.mark.parametrize("where", ["message content", "message metadata", "memory content", "session title"])
+async def test_acknowledged_write_with_a_nul_character_reaches_postgres(
+    client: Any, redis: Redis, pg: Any, keys: Keys, flusher: Flusher, db_schema: str, where: str
+) -> None:
+    """Every acknowledged write reaches Postgres. PostgreSQL text and jsonb cannot hold U+0000, so the
+    service must either refuse such a value up front (400) or store it in a form Postgres accepts; it
+    must not answer 200 and then dead-letter the write."""
+    user = new_user()
+    sid = (await make_session(client, user))["session_id"]
+    nul = "before\x00after"
+    params = {"user_id": user}
+    if where == "message content":
+        resp = await client.post(
+            session_url(sid, "/messages"), params=params, json={"role": "user", "content": nul}
+        )
+    elif where == "message metadata":
+        body = {"role": "user", "content": "x", "metadata": {"k": nul}}
+        resp = await client.post(session_url(sid, "/messages"), params=params, json=body)
+    elif where == "memory content":
+        body = {"memory_type": "custom", "content": nul}
+        resp = await client.post(session_url(sid, "/memory"), params=params, json=body)
+    else:
+        resp = await client.put(session_url(sid), params=params, json={"title": nul})
+    if resp.status == 400:
+        return  # refused up front: nothing was acknowledged
+    answered = await ok_json(resp)
+    await support.drain(flusher)
+    assert await support.dead_letters(redis, keys) == [], f"acknowledged {where} was dead-lettered"
+    if where.startswith("message"):
+        assert await support.pg_messages(pg, db_schema, sid) == [support.api_message(answered)]
+    elif where == "memory content":
+        assert await support.pg_memories(pg, db_schema, sid) == [support.api_memory(answered, 1)]
+    else:
+        assert (await support.pg_sessions(pg, db_schema, [sid]))[sid]["title"] == nul
