@@ -60,10 +60,12 @@ class MemoryType(StrEnum):
 def _capped_json(limit: int) -> AfterValidator:
     def check(value: dict[str, Any]) -> dict[str, Any]:
         try:
-            size = len(orjson.dumps(value))
+            dumped = orjson.dumps(value)
         except TypeError:  # orjson refuses what Redis/Postgres JSON could not hold either
             raise ValueError("integers must fit in 64 bits") from None
-        if size > limit:
+        if b"\\u0000" in dumped:
+            raise ValueError("must not contain NUL characters (PostgreSQL cannot store them)")
+        if len(dumped) > limit:
             raise ValueError(f"must serialize to at most {limit} bytes of JSON")
         return value
 
@@ -76,13 +78,26 @@ def _no_control_chars(value: str) -> str:
     return value
 
 
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters (PostgreSQL cannot store them)")
+    return value
+
+
 def _non_blank(value: str) -> str:
     if not value.strip():
         raise ValueError("must not be blank")
     return value
 
 
-UserId = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS), AfterValidator(_no_control_chars)]
+UserId = Annotated[
+    str,
+    Field(min_length=1, max_length=MAX_ID_CHARS),
+    AfterValidator(_no_control_chars),
+    AfterValidator(_non_blank),
+]
+Title = Annotated[str, Field(max_length=MAX_TITLE_CHARS), AfterValidator(_no_nul)]
+Summary = Annotated[str, Field(max_length=MAX_SUMMARY_CHARS), AfterValidator(_no_nul)]
 Metadata = Annotated[dict[str, Any], _capped_json(MAX_METADATA_BYTES)]
 ConversationData = Annotated[dict[str, Any], _capped_json(MAX_CONVERSATION_BYTES)]
 
@@ -94,17 +109,17 @@ def to_micros(value: Decimal) -> int:
     return int(micros)
 
 
-def _cost(value: float | int) -> Decimal:
+def _cost(value: float) -> Decimal:
     # repr of a float is the shortest string that round-trips, so 0.0001 becomes Decimal("0.0001")
-    # exactly, not the binary 0.000100000000000000004792...
-    amount = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+    # exactly, not the binary 0.000100000000000000004792... (JSON integers arrive as floats too).
+    amount = Decimal(repr(value))
     if not amount.is_finite() or amount < 0 or amount > MAX_COST_PER_MESSAGE:
         raise ValueError(f"must be a number between 0 and {MAX_COST_PER_MESSAGE}")
     to_micros(amount)
     return amount
 
 
-Cost = Annotated[float | int, AfterValidator(_cost)]
+Cost = Annotated[float, AfterValidator(_cost)]
 
 
 class Body(BaseModel):
@@ -113,23 +128,28 @@ class Body(BaseModel):
 
 class SessionCreate(Body):
     user_id: UserId
-    title: Annotated[str, Field(max_length=MAX_TITLE_CHARS)] = ""
+    title: Title = ""
     metadata: Metadata = Field(default_factory=dict)
     conversation_data: ConversationData = Field(default_factory=dict)
-    session_summary: Annotated[str, Field(max_length=MAX_SUMMARY_CHARS)] = ""
+    session_summary: Summary = ""
 
 
 class SessionUpdate(Body):
-    title: Annotated[str, Field(max_length=MAX_TITLE_CHARS)] | None = None
+    title: Title | None = None
     metadata: Metadata | None = None
     conversation_data: ConversationData | None = None
-    session_summary: Annotated[str, Field(max_length=MAX_SUMMARY_CHARS)] | None = None
+    session_summary: Summary | None = None
     status: SessionStatus | None = None
 
 
 class MessageCreate(Body):
     role: Role
-    content: Annotated[str, Field(min_length=1, max_length=MAX_CONTENT_CHARS), AfterValidator(_non_blank)]
+    content: Annotated[
+        str,
+        Field(min_length=1, max_length=MAX_CONTENT_CHARS),
+        AfterValidator(_non_blank),
+        AfterValidator(_no_nul),
+    ]
     message_type: MessageType = MessageType.chat
     tokens_used: Annotated[int, Field(ge=0, le=MAX_TOKENS_PER_MESSAGE)] = 0
     cost_usd: Cost = Field(default=0, validate_default=True)
@@ -138,7 +158,12 @@ class MessageCreate(Body):
 
 class MemoryCreate(Body):
     memory_type: MemoryType
-    content: Annotated[str, Field(min_length=1, max_length=MAX_MEMORY_CHARS), AfterValidator(_non_blank)]
+    content: Annotated[
+        str,
+        Field(min_length=1, max_length=MAX_MEMORY_CHARS),
+        AfterValidator(_non_blank),
+        AfterValidator(_no_nul),
+    ]
     metadata: Metadata = Field(default_factory=dict)
 
 
