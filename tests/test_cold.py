@@ -1,0 +1,340 @@
+"""The cold path: sessions that left Redis (idle expiry, or keys lost) are served from Postgres, exactly.
+
+Shared Redis and Postgres, this module's own schema and each test's own key prefix. Writes go through the
+HTTP API, the outbox is drained in-process, and ``workers.expiry.sweep(backend, 0)`` evicts every idle,
+fully flushed session, so the same requests can be compared before and after.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import asyncpg
+import pytest
+from redis.asyncio import Redis
+
+from session_svc import lua, store
+from session_svc.keys import Keys, bucket_of
+from session_svc.settings import Settings
+from session_svc.store import Backend
+from session_svc.typedefs import BACKEND
+from tests import support
+from tests.helpers import (
+    SESSIONS,
+    add_memory,
+    add_message,
+    end_session,
+    get_session,
+    list_messages,
+    list_sessions,
+    make_session,
+    new_user,
+    session_url,
+    update_session,
+)
+from workers.expiry import sweep
+from workers.flush import Flusher
+
+MEMORY_TYPES = ("preference", "conversation", "entity", "summary", "custom")
+
+
+@pytest.fixture(scope="module")
+def db_schema(test_urls: Any) -> Iterator[str]:
+    """This module's own schema (overrides the per-run one of conftest)."""
+    schema = support.create_schema(test_urls.database_url)
+    yield schema
+    support.drop_schema(test_urls.database_url, schema)
+
+
+@pytest.fixture
+async def pool(test_urls: Any) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(test_urls.database_url, min_size=1, max_size=4)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+def keys(settings: Settings) -> Keys:
+    return Keys(settings.key_prefix, settings.redis_buckets)
+
+
+@pytest.fixture
+def flusher(redis: Redis, pool: asyncpg.Pool, keys: Keys, settings: Settings) -> Flusher:
+    return support.make_flusher(redis, pool, keys, settings.db_schema)
+
+
+@pytest.fixture
+def backend(client: Any) -> Backend:
+    return client.app[BACKEND]  # type: ignore[no-any-return]
+
+
+async def answer(client: Any, path: str, **params: Any) -> tuple[int, Any]:
+    resp = await client.get(path, params=params)
+    return resp.status, await resp.json()
+
+
+async def every_read(client: Any, user: str, sids: list[str]) -> dict[str, tuple[int, Any]]:
+    """Every read the API offers on these sessions, their user's listing and the stats."""
+    out: dict[str, tuple[int, Any]] = {}
+    for sid in sids:
+        p = {"user_id": user}
+        out[f"get {sid}"] = await answer(client, session_url(sid), **p)
+        out[f"summary {sid}"] = await answer(client, session_url(sid, "/summary"), **p)
+        out[f"messages {sid}"] = await answer(client, session_url(sid, "/messages"), **p)
+        for page in (1, 2, 3, 4):
+            out[f"messages {sid} p{page}"] = await answer(
+                client, session_url(sid, "/messages"), page=page, page_size=2, **p
+            )
+        out[f"memory {sid}"] = await answer(client, session_url(sid, "/memory"), **p)
+        out[f"memories {sid}"] = await answer(client, session_url(sid, "/memories"), **p)
+        out[f"memories {sid} p2"] = await answer(
+            client, session_url(sid, "/memories"), page=2, page_size=1, **p
+        )
+        for t in MEMORY_TYPES:
+            out[f"memory {sid} {t}"] = await answer(client, session_url(sid, "/memory"), memory_type=t, **p)
+            out[f"memories {sid} {t}"] = await answer(
+                client, session_url(sid, "/memories"), memory_type=t, **p
+            )
+    listing = f"/api/v1/users/{user}/sessions"
+    out["listing"] = await answer(client, listing)
+    out["listing active"] = await answer(client, listing, active_only="true")
+    out["listing p2"] = await answer(client, listing, page=2, page_size=2)
+    out["stats"] = await answer(client, f"{SESSIONS}/stats")
+    return out
+
+
+async def session_keys_left(redis: Redis, keys: Keys, user: str, sid: str) -> list[str]:
+    uk = keys.for_user(user)
+    names = [uk.session(sid), uk.messages(sid), uk.memories(sid)]
+    names += [uk.memory_index(sid, t) for t in ("*", *MEMORY_TYPES)]
+    return [n for n in names if await redis.exists(n)]
+
+
+async def make_history(client: Any, user: str) -> dict[str, str]:
+    """Four sessions of one user in every state: active with messages and memories, ended, completed
+    with a memory, and empty."""
+    a = await make_session(
+        client,
+        user,
+        title="Trip to Lisbon",
+        metadata={"n": 1, "f": 1.5, "big": 1e20, "s": "ü✓", "list": [1, {"x": None}], "zeta": 0, "a": 1},
+        conversation_data={"turns": [{"role": "user", "text": "hi"}], "flag": True},
+        session_summary="planning",
+    )
+    sid = a["session_id"]
+    for i, cost in enumerate((0.1, 0.2, 0.000001, 3, 0, 12.345678, 0.7)):
+        role = ("user", "assistant")[i % 2]
+        await add_message(
+            client, sid, user, role=role, content=f"message {i} ✓", tokens_used=i * 3, cost_usd=cost
+        )
+    for t, content in (("preference", "window seat"), ("entity", "Lisbon"), ("preference", "aisle seat")):
+        await add_memory(client, sid, user, memory_type=t, content=content, metadata={"c": content})
+    await update_session(client, sid, user, metadata={"n": 2, "nested": {"b": [1.25, "x"]}})
+
+    b = (await make_session(client, user, title="ended one"))["session_id"]
+    await add_message(client, b, user, content="bye", cost_usd=0.5)
+    await end_session(client, b, user)
+    c = (await make_session(client, user, title="completed one"))["session_id"]
+    await add_message(client, c, user, content="done", tokens_used=9)
+    await update_session(client, c, user, status="completed")
+    await add_memory(client, c, user, memory_type="summary", content="it went well")
+    d = (await make_session(client, user, title="empty"))["session_id"]
+    return {"active": sid, "ended": b, "completed": c, "empty": d}
+
+
+async def test_evicted_sessions_answer_exactly_as_before(
+    client: Any, redis: Redis, keys: Keys, flusher: Flusher, backend: Backend
+) -> None:
+    user = new_user()
+    sids = await make_history(client, user)
+    before = await every_read(client, user, list(sids.values()))
+    assert before["listing"][1]["total"] == 4 and before["stats"][1]["total_sessions"] == 4
+
+    await support.drain(flusher)
+    assert await sweep(backend, 0) == 4
+    uk = keys.for_user(user)
+    for sid in sids.values():
+        assert await session_keys_left(redis, keys, user, sid) == []
+        assert await redis.zscore(uk.sessions, sid) is not None  # still indexed: listed and found
+
+    after = await every_read(client, user, list(sids.values()))
+    assert after.keys() == before.keys()
+    for name, got in after.items():
+        assert got == before[name], name
+    # Still cold: reading does not bring a session back into Redis.
+    assert await session_keys_left(redis, keys, user, sids["active"]) == []
+
+
+async def test_append_to_a_cold_session_continues_its_sequence(
+    client: Any, redis: Redis, pg: Any, keys: Keys, flusher: Flusher, backend: Backend, db_schema: str
+) -> None:
+    user = new_user()
+    sid = (await make_session(client, user, title="old"))["session_id"]
+    sent = [await add_message(client, sid, user, content=f"m{i}", cost_usd=0.1) for i in range(1, 4)]
+    mem = await add_memory(client, sid, user, memory_type="entity", content="Ada")
+    newer = (await make_session(client, user, title="newer"))["session_id"]
+    await support.drain(flusher)
+    assert await sweep(backend, 0) == 2
+    assert [s["session_id"] for s in (await list_sessions(client, user))["sessions"]] == [newer, sid]
+
+    m4 = await add_message(client, sid, user, content="m4", tokens_used=4, cost_usd=0.2)
+    assert m4["sequence"] == 4
+    s = await get_session(client, sid, user)
+    assert (s["message_count"], s["total_cost"], s["last_activity"]) == (4, 0.5, m4["created_at"])
+    listing = await list_sessions(client, user)
+    assert [x["session_id"] for x in listing["sessions"]] == [sid, newer] and listing["total"] == 2
+    assert listing["sessions"][0]["message_count"] == 4
+    assert (await list_messages(client, sid, user))["messages"] == [*sent, m4]
+    paged = await list_messages(client, sid, user, page=2, page_size=3)
+    assert (paged["messages"], paged["total"]) == ([m4], 4)
+    memories = await client.get(session_url(sid, "/memories"), params={"user_id": user})
+    assert (await memories.json())["memories"] == [mem]
+    m5 = await add_message(client, sid, user, content="m5")
+    assert m5["sequence"] == 5
+
+    await support.drain(flusher)
+    stored = await support.pg_messages(pg, db_schema, sid)
+    assert stored == [support.api_message(m) for m in [*sent, m4, m5]]
+    final = await get_session(client, sid, user)
+    v = int(await redis.hget(keys.for_user(user).session(sid), "v"))
+    assert (await support.pg_sessions(pg, db_schema, [sid]))[sid] == support.api_session(final, 1, v)
+
+
+async def test_a_session_created_a_moment_ago_is_listed_among_cold_ones(
+    client: Any, flusher: Flusher, backend: Backend
+) -> None:
+    user = new_user()
+    old = [(await make_session(client, user, title=f"old {i}"))["session_id"] for i in range(3)]
+    await support.drain(flusher)
+    assert await sweep(backend, 0) == 3
+    fresh = await make_session(client, user, title="fresh")
+    listing = await list_sessions(client, user)
+    assert listing["total"] == 4
+    assert [s["session_id"] for s in listing["sessions"]] == [fresh["session_id"], *reversed(old)]
+    first = listing["sessions"][0]
+    assert {k: first[k] for k in ("title", "created_at", "message_count")} == {
+        "title": "fresh",
+        "created_at": fresh["created_at"],
+        "message_count": 0,
+    }
+    active = await list_sessions(client, user, active_only="true")
+    assert active["total"] == 4 and active["sessions"][0]["session_id"] == fresh["session_id"]
+
+
+async def test_another_user_gets_404_for_a_cold_session(
+    client: Any, redis: Redis, keys: Keys, flusher: Flusher, backend: Backend
+) -> None:
+    owner, other = new_user(), new_user()
+    sid = (await make_session(client, owner))["session_id"]
+    await add_message(client, sid, owner, content="private")
+    await add_memory(client, sid, owner, memory_type="custom", content="secret")
+    await support.drain(flusher)
+    assert await sweep(backend, 0) == 1
+
+    p = {"user_id": other}
+    for suffix in ("", "/summary", "/messages", "/memory", "/memories"):
+        resp = await client.get(session_url(sid, suffix), params=p)
+        assert resp.status == 404, suffix
+    writes = [
+        client.post(session_url(sid, "/messages"), params=p, json={"role": "user", "content": "x"}),
+        client.post(session_url(sid, "/memory"), params=p, json={"memory_type": "custom", "content": "x"}),
+        client.put(session_url(sid), params=p, json={"title": "mine"}),
+        client.delete(session_url(sid), params=p),
+    ]
+    for request in writes:
+        assert (await request).status == 404
+    assert await session_keys_left(redis, keys, owner, sid) == []  # nothing was brought back
+    assert (await get_session(client, sid, owner))["title"] == ""
+    assert (await list_sessions(client, other))["total"] == 0
+
+
+async def test_sweep_keeps_a_session_with_an_unflushed_write(
+    client: Any, redis: Redis, keys: Keys, flusher: Flusher, backend: Backend
+) -> None:
+    user = new_user()
+    flushed = (await make_session(client, user))["session_id"]
+    dirty = (await make_session(client, user))["session_id"]
+    await support.drain(flusher)
+    m = await add_message(client, dirty, user, content="not yet in Postgres")  # v > fv now
+    assert await sweep(backend, 0) == 1
+    assert await session_keys_left(redis, keys, user, flushed) == []
+    assert await redis.exists(keys.for_user(user).session(dirty))
+    assert (await list_messages(client, dirty, user))["messages"] == [m]
+
+    await support.drain(flusher)
+    assert await sweep(backend, 0) == 1
+    assert await session_keys_left(redis, keys, user, dirty) == []
+    assert (await list_messages(client, dirty, user))["messages"] == [m]
+
+
+async def test_eviction_rechecks_idleness_against_the_sweep_cutoff(
+    client: Any, redis: Redis, keys: Keys, flusher: Flusher
+) -> None:
+    """The sweep picks candidates with a cutoff, then evicts in a script that checks again: a session
+    written (and even flushed) after the cutoff stays."""
+    user = new_user()
+    sid = (await make_session(client, user))["session_id"]
+    cutoff = store.now_us()
+    m = await add_message(client, sid, user, content="after the cutoff")
+    await support.drain(flusher)
+    bucket = bucket_of(user, keys.buckets)
+    evict = redis.register_script(lua.EVICT)
+    args = [keys.tag(bucket) + ":"]
+    assert await evict(keys=[keys.hot(bucket)], args=[*args, cutoff, sid]) == 0
+    assert await redis.exists(keys.for_user(user).session(sid))
+    assert (await list_messages(client, sid, user))["messages"] == [m]
+    assert await evict(keys=[keys.hot(bucket)], args=[*args, store.now_us(), sid]) == 1
+
+
+async def test_keys_deleted_by_hand_are_read_back_from_postgres(
+    client: Any, redis: Redis, keys: Keys, flusher: Flusher
+) -> None:
+    user = new_user()
+    sids = await make_history(client, user)
+    sid = sids["active"]
+    p = {"user_id": user}
+    paths = [session_url(sid, x) for x in ("", "/summary", "/messages", "/memory", "/memories")]
+    before = [await answer(client, path, **p) for path in paths]
+    await support.drain(flusher)
+
+    uk = keys.for_user(user)
+    await redis.delete(uk.session(sid), uk.messages(sid), uk.memories(sid))
+    await redis.delete(*[uk.memory_index(sid, t) for t in ("*", *MEMORY_TYPES)])
+    await redis.zrem(uk.sessions, sid)
+    await redis.zrem(uk.active, sid)
+    await redis.zrem(keys.hot(bucket_of(user, keys.buckets)), sid)
+
+    assert [await answer(client, path, **p) for path in paths] == before
+    m8 = await add_message(client, sid, user, content="back again")
+    assert m8["sequence"] == 8
+    assert (await list_messages(client, sid, user))["messages"][-2:] == [
+        before[2][1]["messages"][-1],
+        m8,
+    ]
+    assert (await list_sessions(client, user))["sessions"][0]["session_id"] == sid
+
+
+async def test_a_session_with_a_dead_lettered_write_stays_in_redis(
+    client: Any, redis: Redis, keys: Keys, flusher: Flusher, backend: Backend
+) -> None:
+    """An entry that cannot be written marks its session ``stuck``: the sweep keeps it in Redis (where
+    the only copy of that write lives besides the dead letter) until an operator has looked."""
+    user = new_user()
+    sid = (await make_session(client, user))["session_id"]
+    await add_message(client, sid, user, content="fine")
+    skey = keys.for_user(user).session(sid)
+    v = await redis.hget(skey, "v")
+    poison = {
+        "k": "m", "sid": sid, "uid": user, "v": v, "seq": "2", "id": str(uuid.uuid4()),
+        "role": "r" * 60,  # longer than the column: Postgres refuses it
+        "content": "x", "type": "chat", "tokens": "0", "cost": "0", "meta": "{}", "ts": "1",
+    }  # fmt: skip
+    await redis.xadd(keys.outbox(bucket_of(user, keys.buckets)), poison)
+    await support.drain(flusher)
+    assert len(await support.dead_letters(redis, keys)) == 1
+    h = await redis.hgetall(skey)
+    assert h["fv"] == h["v"] and h.get("stuck")
+    assert await sweep(backend, 0) == 0
+    assert await redis.exists(skey)
