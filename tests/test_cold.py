@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from session_svc import lua, store
+from session_svc import cold, store
 from session_svc.keys import Keys, bucket_of
 from session_svc.settings import Settings
 from session_svc.store import Backend
@@ -269,23 +269,34 @@ async def test_sweep_keeps_a_session_with_an_unflushed_write(
     assert (await list_messages(client, dirty, user))["messages"] == [m]
 
 
-async def test_eviction_rechecks_idleness_against_the_sweep_cutoff(
-    client: Any, redis: Redis, keys: Keys, flusher: Flusher
+async def test_a_write_landing_between_candidate_selection_and_eviction_wins(
+    client: Any, redis: Redis, keys: Keys, flusher: Flusher, backend: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The sweep picks candidates with a cutoff, then evicts in a script that checks again: a session
-    written (and even flushed) after the cutoff stays."""
+    """The sweep picks idle candidates, then evicts them in a script that checks again. A session
+    written in between (and even flushed already, so v == fv again) is no longer idle: it stays."""
     user = new_user()
     sid = (await make_session(client, user))["session_id"]
-    cutoff = store.now_us()
-    m = await add_message(client, sid, user, content="after the cutoff")
     await support.drain(flusher)
-    bucket = bucket_of(user, keys.buckets)
-    evict = redis.register_script(lua.EVICT)
-    args = [keys.tag(bucket) + ":"]
-    assert await evict(keys=[keys.hot(bucket)], args=[*args, cutoff, sid]) == 0
-    assert await redis.exists(keys.for_user(user).session(sid))
-    assert (await list_messages(client, sid, user))["messages"] == [m]
-    assert await evict(keys=[keys.hot(bucket)], args=[*args, store.now_us(), sid]) == 1
+
+    candidates = backend.redis.zrangebyscore
+    raced: list[dict[str, Any]] = []
+
+    async def candidates_then_a_write(*args: Any, **kw: Any) -> Any:
+        sids = await candidates(*args, **kw)
+        if sid in sids and not raced:
+            raced.append(await add_message(client, sid, user, content="raced the sweep"))
+            await support.drain(flusher)
+        return sids
+
+    monkeypatch.setattr(backend.redis, "zrangebyscore", candidates_then_a_write)
+    assert await sweep(backend, 0) == 0
+    assert raced, "the write did not land in the window"
+    monkeypatch.undo()
+    skey = keys.for_user(user).session(sid)
+    assert await redis.exists(skey)
+    assert (await redis.hget(skey, "v")) == (await redis.hget(skey, "fv"))
+    assert (await list_messages(client, sid, user))["messages"] == raced
+    assert await sweep(backend, 0) == 1  # idle from now on: the next sweep takes it
 
 
 async def test_keys_deleted_by_hand_are_read_back_from_postgres(
@@ -338,3 +349,75 @@ async def test_a_session_with_a_dead_lettered_write_stays_in_redis(
     assert h["fv"] == h["v"] and h.get("stuck")
     assert await sweep(backend, 0) == 0
     assert await redis.exists(skey)
+
+
+async def test_append_to_a_cold_session_survives_a_sweep_right_after_rehydration(
+    client: Any, flusher: Flusher, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rehydrated session carries its old ``updated_at`` and ``fv == v``: to the sweep it looks idle
+    and flushed. A sweep that runs between the rehydration and the write it was made for must not turn
+    that write into a 404 (seen under load in test_fault's sweep race)."""
+    user = new_user()
+    sid = (await make_session(client, user))["session_id"]
+    m1 = await add_message(client, sid, user, content="one")
+    await support.drain(flusher)
+    assert await sweep(backend, 0) == 1
+
+    rehydrate = store._rehydrate
+    swept: list[int] = []
+
+    async def rehydrate_then_sweep(*args: Any) -> None:
+        await rehydrate(*args)
+        if not swept:  # the expiry job lands in the window, once
+            swept.append(await sweep(backend, 0))
+
+    monkeypatch.setattr(store, "_rehydrate", rehydrate_then_sweep)
+    resp = await client.post(
+        session_url(sid, "/messages"), params={"user_id": user}, json={"role": "user", "content": "two"}
+    )
+    body = await resp.json()
+    assert swept, "the sweep did not run in the window"
+    assert resp.status == 200, body
+    assert body["sequence"] == 2
+    assert (await list_messages(client, sid, user))["messages"] == [m1, body]
+
+
+async def test_a_stale_rehydration_does_not_reuse_a_sequence_number(
+    client: Any, pg: Any, flusher: Flusher, backend: Backend, db_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Request A reads a cold session from Postgres to rehydrate it; before its REHYDRATE runs, request
+    B rehydrates it, appends, is flushed and the session is evicted again (a short SESSION_HOT_TTL, or a
+    slow A). A's rehydration from its stale read must not bring back the old counters: its message would
+    take B's sequence number and be dropped by the worker (ON CONFLICT DO NOTHING) although acknowledged."""
+    user = new_user()
+    sid = (await make_session(client, user))["session_id"]
+    m1 = await add_message(client, sid, user, content="one")
+    await support.drain(flusher)
+    assert await sweep(backend, 0) == 1
+
+    load_memory_docs = cold.load_memory_docs
+    others: list[dict[str, Any]] = []
+    interfered: list[bool] = []
+
+    async def slow_load(*args: Any) -> Any:
+        docs = await load_memory_docs(*args)
+        if not interfered:  # A only: B's own rehydration goes straight through
+            interfered.append(True)
+            others.append(await add_message(client, sid, user, content="B"))
+            await support.drain(flusher)
+            assert await sweep(backend, 0) == 1
+        return docs
+
+    monkeypatch.setattr(cold, "load_memory_docs", slow_load)
+    resp = await client.post(
+        session_url(sid, "/messages"), params={"user_id": user}, json={"role": "user", "content": "A"}
+    )
+    a = await resp.json()
+    assert resp.status == 200, a
+    monkeypatch.undo()
+    assert others and others[0]["sequence"] == 2
+    assert a["sequence"] == 3
+    await support.drain(flusher)
+    stored = await support.pg_messages(pg, db_schema, sid)
+    assert [m["content"] for m in stored] == ["one", "B", "A"]
+    assert (await list_messages(client, sid, user))["messages"] == [m1, others[0], a]
