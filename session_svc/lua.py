@@ -212,50 +212,55 @@ return {total, sids, rows}
 """.replace("FIELDS", ", ".join(f"'{f}'" for f in LIST_FIELDS))
 
 # KEYS: session, memories, user index, user active index, memory index key prefix (``...:yi:<sid>:``),
-#       hot set
-# ARGV: sid, n, then n field/value pairs of the session hash, then (seq, memory_type, doc) triples
-# Brings a cold session back from Postgres. If another request already did, it changes nothing.
+#       hot set, bucket's ``gone`` hash
+# ARGV: sid, now, n, then n field/value pairs of the session hash, then (seq, memory_type, doc) triples
+# Brings a cold session back from Postgres. If another request already did, it changes nothing. If the
+# row read from Postgres is older than the version the session had when it was last evicted (the read
+# raced another rehydrate-write-flush-evict cycle), it refuses (-1): the caller reads Postgres again.
+# The session counts as written now for the sweep, so it is not evicted again before the write lands.
 REHYDRATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local n = tonumber(ARGV[2])
+local n = tonumber(ARGV[3])
 local h = {}
-local i = 3
-for _ = 1, n do
-  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-  h[ARGV[i]] = ARGV[i + 1]
-  i = i + 2
-end
-while i <= #ARGV do
+for i = 4, 3 + 2 * n, 2 do h[ARGV[i]] = ARGV[i + 1] end
+local gone = redis.call('HGET', KEYS[7], ARGV[1])
+if gone and tonumber(gone) > tonumber(h['v']) then return -1 end
+for i = 4, 3 + 2 * n, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 4 + 2 * n, #ARGV, 3 do
   redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 2])
   redis.call('ZADD', KEYS[5] .. '*', ARGV[i], ARGV[i])
   redis.call('ZADD', KEYS[5] .. ARGV[i + 1], ARGV[i], ARGV[i])
-  i = i + 3
 end
 redis.call('ZADD', KEYS[3], 'NX', h['last_activity'], ARGV[1])
 if h['status'] == 'active' then redis.call('ZADD', KEYS[4], 'NX', h['last_activity'], ARGV[1]) end
-redis.call('ZADD', KEYS[6], h['updated_at'], ARGV[1])
+redis.call('ZADD', KEYS[6], ARGV[2], ARGV[1])
+redis.call('HDEL', KEYS[7], ARGV[1])
 return 1
 """
 
-# KEYS: hot set of one bucket
+# KEYS: hot set of one bucket, the bucket's ``gone`` hash
 # ARGV: session key prefix of the bucket (``P:{bNN}:``), idle cutoff (microseconds), sids...
-# Evicts the given sessions that are idle and fully flushed (v == fv), unless an outbox entry of theirs
-# failed (``stuck``: kept until an operator has looked at the dead letter). A write that raced the sweep has
-# bumped v (or updated_at) and wins: the session stays. Never a blind DEL, never a TTL on unflushed data.
-# The user's indexes keep the session id: that is how a cold session is still listed and found.
+# Evicts the given sessions that are idle (hot-set score, i.e. last write or rehydration, before the
+# cutoff) and fully flushed (v == fv), unless an outbox entry of theirs failed (``stuck``: kept until an
+# operator has looked at the dead letter). A write that raced the sweep has bumped v and the score and
+# wins: the session stays. Never a blind DEL, never a TTL on unflushed data. The user's indexes keep
+# the session id (that is how a cold session is still listed and found), and ``gone`` keeps the version
+# it left with, so a stale copy can never be brought back.
 EVICT = """
 local evicted = 0
 for i = 3, #ARGV do
   local sid = ARGV[i]
   local skey = ARGV[1] .. 's:' .. sid
-  local h = redis.call('HMGET', skey, 'v', 'fv', 'updated_at', 'stuck')
+  local h = redis.call('HMGET', skey, 'v', 'fv', 'stuck')
+  local score = redis.call('ZSCORE', KEYS[1], sid)
   if not h[1] then
     redis.call('ZREM', KEYS[1], sid)
-  elseif h[1] == h[2] and not h[4] and tonumber(h[3]) < tonumber(ARGV[2]) then
+  elseif h[1] == h[2] and not h[3] and score and tonumber(score) < tonumber(ARGV[2]) then
     local yi = ARGV[1] .. 'yi:' .. sid .. ':'
     redis.call('DEL', skey, ARGV[1] .. 'm:' .. sid, ARGV[1] .. 'y:' .. sid, yi .. '*', yi .. 'preference',
       yi .. 'conversation', yi .. 'entity', yi .. 'summary', yi .. 'custom')
     redis.call('ZREM', KEYS[1], sid)
+    redis.call('HSET', KEYS[2], sid, h[1])
     evicted = evicted + 1
   end
 end

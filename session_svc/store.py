@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 from session_svc import cold, lua
-from session_svc.errors import MEMORY_NOT_FOUND, SESSION_NOT_FOUND, Conflict, NotFound
+from session_svc.errors import MEMORY_NOT_FOUND, SESSION_NOT_FOUND, Conflict, NotFound, Unavailable
 from session_svc.keys import MEMORY_ALL, Keys, UserKeys
 from session_svc.models import MICROS, MemoryCreate, MessageCreate, SessionCreate, SessionUpdate, to_micros
 
@@ -192,24 +192,34 @@ async def _cold_hash(b: Backend, sid: str, uid: str) -> Hash:
 async def _rehydrate(b: Backend, uk: UserKeys, sid: str, uid: str) -> None:
     """Bring a cold session back into Redis (its row and memories; its messages stay in Postgres and
     are read from there by sequence number) so that a write can proceed on the hot path."""
-    h = await _cold_hash(b, sid, uid)
-    assert b.pg is not None
-    memories = await cold.load_memory_docs(b.pg, b.schema, sid)
-    types = [str(orjson.loads(doc)["memory_type"]) for _, doc in memories]
-    h = {**h, "fv": h["v"], "mfirst": str(int(h["message_count"]) + 1)}
-    argv: list[str | int] = [sid, len(h), *(x for kv in h.items() for x in kv)]
-    for (seq, doc), mtype in zip(memories, types, strict=True):
-        argv += [seq, mtype, doc]
-    await b.scripts.rehydrate(
-        keys=[uk.session(sid), uk.memories(sid), uk.sessions, uk.active, uk.memory_index(sid, ""), uk.hot],
-        args=argv,
-    )
+    for _ in range(_ATTEMPTS):
+        h = await _cold_hash(b, sid, uid)
+        assert b.pg is not None
+        memories = await cold.load_memory_docs(b.pg, b.schema, sid)
+        types = [str(orjson.loads(doc)["memory_type"]) for _, doc in memories]
+        h = {**h, "fv": h["v"], "mfirst": str(int(h["message_count"]) + 1)}
+        argv: list[str | int] = [sid, now_us(), len(h), *(x for kv in h.items() for x in kv)]
+        for (seq, doc), mtype in zip(memories, types, strict=True):
+            argv += [seq, mtype, doc]
+        keys = [uk.session(sid), uk.memories(sid), uk.sessions, uk.active, uk.memory_index(sid, ""), uk.hot,
+                uk.gone]  # fmt: skip
+        if int(await b.scripts.rehydrate(keys=keys, args=argv)) >= 0:
+            return
+        # What we read predates the session's last eviction: read Postgres again.
+    raise Unavailable("Session is changing too fast to load; retry")
+
+
+# A write that meets a cold session rehydrates it and tries again. Rarely, the sweep evicts it again
+# in between (only with a tiny SESSION_HOT_TTL), so allow a few rounds.
+_ATTEMPTS = 3
 
 
 async def _write(b: Backend, uk: UserKeys, sid: str, uid: str, call: Callable[[], Awaitable[T]]) -> T:
-    """Run a write script; if the session is cold, rehydrate it once and run the script again."""
+    """Run a write script; if the session is cold, rehydrate it and run the script again."""
     reply: Any = await call()
-    if reply[0] in ("cold", "missing"):
+    for _ in range(_ATTEMPTS):
+        if reply[0] not in ("cold", "missing"):
+            break
         await _rehydrate(b, uk, sid, uid)
         reply = await call()
     return reply  # type: ignore[no-any-return]
