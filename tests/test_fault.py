@@ -105,6 +105,22 @@ class Rig:
     async def pending(self, worker: WorkerProcess) -> int:
         return (await support.pending_per_consumer(self.redis, self.keys)).get(worker.name, 0)
 
+    async def wait_claimable(self, dead: WorkerProcess) -> None:
+        """Until every entry the dead worker left pending has been idle past FLUSH_CLAIM_IDLE_MS, so the
+        next worker reclaims them at its start rather than at its next maintenance round."""
+        idle_ms = self.settings.flush_claim_idle_ms + 100
+
+        async def claimable() -> bool:
+            for bucket in range(self.keys.buckets):
+                rows = await self.redis.xpending_range(
+                    self.keys.outbox(bucket), outbox.GROUP, "-", "+", 10_000, consumername=dead.name
+                )
+                if any(int(r["time_since_delivered"]) < idle_ms for r in rows):
+                    return False
+            return True
+
+        await eventually(claimable, "the dead worker's entries to become claimable")
+
     async def quiescent(self, within: float = 30.0) -> None:
         """The outbox is drained: nothing undelivered, nothing pending for any consumer."""
 
@@ -135,6 +151,8 @@ class Rig:
             self.client, self.redis, self.keys, await self.db(), self.schema, model
         )
         assert await support.dead_letters(self.redis, self.keys) == []
+        for sid, uid in model.users.items():  # nothing failed for good: no session is pinned in Redis
+            assert not await self.redis.hexists(self.keys.for_user(uid).session(sid), "stuck"), sid
 
     async def health(self) -> dict[str, Any]:
         resp = await self.client.get("/health/detailed")
@@ -281,6 +299,7 @@ async def test_worker_killed_before_commit_loses_nothing(rig: Rig) -> None:
     # Its transaction never committed.
     assert (await rig.count("sessions"), await rig.count("session_messages")) == (0, 0)
 
+    await rig.wait_claimable(w1)
     rig.start_worker("w2")
     await some_writes(rig, model, sids, "after")
     await rig.quiescent()
@@ -320,6 +339,7 @@ async def test_worker_killed_between_commit_and_ack_duplicates_nothing(rig: Rig)
         redis_admin.close()
     assert await rig.pending(w1) > 0  # the kill came between COMMIT and XACK
 
+    await rig.wait_claimable(w1)
     rig.start_worker("w2")
     await some_writes(rig, model, sids, "after")
     await rig.quiescent()
@@ -327,7 +347,8 @@ async def test_worker_killed_between_commit_and_ack_duplicates_nothing(rig: Rig)
     assert await rig.pending(w1) == 0
 
 
-async def test_postgres_down_mid_load_api_serves_and_worker_catches_up(rig: Rig) -> None:
+@pytest.mark.parametrize("mode", ["immediate", "fast"])
+async def test_postgres_down_mid_load_api_serves_and_worker_catches_up(rig: Rig, mode: str) -> None:
     model = Model()
     sids = [(await create(rig, model, f"s{i}"))[0] for i in range(6)]
     rig.start_worker("w1")
@@ -353,7 +374,7 @@ async def test_postgres_down_mid_load_api_serves_and_worker_catches_up(rig: Rig)
     writers = [asyncio.create_task(writer(sid)) for sid in sids]
     try:
         await eventually(lambda: reached(60), "60 writes before the outage")
-        await asyncio.to_thread(rig.pg_server.stop, "immediate")
+        await asyncio.to_thread(rig.pg_server.stop, mode)
         mark = acked
         h1 = await rig.health()
         assert h1["database_connected"] is False and h1["status"] == "degraded"
@@ -442,3 +463,50 @@ async def test_sweep_racing_new_messages_loses_and_duplicates_nothing(rig: Rig) 
         assert await all_messages(sid) == in_order(sid)
     await rig.quiescent()
     await rig.check(model)
+
+
+@pytest.mark.parametrize("interrupt", ["pg_terminate_backend", "pg_cancel_backend"])
+async def test_interrupted_database_work_is_transient_not_a_poison_entry(rig: Rig, interrupt: str) -> None:
+    """An operator (or a failover, a pooler, a statement_timeout) terminates the worker's connection
+    or cancels its statement, mid-batch and again while it retries entry by entry. That says nothing
+    about the data: once the database is usable again everything is written, nothing is dead-lettered,
+    and no session is left marked ``stuck`` (which pins it in Redis forever: the sweep never evicts a
+    stuck session)."""
+    model = Model()
+    sids = [(await create(rig, model, f"s{i}"))[0] for i in range(2)]
+    pool = await asyncpg.create_pool(rig.pg_server.url, min_size=1, max_size=2)
+    flusher = support.make_flusher(rig.redis, pool, rig.keys, rig.schema)
+    await support.drain(flusher)
+    for sid in sids:
+        await message(rig, model, sid, "one")
+        await message(rig, model, sid, "two")
+
+    stop = asyncio.Event()
+    lock_conn = await asyncpg.connect(rig.pg_server.url)
+    task: asyncio.Task[None] | None = None
+    try:
+        tr = await lock_sessions(rig, lock_conn)
+        task = asyncio.create_task(flusher.run(stop, maintenance_every=0.3))
+        db = await rig.db()
+        for _ in range(3):  # the batch, then (if it is taken for bad data) the entries one by one
+            pids = await eventually(lambda: blocked_backends(db), "the flusher blocked on the lock")
+            assert not task.done()
+            await db.execute(f"SELECT {interrupt}(pid) FROM unnest($1::int[]) AS pid", pids)
+        await eventually(lambda: blocked_backends(db), "the flusher blocked on the lock again")
+        await tr.rollback()
+
+        async def drained() -> bool:
+            return (await outbox.backlog(rig.redis, rig.keys)).entries == 0
+
+        await eventually(drained, "the outbox drained after the lock was released")
+    finally:
+        stop.set()
+        if task is not None:
+            await asyncio.wait_for(task, timeout=10)
+        await lock_conn.close(timeout=5)
+        await pool.close()
+    await rig.check(model)
+    for sid in sids:
+        h = await rig.redis.hgetall(rig.keys.for_user(model.users[sid]).session(sid))
+        assert "stuck" not in h, h
+    assert await sweep(rig.client.app[BACKEND], 0) == len(sids)
