@@ -510,3 +510,48 @@ async def test_interrupted_database_work_is_transient_not_a_poison_entry(rig: Ri
         h = await rig.redis.hgetall(rig.keys.for_user(model.users[sid]).session(sid))
         assert "stuck" not in h, h
     assert await sweep(rig.client.app[BACKEND], 0) == len(sids)
+
+
+async def test_postgres_down_cold_sessions_answer_503_hot_ones_200(rig: Rig) -> None:
+    """Without Postgres a cold session cannot be read or written: an honest 503, never a 500 nor a
+    wrong 404; hot sessions keep answering; once Postgres is back the cold one is served again."""
+    model = Model()
+    cold_sid, cold_user = await create(rig, model, "cold")
+    await message(rig, model, cold_sid, "old news")
+    hot_sid, _hot_user = await create(rig, model, "hot")
+    pool = await asyncpg.create_pool(rig.pg_server.url, min_size=0, max_size=2)
+    try:
+        await support.drain(support.make_flusher(rig.redis, pool, rig.keys, rig.schema))
+    finally:
+        await pool.close()
+    backend = rig.client.app[BACKEND]
+    assert await sweep(backend, 0) == 2
+    await message(rig, model, hot_sid, "brought back")  # rehydrated: hot again
+    before = await (await rig.client.get(session_url(cold_sid), params={"user_id": cold_user})).json()
+
+    await asyncio.to_thread(rig.pg_server.stop, "immediate")
+    try:
+        p = {"user_id": cold_user}
+        cold_answers = [
+            await rig.client.get(session_url(cold_sid), params=p),
+            await rig.client.get(session_url(cold_sid, "/messages"), params=p),
+            await rig.client.get(session_url(cold_sid, "/memories"), params=p),
+            await rig.client.get(f"/api/v1/users/{cold_user}/sessions"),
+            await rig.client.post(
+                session_url(cold_sid, "/messages"), params=p, json={"role": "user", "content": "x"}
+            ),
+        ]
+        for resp in cold_answers:
+            body = await resp.json()
+            assert resp.status == 503, (resp.url, resp.status, body)
+            assert set(body) == {"detail"}
+        await message(rig, model, hot_sid, "still served from Redis")
+        assert not model.failures, model.failures
+        assert (await rig.health())["database_connected"] is False
+    finally:
+        await asyncio.to_thread(rig.pg_server.start)
+    resp = await rig.client.get(session_url(cold_sid), params={"user_id": cold_user})
+    assert (resp.status, await resp.json()) == (200, before)
+    rig.start_worker("w1")
+    await rig.quiescent()
+    await rig.check(model)

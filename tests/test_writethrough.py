@@ -391,3 +391,39 @@ async def test_acknowledged_write_with_a_nul_character_reaches_postgres(
         assert await support.pg_memories(pg, db_schema, sid) == [support.api_memory(answered, 1)]
     else:
         assert (await support.pg_sessions(pg, db_schema, [sid]))[sid]["title"] == nul
+
+
+async def test_trim_drops_only_acknowledged_entries(
+    client: Any, redis: Redis, pool: asyncpg.Pool, keys: Keys, db_schema: str
+) -> None:
+    """Never by length: pending (delivered, not acknowledged) and undelivered entries stay, even when
+    the oldest pending entry is younger than acknowledged ones that may go. (Trimming is approximate:
+    whole stream nodes below the floor go, so a few acknowledged entries may stay a while.)"""
+    flusher = support.make_flusher(redis, pool, keys, db_schema)
+    user = new_user()
+    sid = (await make_session(client, user))["session_id"]
+    for i in range(80):
+        await add_message(client, sid, user, content=f"m{i}")
+    stream = keys.outbox(bucket_of(user, keys.buckets))
+    await flusher.ensure_groups()
+    delivered = await flusher.read()
+    assert len(delivered) == 81
+    slow = delivered[60]
+    await flusher.flush([e for e in delivered if e is not slow])  # ``slow`` stays pending
+    for i in range(2):
+        await add_message(client, sid, user, content=f"late {i}")  # not delivered yet
+    ids = [eid for eid, _ in await redis.xrange(stream)]
+
+    await flusher.trim()
+    kept = [eid for eid, _ in await redis.xrange(stream)]
+    assert kept == ids[len(ids) - len(kept) :]  # a prefix went, nothing else
+    assert slow.id in kept and len(kept) >= len(ids) - 60  # the pending one and all after it stay
+    assert len(kept) < len(ids)  # acknowledged entries below the floor did go
+    assert (await outbox.backlog(redis, keys)).entries == 3  # 1 pending + 2 undelivered
+
+    await support.drain(flusher)
+    await flusher.trim()
+    left = [eid for eid, _ in await redis.xrange(stream)]
+    assert left == ids[len(ids) - len(left) :] and len(left) < len(kept)
+    assert (await outbox.backlog(redis, keys)).entries == 0
+    assert len(await support.pg_messages(pool, db_schema, sid)) == 82
