@@ -268,13 +268,18 @@ return evicted
 """
 
 # KEYS: hot set of one bucket
-# ARGV: session key prefix of the bucket, then (sid, version) pairs just committed to Postgres
-# Records the flushed version; it only ever rises (batches may commit out of order).
+# ARGV: session key prefix of the bucket, then (sid, version, ",id1,id2,...,") triples just committed
+# Records the flushed version; it only ever rises (batches may commit out of order). A session marked
+# ``stuck`` by a failed entry is released once that very entry has been committed.
 MARK_FLUSHED = """
-for i = 2, #ARGV, 2 do
+for i = 2, #ARGV, 3 do
   local skey = ARGV[1] .. 's:' .. ARGV[i]
   local fv = redis.call('HGET', skey, 'fv')
   if fv and tonumber(fv) < tonumber(ARGV[i + 1]) then redis.call('HSET', skey, 'fv', ARGV[i + 1]) end
+  local stuck = redis.call('HGET', skey, 'stuck')
+  if stuck and string.find(ARGV[i + 2], ',' .. stuck .. ',', 1, true) then
+    redis.call('HDEL', skey, 'stuck')
+  end
 end
 return 1
 """

@@ -188,12 +188,14 @@ class Flusher:
 
     async def _done(self, entries: Sequence[Entry]) -> None:
         """After COMMIT: raise each session's flushed version, then acknowledge."""
-        per_bucket: dict[int, list[str]] = defaultdict(list)
-        for (bucket, sid), v in _max_versions(entries).items():
-            per_bucket[bucket] += [sid, str(v)]
         ids: dict[int, list[str]] = defaultdict(list)
+        ids_of_session: dict[tuple[int, str], list[str]] = defaultdict(list)
         for e in entries:
             ids[e.bucket].append(e.id)
+            ids_of_session[(e.bucket, e.f["sid"])].append(e.id)
+        per_bucket: dict[int, list[str]] = defaultdict(list)
+        for (bucket, sid), v in _max_versions(entries).items():
+            per_bucket[bucket] += [sid, str(v), "," + ",".join(ids_of_session[(bucket, sid)]) + ","]
         async with self.redis.pipeline(transaction=False) as pipe:
             for bucket, pairs in per_bucket.items():
                 await self._mark(
@@ -287,14 +289,20 @@ class Flusher:
                 await asyncio.sleep(backoff)
 
 
+# SQLSTATE classes that say nothing about the data: connection (08), transaction rollback such as
+# deadlock or serialization failure (40), insufficient resources (53), operator intervention such as a
+# cancelled statement or shutdown (57). Retried with backoff; they never count towards dead-lettering.
+_TRANSIENT_SQLSTATE = ("08", "40", "53", "57")
+
+
 def _data_error(exc: BaseException) -> bool:
-    """True when ``exc`` says "this data cannot be written", false when Postgres is just unreachable.
-    asyncpg's DataError (a parameter that cannot be encoded) is also an InterfaceError: check it first."""
-    if isinstance(exc, asyncpg.DataError):
-        return True
+    """True when ``exc`` says "this data cannot be written"; false when Postgres is unreachable or the
+    failure is transient (the same batch will go through later)."""
     if isinstance(exc, PG_UNAVAILABLE):
         return False
-    return isinstance(exc, (asyncpg.PostgresError, ValueError, KeyError, TypeError))
+    if isinstance(exc, asyncpg.PostgresError):
+        return not str(exc.sqlstate or "").startswith(_TRANSIENT_SQLSTATE)
+    return isinstance(exc, (ValueError, KeyError, TypeError))
 
 
 def _full_batch(entries: Sequence[Entry], batch_size: int) -> bool:
