@@ -12,7 +12,7 @@ Layout (``P`` is the key prefix, ``{bNN}`` the hash tag of a bucket of users):
     P:{bNN}:outbox           STREAM  change log drained into PostgreSQL by the workers
     P:{bNN}:dead             STREAM  outbox entries that kept failing (dead letters)
     P:{bNN}:hot              ZSET    sessions held in Redis, score = last write (microseconds)
-    P:{bNN}:gone             HASH    evicted sessions: sid -> the version they left Redis with
+    P:{bNN}:g:<sid>          STRING  version an evicted session left Redis with (expires after a day)
     P:meta                   HASH    layout facts (bucket count) checked at start-up
 
 The bucket is chosen by user id, so a session, its user's indexes, its bucket's stats and the outbox
@@ -54,9 +54,6 @@ class Keys:
     def hot(self, bucket: int) -> str:
         return f"{self.tag(bucket)}:hot"
 
-    def gone(self, bucket: int) -> str:
-        return f"{self.tag(bucket)}:gone"
-
     @property
     def meta(self) -> str:
         return f"{self.prefix}:meta"
@@ -89,9 +86,8 @@ class UserKeys:
     def hot(self) -> str:
         return f"{self.tag}:hot"
 
-    @property
-    def gone(self) -> str:
-        return f"{self.tag}:gone"
+    def gone(self, sid: str) -> str:
+        return f"{self.tag}:g:{sid}"
 
     def session(self, sid: str) -> str:
         return f"{self.tag}:s:{sid}"

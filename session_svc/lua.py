@@ -212,7 +212,7 @@ return {total, sids, rows}
 """.replace("FIELDS", ", ".join(f"'{f}'" for f in LIST_FIELDS))
 
 # KEYS: session, memories, user index, user active index, memory index key prefix (``...:yi:<sid>:``),
-#       hot set, bucket's ``gone`` hash
+#       hot set, the session's eviction marker (``g:<sid>``)
 # ARGV: sid, now, n, then n field/value pairs of the session hash, then (seq, memory_type, doc) triples
 # Brings a cold session back from Postgres. If another request already did, it changes nothing. If the
 # row read from Postgres is older than the version the session had when it was last evicted (the read
@@ -223,7 +223,7 @@ if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local n = tonumber(ARGV[3])
 local h = {}
 for i = 4, 3 + 2 * n, 2 do h[ARGV[i]] = ARGV[i + 1] end
-local gone = redis.call('HGET', KEYS[7], ARGV[1])
+local gone = redis.call('GET', KEYS[7])
 if gone and tonumber(gone) > tonumber(h['v']) then return -1 end
 for i = 4, 3 + 2 * n, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 for i = 4 + 2 * n, #ARGV, 3 do
@@ -234,18 +234,19 @@ end
 redis.call('ZADD', KEYS[3], 'NX', h['last_activity'], ARGV[1])
 if h['status'] == 'active' then redis.call('ZADD', KEYS[4], 'NX', h['last_activity'], ARGV[1]) end
 redis.call('ZADD', KEYS[6], ARGV[2], ARGV[1])
-redis.call('HDEL', KEYS[7], ARGV[1])
+redis.call('DEL', KEYS[7])
 return 1
 """
 
-# KEYS: hot set of one bucket, the bucket's ``gone`` hash
+# KEYS: hot set of one bucket
 # ARGV: session key prefix of the bucket (``P:{bNN}:``), idle cutoff (microseconds), sids...
 # Evicts the given sessions that are idle (hot-set score, i.e. last write or rehydration, before the
 # cutoff) and fully flushed (v == fv), unless an outbox entry of theirs failed (``stuck``: kept until an
 # operator has looked at the dead letter). A write that raced the sweep has bumped v and the score and
 # wins: the session stays. Never a blind DEL, never a TTL on unflushed data. The user's indexes keep
-# the session id (that is how a cold session is still listed and found), and ``gone`` keeps the version
-# it left with, so a stale copy can never be brought back.
+# the session id (that is how a cold session is still listed and found), and a marker ``g:<sid>`` keeps
+# the version it left with, so a stale copy read before the eviction can never be brought back. The
+# marker only has to outlive a request that read Postgres before the eviction: it expires after a day.
 EVICT = """
 local evicted = 0
 for i = 3, #ARGV do
@@ -260,7 +261,7 @@ for i = 3, #ARGV do
     redis.call('DEL', skey, ARGV[1] .. 'm:' .. sid, ARGV[1] .. 'y:' .. sid, yi .. '*', yi .. 'preference',
       yi .. 'conversation', yi .. 'entity', yi .. 'summary', yi .. 'custom')
     redis.call('ZREM', KEYS[1], sid)
-    redis.call('HSET', KEYS[2], sid, h[1])
+    redis.call('SET', ARGV[1] .. 'g:' .. sid, h[1], 'EX', 86400)
     evicted = evicted + 1
   end
 end

@@ -202,7 +202,7 @@ async def _rehydrate(b: Backend, uk: UserKeys, sid: str, uid: str) -> None:
         for (seq, doc), mtype in zip(memories, types, strict=True):
             argv += [seq, mtype, doc]
         keys = [uk.session(sid), uk.memories(sid), uk.sessions, uk.active, uk.memory_index(sid, ""), uk.hot,
-                uk.gone]  # fmt: skip
+                uk.gone(sid)]  # fmt: skip
         if int(await b.scripts.rehydrate(keys=keys, args=argv)) >= 0:
             return
         # What we read predates the session's last eviction: read Postgres again.

@@ -31,9 +31,7 @@ async def sweep(b: Backend, hot_ttl_s: int, page: int = 500) -> int:
             sids = await b.redis.zrangebyscore(hot, "-inf", cutoff, start=kept, num=page)
             if not sids:
                 break
-            evicted = int(
-                await evict(keys=[hot, b.keys.gone(bucket)], args=[b.keys.tag(bucket) + ":", cutoff, *sids])
-            )
+            evicted = int(await evict(keys=[hot], args=[b.keys.tag(bucket) + ":", cutoff, *sids]))
             total += evicted
             kept += len(sids) - evicted
     if total:
