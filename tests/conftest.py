@@ -15,10 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import socket
-import subprocess
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,7 +29,12 @@ from redis.asyncio import Redis
 
 from session_svc import migrate
 from session_svc.app import create_app
+from session_svc.keys import Keys
 from session_svc.settings import Settings
+from session_svc.store import Backend
+from session_svc.typedefs import BACKEND
+from tests.support import RedisServer, make_flusher, start_redis
+from workers.flush import Flusher
 
 
 @dataclass(frozen=True)
@@ -189,66 +190,45 @@ async def pg(test_urls: ServerUrls, db_schema: str) -> AsyncIterator[asyncpg.Con
         await conn.close()
 
 
-# Private servers for fault injection ------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class PrivateRedis:
-    """A throw-away ``redis-server`` this test owns: safe to kill, pause or reconfigure."""
-
-    port: int
-    proc: subprocess.Popen[bytes]
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-
-def start_private_redis(*extra: str) -> PrivateRedis:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise RuntimeError("redis-server is not installed; fault tests need it")
-    for _ in range(5):  # the free port may be taken between probing and binding
-        port = free_port()
-        proc = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *extra],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        server = PrivateRedis(port, proc)
-        deadline = time.monotonic() + 10
-        while proc.poll() is None and time.monotonic() < deadline:
-            try:
-                with redis_sync.Redis(port=port, socket_connect_timeout=0.5) as r:
-                    if r.ping():
-                        return server
-            except redis_sync.ConnectionError:
-                time.sleep(0.05)
-        server.kill()
-    raise RuntimeError("could not start a private redis-server")
+# The write-through side -------------------------------------------------------------------------------
 
 
 @pytest.fixture
-def private_redis() -> Iterator[Callable[..., PrivateRedis]]:
-    """``private_redis(*extra_args)`` starts a private redis-server; all are killed after the test."""
-    started: list[PrivateRedis] = []
+async def pool(test_urls: ServerUrls) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(test_urls.database_url, min_size=1, max_size=4)
+    yield pool
+    await pool.close()
 
-    def start(*extra: str) -> PrivateRedis:
-        server = start_private_redis(*extra)
+
+@pytest.fixture
+def keys(settings: Settings) -> Keys:
+    return Keys(settings.key_prefix, settings.redis_buckets)
+
+
+@pytest.fixture
+def flusher(redis: Redis, pool: asyncpg.Pool, keys: Keys, settings: Settings) -> Flusher:
+    """An in-process outbox drain over this test's prefix and schema (``tests.support.drain`` runs it)."""
+    return make_flusher(redis, pool, keys, settings.db_schema)
+
+
+@pytest.fixture
+def backend(client: TestClient) -> Backend:
+    return client.app[BACKEND]  # type: ignore[no-any-return]
+
+
+# Private servers for fault injection ------------------------------------------------------------------
+
+
+@pytest.fixture
+def private_redis() -> Iterator[Callable[[], RedisServer]]:
+    """``private_redis()`` starts a private redis-server (tests.support); all are removed afterwards."""
+    started: list[RedisServer] = []
+
+    def start() -> RedisServer:
+        server = start_redis()
         started.append(server)
         return server
 
     yield start
     for server in started:
-        server.kill()
+        server.destroy()

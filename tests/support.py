@@ -372,10 +372,13 @@ class RedisServer:
     def client(self) -> redis_sync.Redis:
         return redis_sync.Redis(port=self.port, decode_responses=True, socket_timeout=10)
 
-    def destroy(self) -> None:
+    def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
+
+    def destroy(self) -> None:
+        self.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -8,18 +8,15 @@ fully flushed session, so the same requests can be compared before and after.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-import asyncpg
 import pytest
 from redis.asyncio import Redis
 
 from session_svc import cold, store
 from session_svc.keys import Keys, bucket_of
-from session_svc.settings import Settings
 from session_svc.store import Backend
-from session_svc.typedefs import BACKEND
 from tests import support
 from tests.helpers import (
     SESSIONS,
@@ -46,28 +43,6 @@ def db_schema(test_urls: Any) -> Iterator[str]:
     schema = support.create_schema(test_urls.database_url)
     yield schema
     support.drop_schema(test_urls.database_url, schema)
-
-
-@pytest.fixture
-async def pool(test_urls: Any) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(test_urls.database_url, min_size=1, max_size=4)
-    yield pool
-    await pool.close()
-
-
-@pytest.fixture
-def keys(settings: Settings) -> Keys:
-    return Keys(settings.key_prefix, settings.redis_buckets)
-
-
-@pytest.fixture
-def flusher(redis: Redis, pool: asyncpg.Pool, keys: Keys, settings: Settings) -> Flusher:
-    return support.make_flusher(redis, pool, keys, settings.db_schema)
-
-
-@pytest.fixture
-def backend(client: Any) -> Backend:
-    return client.app[BACKEND]  # type: ignore[no-any-return]
 
 
 async def answer(client: Any, path: str, **params: Any) -> tuple[int, Any]:

@@ -6,33 +6,18 @@ change reaches Postgres like any user's write.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
-import asyncpg
-import pytest
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
-from session_svc.app import redis_client
-from session_svc.keys import Keys
-from session_svc.settings import Settings
-from session_svc.store import Backend, Scripts, now_us
+from session_svc.store import Backend, now_us
 from tests.helpers import add_message, get_session, list_sessions, make_session, new_user, update_session
-from tests.support import drain, make_flusher
+from tests.support import drain
 from workers import expiry
+from workers.flush import Flusher
 
 DAY_US = 86_400 * 1_000_000
-
-
-@pytest.fixture
-async def backend(settings: Settings) -> AsyncIterator[Backend]:
-    redis = redis_client(settings)
-    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4)
-    yield Backend(redis, Keys(settings.key_prefix, settings.redis_buckets), Scripts.register(redis), pool,
-                  settings.db_schema)  # fmt: skip
-    await pool.close()
-    await redis.aclose()
 
 
 async def age(b: Backend, redis: Redis, pg: Any, uid: str, sid: str, days: int) -> None:
@@ -48,14 +33,13 @@ async def age(b: Backend, redis: Redis, pg: Any, uid: str, sid: str, days: int) 
 
 
 async def test_housekeeping_is_off_by_default_and_changes_only_idle_sessions(
-    client: TestClient, backend: Backend, redis: Redis, pg: Any
+    client: TestClient, backend: Backend, redis: Redis, pg: Any, flusher: Flusher
 ) -> None:
     uid = new_user()
     idle = (await make_session(client, uid))["session_id"]
     busy = (await make_session(client, uid))["session_id"]
     done = (await make_session(client, uid))["session_id"]
     await update_session(client, done, uid, status="completed")
-    flusher = make_flusher(backend.redis, backend.pg, backend.keys, backend.schema)  # type: ignore[arg-type]
     await drain(flusher)
     await age(backend, redis, pg, uid, idle, days=10)
     await age(backend, redis, pg, uid, done, days=40)
@@ -83,11 +67,10 @@ async def test_housekeeping_is_off_by_default_and_changes_only_idle_sessions(
 
 
 async def test_housekeeping_reaches_cold_sessions(
-    client: TestClient, backend: Backend, redis: Redis, pg: Any
+    client: TestClient, backend: Backend, redis: Redis, pg: Any, flusher: Flusher
 ) -> None:
     uid = new_user()
     sid = (await make_session(client, uid))["session_id"]
-    flusher = make_flusher(backend.redis, backend.pg, backend.keys, backend.schema)  # type: ignore[arg-type]
     await drain(flusher)
     await age(backend, redis, pg, uid, sid, days=10)
     # Untouched for 10 days, as the sweep sees it (the hash and the bucket's hot set).

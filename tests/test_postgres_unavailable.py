@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import free_port
 from tests.helpers import add_message, error_json, get_session, list_messages, make_session, new_user, ok_json
+from tests.support import free_port
 
 
 @pytest.mark.fault

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -19,7 +19,6 @@ from redis.asyncio import Redis
 
 from session_svc import outbox
 from session_svc.keys import Keys, bucket_of
-from session_svc.settings import Settings
 from tests import support
 from tests.helpers import (
     add_memory,
@@ -41,23 +40,6 @@ def db_schema(test_urls: Any) -> Iterator[str]:
     schema = support.create_schema(test_urls.database_url)
     yield schema
     support.drop_schema(test_urls.database_url, schema)
-
-
-@pytest.fixture
-async def pool(test_urls: Any) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(test_urls.database_url, min_size=1, max_size=4)
-    yield pool
-    await pool.close()
-
-
-@pytest.fixture
-def keys(settings: Settings) -> Keys:
-    return Keys(settings.key_prefix, settings.redis_buckets)
-
-
-@pytest.fixture
-def flusher(redis: Redis, pool: asyncpg.Pool, keys: Keys, settings: Settings) -> Flusher:
-    return support.make_flusher(redis, pool, keys, settings.db_schema)
 
 
 async def health(client: Any) -> dict[str, Any]:
