@@ -7,16 +7,13 @@ import logging
 import uvloop
 from aiohttp import web
 
-from session_svc.app import create_app
+from session_svc.app import configure_logging, create_app
 from session_svc.settings import Settings
 
 
 def main() -> None:
     settings = Settings.from_env()
-    logging.basicConfig(
-        level=logging.DEBUG if settings.debug else settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    configure_logging(settings)
     uvloop.install()
     web.run_app(
         create_app(settings),

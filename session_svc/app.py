@@ -21,6 +21,14 @@ from session_svc.views import setup_routes
 log = logging.getLogger("session_svc")
 
 
+def configure_logging(settings: Settings) -> None:
+    """For the process entry points (API and worker) only."""
+    logging.basicConfig(
+        level=logging.DEBUG if settings.debug else settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+
+
 def redis_client(settings: Settings) -> Redis:
     """The process-wide client. A blocking pool makes a burst wait for a connection instead of failing."""
     pool = BlockingConnectionPool.from_url(

@@ -110,22 +110,16 @@ def session_out(h: Hash) -> Row:
     }
 
 
+_SUMMARY_FIELDS = (
+    "session_id", "user_id", "title", "status", "message_count", "total_tokens", "total_cost", "has_memory",
+    "is_active", "session_summary", "created_at", "last_activity",
+)  # fmt: skip
+
+
 def summary_out(h: Hash) -> Row:
-    status = h["status"]
-    return {
-        "session_id": h["session_id"],
-        "user_id": h["user_id"],
-        "title": h["title"],
-        "status": status,
-        "message_count": int(h["message_count"]),
-        "total_tokens": int(h["total_tokens"]),
-        "total_cost": usd(h["cost_micros"]),
-        "has_memory": int(h["memory_count"]) > 0,
-        "is_active": status == "active",
-        "session_summary": h["session_summary"],
-        "created_at": iso(h["created_at"]),
-        "last_activity": iso(h["last_activity"]),
-    }
+    full = session_out(h)
+    full["has_memory"] = int(h["memory_count"]) > 0
+    return {k: full[k] for k in _SUMMARY_FIELDS}
 
 
 def list_item_out(sid: str, h: Hash) -> Row:

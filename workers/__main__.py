@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import logging
-
 import uvloop
 from arq.worker import Worker
 
+from session_svc.app import configure_logging
 from session_svc.settings import Settings
 from workers.main import worker_settings
 
 
 def main() -> None:
     settings = Settings.from_env()
-    logging.basicConfig(
-        level=logging.DEBUG if settings.debug else settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    configure_logging(settings)
     uvloop.install()
     Worker(**worker_settings(settings)).run()
 
