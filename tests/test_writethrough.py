@@ -19,6 +19,8 @@ from redis.asyncio import Redis
 
 from session_svc import outbox
 from session_svc.keys import Keys, bucket_of
+from session_svc.outbox import GROUP
+from session_svc.settings import Settings
 from tests import support
 from tests.helpers import (
     add_memory,
@@ -409,3 +411,20 @@ async def test_trim_drops_only_acknowledged_entries(
     assert left == ids[len(ids) - len(left) :] and len(left) < len(kept)
     assert (await outbox.backlog(redis, keys)).entries == 0
     assert len(await support.pg_messages(pool, db_schema, sid)) == 82
+
+
+async def test_trim_forgets_idle_consumers_with_nothing_pending(
+    client: Any, redis: Redis, keys: Keys, pool: asyncpg.Pool, settings: Settings
+) -> None:
+    """Each worker start adds a consumer name to the group; names that have been idle long enough with
+    nothing pending are dropped, those still holding entries are kept."""
+    user = new_user()
+    await make_session(client, user)
+    stream = keys.for_user(user).outbox
+    await support.make_flusher(redis, pool, keys, settings.db_schema).ensure_groups()
+    await redis.xreadgroup(GROUP, "dead-holding", {stream: ">"}, count=1)  # keeps one pending entry
+    await redis.xreadgroup(GROUP, "dead-empty", {stream: ">"}, count=1)  # nothing left to read
+    pruner = support.make_flusher(redis, pool, keys, settings.db_schema, consumer_idle_ms=0)
+    await pruner.trim()
+    names = {c["name"] for c in await redis.xinfo_consumers(stream, GROUP)}
+    assert names == {"dead-holding"}

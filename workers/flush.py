@@ -77,6 +77,7 @@ class Flusher:
     max_deliveries: int = 5
     claim_idle_ms: int = 30_000
     idle_sleep: float = 0.05
+    consumer_idle_ms: int = 86_400_000
     _mark: AsyncScript = field(init=False)
 
     def __post_init__(self) -> None:
@@ -245,8 +246,21 @@ class Flusher:
             floor = group["last-delivered-id"]
             if int(group["pending"]):
                 oldest = (await self.redis.xpending(stream, GROUP))["min"]
-                floor = min(floor, oldest, key=_id_key)
+                if oldest:  # may have been acknowledged meanwhile
+                    floor = min(floor, oldest, key=_id_key)
             await self.redis.xtrim(stream, minid=floor)
+            await self._forget_idle_consumers(stream)
+
+    async def _forget_idle_consumers(self, stream: str) -> None:
+        """Every worker start adds a consumer name; drop those with nothing pending that have been idle
+        for ``consumer_idle_ms``. (A live one that is merely quiet is re-created by its next read.)"""
+        for c in await self.redis.xinfo_consumers(stream, GROUP):
+            if (
+                c["name"] != self.consumer
+                and not int(c["pending"])
+                and int(c["idle"]) >= self.consumer_idle_ms
+            ):
+                await self.redis.xgroup_delconsumer(stream, GROUP, c["name"])
 
     # The loop --------------------------------------------------------------------------------------
 
