@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
 
 from session_svc.keys import Keys
 
@@ -34,39 +33,50 @@ def _ms(entry_id: str) -> int:
 
 
 async def backlog(redis: Redis, keys: Keys) -> Backlog:
-    """Computed from stream metadata only (XINFO/XPENDING/one-entry XRANGE per bucket): cheap."""
+    """From stream metadata only, in two pipelined round trips whatever the bucket count: first each
+    bucket's group info and dead-letter count, then its oldest pending and oldest undelivered entry."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for bucket in range(keys.buckets):
+            pipe.xlen(keys.dead(bucket))
+            pipe.xinfo_groups(keys.outbox(bucket))
+        first = await pipe.execute(raise_on_error=False)
+    dead = sum(int(n) for n in first[0::2] if not isinstance(n, Exception))
     entries = 0
-    oldest_ms: int | None = None
-    dead = 0
-    for bucket in range(keys.buckets):
-        stream = keys.outbox(bucket)
-        dead += await redis.xlen(keys.dead(bucket))
-        try:
-            groups = await redis.xinfo_groups(stream)
-        except ResponseError:  # no such stream yet
-            continue
-        group = next((g for g in groups if g["name"] == GROUP), None)
-        if group is None:
-            entries += await redis.xlen(stream)
-            first = await redis.xrange(stream, count=1)
-            candidates = [_ms(first[0][0])] if first else []
+    # What each reply of the second round trip means: a count to add, or entries whose oldest id counts.
+    meaning: list[str] = []
+    async with redis.pipeline(transaction=False) as pipe:
+        for bucket, groups in enumerate(first[1::2]):
+            stream = keys.outbox(bucket)
+            if isinstance(groups, Exception):  # no such stream yet: nothing written there
+                continue
+            group = next((g for g in groups if g["name"] == GROUP), None)
+            if group is None:  # no worker has run yet: everything is undelivered
+                pipe.xlen(stream)
+                pipe.xrange(stream, count=1)
+                meaning += ["count", "oldest"]
+                continue
+            after = "(" + group["last-delivered-id"]
+            entries += int(group["pending"])
+            if group.get("lag") is None:  # Redis 6.2, or a stream with deletions: count the tail
+                pipe.xrange(stream, min=after, count=100_000)
+                meaning.append("tail")
+            else:
+                entries += int(group["lag"])
+                pipe.xrange(stream, min=after, count=1)
+                meaning.append("oldest")
+            if int(group["pending"]):
+                pipe.xpending(stream, GROUP)
+                meaning.append("pending")
+        second = await pipe.execute()
+    ids: list[str] = []
+    for kind, reply in zip(meaning, second, strict=True):
+        if kind == "count":
+            entries += int(reply)
+        elif kind == "pending":
+            ids += [reply["min"]] if reply["min"] else []  # may have been acknowledged meanwhile
         else:
-            pending = int(group["pending"])
-            first_new = await redis.xrange(stream, min="(" + group["last-delivered-id"], count=1)
-            lag = group.get("lag")
-            undelivered = int(lag) if lag is not None else await _count_after(redis, stream, group)
-            entries += pending + undelivered
-            candidates = [_ms(first_new[0][0])] if first_new else []
-            if pending:
-                summary = await redis.xpending(stream, GROUP)
-                if summary["min"]:  # may have been acknowledged since XINFO
-                    candidates.append(_ms(summary["min"]))
-        for ms in candidates:
-            oldest_ms = ms if oldest_ms is None else min(oldest_ms, ms)
+            entries += len(reply) if kind == "tail" else 0
+            ids += [entry_id for entry_id, _ in reply[:1]]
+    oldest_ms = min((_ms(i) for i in ids), default=None)
     age = max(0.0, time.time() - oldest_ms / 1000) if oldest_ms is not None else 0.0
     return Backlog(entries, age, dead)
-
-
-async def _count_after(redis: Redis, stream: str, group: dict[str, str]) -> int:
-    # Redis 6.2 has no ``lag`` in XINFO GROUPS; count the undelivered tail instead.
-    return len(await redis.xrange(stream, min="(" + group["last-delivered-id"], count=100_000))
