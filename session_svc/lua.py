@@ -284,3 +284,30 @@ for i = 2, #ARGV, 3 do
 end
 return 1
 """
+
+# KEYS: session, messages, memories, outbox
+# ARGV: sid
+# Reconciliation: a session whose writes are not all flushed (v > fv) although the outbox holds nothing
+# that old any more has lost outbox entries (e.g. a Redis failover dropped them). Write them again:
+# its current snapshot, and every message and memory it holds in Redis. All inserts are idempotent,
+# so re-sending what Postgres already has is harmless. Returns how many entries it wrote.
+RESYNC = """
+local h = redis.call('HMGET', KEYS[1], 'v', 'fv', 'stuck', 'user_id')
+if not h[1] or h[1] == h[2] or h[3] then return 0 end
+local sid, v, uid = ARGV[1], h[1], h[4]
+redis.call('XADD', KEYS[4], '*', 'k', 's', 'sid', sid, 'uid', uid, 'v', v)
+local n = 1
+for _, e in ipairs(redis.call('XRANGE', KEYS[2], '-', '+')) do
+  local entry = {'k', 'm', 'sid', sid, 'uid', uid, 'v', v, 'seq', string.match(e[1], '^(%d+)')}
+  for _, x in ipairs(e[2]) do entry[#entry + 1] = x end
+  redis.call('XADD', KEYS[4], '*', unpack(entry))
+  n = n + 1
+end
+local docs = redis.call('HGETALL', KEYS[3])
+for i = 1, #docs, 2 do
+  redis.call('XADD', KEYS[4], '*', 'k', 'y', 'sid', sid, 'uid', uid, 'v', v, 'seq', docs[i],
+    'doc', docs[i + 1])
+  n = n + 1
+end
+return n
+"""

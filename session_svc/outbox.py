@@ -42,8 +42,9 @@ async def backlog(redis: Redis, keys: Keys) -> Backlog:
         first = await pipe.execute(raise_on_error=False)
     dead = sum(int(n) for n in first[0::2] if not isinstance(n, Exception))
     entries = 0
-    # What each reply of the second round trip means: a count to add, or entries whose oldest id counts.
-    meaning: list[str] = []
+    # What each reply of the second round trip means: a count to add, or entries whose oldest id counts
+    # (with the group's lag, to count only if there is an undelivered entry at all).
+    meaning: list[tuple[str, int]] = []
     async with redis.pipeline(transaction=False) as pipe:
         for bucket, groups in enumerate(first[1::2]):
             stream = keys.outbox(bucket)
@@ -53,29 +54,31 @@ async def backlog(redis: Redis, keys: Keys) -> Backlog:
             if group is None:  # no worker has run yet: everything is undelivered
                 pipe.xlen(stream)
                 pipe.xrange(stream, count=1)
-                meaning += ["count", "oldest"]
+                meaning += [("count", 0), ("first", 0)]
                 continue
             after = "(" + group["last-delivered-id"]
             entries += int(group["pending"])
             if group.get("lag") is None:  # Redis 6.2, or a stream with deletions: count the tail
                 pipe.xrange(stream, min=after, count=100_000)
-                meaning.append("tail")
+                meaning.append(("tail", 0))
             else:
-                entries += int(group["lag"])
+                # Trusted only when something is undelivered: after an XDEL, Redis 7.0 can report a lag
+                # of 1 with nothing left to read.
                 pipe.xrange(stream, min=after, count=1)
-                meaning.append("oldest")
+                meaning.append(("oldest", int(group["lag"])))
             if int(group["pending"]):
                 pipe.xpending(stream, GROUP)
-                meaning.append("pending")
+                meaning.append(("pending", 0))
         second = await pipe.execute()
     ids: list[str] = []
-    for kind, reply in zip(meaning, second, strict=True):
+    for (kind, lag), reply in zip(meaning, second, strict=True):
         if kind == "count":
             entries += int(reply)
         elif kind == "pending":
             ids += [reply["min"]] if reply["min"] else []  # may have been acknowledged meanwhile
         else:
-            entries += len(reply) if kind == "tail" else 0
+            if reply and kind != "first":
+                entries += len(reply) if kind == "tail" else max(lag, 1)
             ids += [entry_id for entry_id, _ in reply[:1]]
     oldest_ms = min((_ms(i) for i in ids), default=None)
     age = max(0.0, time.time() - oldest_ms / 1000) if oldest_ms is not None else 0.0

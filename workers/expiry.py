@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 
-from session_svc import lua, store
+from session_svc import lua, outbox, store
 from session_svc.store import Backend
 
 log = logging.getLogger("workers.expiry")
@@ -37,6 +37,30 @@ async def sweep(b: Backend, hot_ttl_s: int, page: int = 500) -> int:
     if total:
         log.info("evicted %d idle sessions from Redis", total)
     return total
+
+
+async def reconcile(b: Backend, stale_after_s: int = 300) -> int:
+    """Re-send the writes of sessions that are unflushed although the outbox holds nothing that old.
+
+    Normally every write's outbox entry is flushed within a second, and ``fv`` catches up with ``v``.
+    A session last written before the oldest entry still in the outbox (and more than ``stale_after_s``
+    ago, a margin for clock skew between API hosts and Redis) that still has ``v > fv`` has lost
+    entries: it would never be flushed, nor ever leave Redis. Its data is written to the outbox again
+    (idempotent). Returns how many sessions were re-sent.
+    """
+    resync = b.redis.register_script(lua.RESYNC)
+    pending = await outbox.backlog(b.redis, b.keys)
+    cutoff = store.now_us() - int(max(stale_after_s, pending.oldest_age_s) * 1_000_000)
+    resent = 0
+    for bucket in range(b.keys.buckets):
+        tag = b.keys.tag(bucket)
+        for sid in await b.redis.zrangebyscore(b.keys.hot(bucket), "-inf", cutoff):
+            keys = [f"{tag}:s:{sid}", f"{tag}:m:{sid}", f"{tag}:y:{sid}", b.keys.outbox(bucket)]
+            if int(await resync(keys=keys, args=[sid])):
+                resent += 1
+    if resent:
+        log.warning("reconciliation re-sent %d sessions whose outbox entries were lost", resent)
+    return resent
 
 
 async def housekeeping(b: Backend, end_idle_after_days: int, archive_completed_after_days: int) -> int:

@@ -71,6 +71,10 @@ async def sweep_job(ctx: Ctx) -> int:
     return await expiry.sweep(ctx["backend"], ctx["settings"].session_hot_ttl)
 
 
+async def reconcile_job(ctx: Ctx) -> int:
+    return await expiry.reconcile(ctx["backend"])
+
+
 async def housekeeping_job(ctx: Ctx) -> int:
     s: Settings = ctx["settings"]
     return await expiry.housekeeping(ctx["backend"], s.end_idle_after_days, s.archive_completed_after_days)
@@ -82,6 +86,7 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
         "functions": [],
         "cron_jobs": [
             cron(sweep_job, second={0, 30}, run_at_startup=True, timeout=300),
+            cron(reconcile_job, minute=set(range(2, 60, 5)), second={15}, timeout=300),
             cron(housekeeping_job, minute={7}, second={0}, timeout=600),
         ],
         "on_startup": startup,
