@@ -78,6 +78,14 @@ def _no_control_chars(value: str) -> str:
     return value
 
 
+def _addressable(value: str) -> str:
+    # The user id is also a URL path segment (GET /api/v1/users/{user_id}/sessions): a "/" cannot be
+    # addressed there, and clients remove "." and ".." segments before sending (RFC 3986, 5.2.4).
+    if "/" in value or value in (".", ".."):
+        raise ValueError('must not contain "/" nor be "." or ".."')
+    return value
+
+
 def _no_nul(value: str) -> str:
     if "\x00" in value:
         raise ValueError("must not contain NUL characters (PostgreSQL cannot store them)")
@@ -95,6 +103,7 @@ UserId = Annotated[
     Field(min_length=1, max_length=MAX_ID_CHARS),
     AfterValidator(_no_control_chars),
     AfterValidator(_non_blank),
+    AfterValidator(_addressable),
 ]
 Title = Annotated[str, Field(max_length=MAX_TITLE_CHARS), AfterValidator(_no_nul)]
 Summary = Annotated[str, Field(max_length=MAX_SUMMARY_CHARS), AfterValidator(_no_nul)]

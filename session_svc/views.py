@@ -280,4 +280,5 @@ ROUTES: tuple[Route, ...] = (
 
 def setup_routes(app: web.Application) -> None:
     for r in ROUTES:
-        app.router.add_route(r.method, r.path, r.handler)
+        # aiohttp's default variable pattern excludes braces; a user id may contain them.
+        app.router.add_route(r.method, r.path.replace("{user_id}", "{user_id:[^/]+}"), r.handler)
