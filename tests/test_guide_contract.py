@@ -1,7 +1,7 @@
 """The API guide's own examples, driven against the service.
 
-The guide (``../shared/seed/session_service_api_guide.md``) is read at test time, so there is no second
-copy of it here: every fenced ``bash`` block with a ``curl`` command becomes a request, the
+The guide (``docs/session_service_api_guide.md``, the contract as our users' clients received it) is
+read at test time, so there is no second copy of it here: every fenced ``bash`` block with a ``curl`` command becomes a request, the
 ``**响应:**`` JSON block after it becomes the expected shape, the error section gives the exact 404 and
 400 bodies, and the ``SessionClient`` example runs as written against a tiny in-process ``httpx``
 stand-in that forwards to the test client.
@@ -30,7 +30,7 @@ from urllib.parse import parse_qsl, urlsplit
 import pytest
 from aiohttp.test_utils import TestClient
 
-GUIDE = Path(__file__).resolve().parents[1].parent / "shared" / "seed" / "session_service_api_guide.md"
+GUIDE = Path(__file__).resolve().parents[1] / "docs" / "session_service_api_guide.md"
 MIN_CURL_EXAMPLES = 12
 MIN_RESPONSE_EXAMPLES = 10
 
