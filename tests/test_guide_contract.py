@@ -1,10 +1,10 @@
 """The API guide's own examples, driven against the service.
 
 The guide (``docs/session_service_api_guide.md``, the contract as our users' clients received it) is
-read at test time, so there is no second copy of it here: every fenced ``bash`` block with a ``curl`` command becomes a request, the
-``**响应:**`` JSON block after it becomes the expected shape, the error section gives the exact 404 and
-400 bodies, and the ``SessionClient`` example runs as written against a tiny in-process ``httpx``
-stand-in that forwards to the test client.
+read at test time, so there is no second copy of it here. Every fenced ``bash`` block with a ``curl``
+command becomes a request, and the ``**响应:**`` JSON block after it becomes the expected shape. The
+error section gives the exact 404 and 400 bodies. The ``SessionClient`` example runs as written
+against a tiny in-process ``httpx`` stand-in that forwards to the test client.
 
 The guide's user ids are mapped to ids unique to this run (``test_user_123`` -> ``test_user_123-<hex>``),
 ``{session_id}``/``{SESSION_ID}``/``{user_id}`` to the session that the nearest preceding create example
