@@ -45,6 +45,16 @@ class Keys:
     def stats(self, bucket: int) -> str:
         return f"{self.tag(bucket)}:stats"
 
+    # A session's keys from its bucket alone (the workers know the bucket, not always the user).
+    def session(self, bucket: int, sid: str) -> str:
+        return f"{self.tag(bucket)}:s:{sid}"
+
+    def messages(self, bucket: int, sid: str) -> str:
+        return f"{self.tag(bucket)}:m:{sid}"
+
+    def memories(self, bucket: int, sid: str) -> str:
+        return f"{self.tag(bucket)}:y:{sid}"
+
     def outbox(self, bucket: int) -> str:
         return f"{self.tag(bucket)}:outbox"
 

@@ -53,9 +53,14 @@ async def reconcile(b: Backend, stale_after_s: int = 300) -> int:
     cutoff = store.now_us() - int(max(stale_after_s, pending.oldest_age_s) * 1_000_000)
     resent = 0
     for bucket in range(b.keys.buckets):
-        tag = b.keys.tag(bucket)
         for sid in await b.redis.zrangebyscore(b.keys.hot(bucket), "-inf", cutoff):
-            keys = [f"{tag}:s:{sid}", f"{tag}:m:{sid}", f"{tag}:y:{sid}", b.keys.outbox(bucket)]
+            k = b.keys
+            keys = [
+                k.session(bucket, sid),
+                k.messages(bucket, sid),
+                k.memories(bucket, sid),
+                k.outbox(bucket),
+            ]
             if int(await resync(keys=keys, args=[sid])):
                 resent += 1
     if resent:

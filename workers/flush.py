@@ -184,7 +184,7 @@ class Flusher:
     async def _snapshots(self, versions: dict[tuple[int, str], int]) -> list[dict[str, str]]:
         async with self.redis.pipeline(transaction=False) as pipe:
             for bucket, sid in versions:
-                pipe.hgetall(f"{self.keys.tag(bucket)}:s:{sid}")
+                pipe.hgetall(self.keys.session(bucket, sid))
             return list(await pipe.execute())
 
     async def _done(self, entries: Sequence[Entry]) -> None:
@@ -209,7 +209,7 @@ class Flusher:
     async def _failed(self, e: Entry, reason: str) -> None:
         """One entry could not be written. Keep it pending for redelivery, or dead-letter it."""
         FAILURES.labels("entry").inc()
-        skey = f"{self.keys.tag(e.bucket)}:s:{e.f.get('sid', '')}"
+        skey = self.keys.session(e.bucket, e.f.get("sid", ""))
         # Mark the session (only if it is in Redis) so the sweep keeps it there.
         await cast("Awaitable[int]", self.redis.eval(_MARK_STUCK, 1, skey, e.id))
         info = await self.redis.xpending_range(self.keys.outbox(e.bucket), GROUP, e.id, e.id, 1)
