@@ -8,11 +8,12 @@ from typing import cast
 
 import asyncpg
 from aiohttp import web
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 
 from session_svc import openapi
 from session_svc.keys import Keys
 from session_svc.middleware import error_middleware
+from session_svc.redis_client import redis_client
 from session_svc.settings import Settings
 from session_svc.store import Backend, Scripts
 from session_svc.typedefs import BACKEND, SETTINGS
@@ -27,19 +28,6 @@ def configure_logging(settings: Settings) -> None:
         level=logging.DEBUG if settings.debug else settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
-
-
-def redis_client(settings: Settings) -> Redis:
-    """The process-wide client. A blocking pool makes a burst wait for a connection instead of failing."""
-    pool = BlockingConnectionPool.from_url(
-        settings.redis_url,
-        max_connections=settings.redis_max_connections,
-        timeout=settings.redis_pool_timeout,
-        socket_timeout=settings.redis_socket_timeout,
-        socket_connect_timeout=settings.redis_socket_timeout,
-        decode_responses=True,
-    )
-    return Redis(connection_pool=pool)
 
 
 async def check_layout(redis: Redis, keys: Keys) -> None:

@@ -14,6 +14,7 @@ Layout (``P`` is the key prefix, ``{bNN}`` the hash tag of a bucket of users):
     P:{bNN}:hot              ZSET    sessions held in Redis, score = last write (microseconds)
     P:{bNN}:g:<sid>          STRING  version an evicted session left Redis with (expires after a day)
     P:meta                   HASH    layout facts (bucket count) checked at start-up
+    P:workers                HASH    worker heartbeats, field = consumer name, value = JSON
 
 The bucket is chosen by user id, so a session, its user's indexes, its bucket's stats and the outbox
 shard it writes to all share one hash slot: every script touches one slot and Redis Cluster works.
@@ -67,6 +68,10 @@ class Keys:
     @property
     def meta(self) -> str:
         return f"{self.prefix}:meta"
+
+    @property
+    def workers(self) -> str:
+        return f"{self.prefix}:workers"
 
 
 @dataclass(frozen=True, slots=True)

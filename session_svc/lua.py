@@ -247,7 +247,8 @@ return 1
 # the session id (that is how a cold session is still listed and found), and a marker ``g:<sid>`` keeps
 # the version it left with, so a stale copy read before the eviction can never be brought back. The
 # marker only has to outlive a request that read Postgres before the eviction: it expires after a day.
-EVICT = """
+# ``allow-oom``: eviction is how a full Redis gets its memory back.
+EVICT = """#!lua flags=allow-oom
 local evicted = 0
 for i = 3, #ARGV do
   local sid = ARGV[i]
@@ -268,12 +269,21 @@ end
 return evicted
 """
 
-# KEYS: hot set of one bucket
-# ARGV: session key prefix of the bucket, then (sid, version, ",id1,id2,...,") triples just committed
-# Records the flushed version; it only ever rises (batches may commit out of order). A session marked
-# ``stuck`` by a failed entry is released once that very entry has been committed.
-MARK_FLUSHED = """
-for i = 2, #ARGV, 3 do
+# KEYS: hot set of one bucket, outbox of that bucket
+# ARGV: session key prefix of the bucket, consumer group, n, n outbox entry ids, then
+#       (sid, version, ",id1,id2,...,") triples just committed
+# After COMMIT: records the flushed version and acknowledges the entries in one atomic step, so a
+# session is never left with its rows committed, its entries acknowledged and ``fv`` behind (it could
+# then never be evicted). The flushed version only ever rises (batches may commit out of order). A
+# session marked ``stuck`` by a failed entry is released once that very entry has been committed.
+# ``allow-oom``: it overwrites a number and removes pending entries, and it is what lets a full Redis
+# evict flushed sessions; refusing it on a full Redis would pin every session it covers.
+MARK_FLUSHED = """#!lua flags=allow-oom
+local n = tonumber(ARGV[3])
+for i = 4, 3 + n, 500 do
+  redis.call('XACK', KEYS[2], ARGV[2], unpack(ARGV, i, math.min(i + 499, 3 + n)))
+end
+for i = 4 + n, #ARGV, 3 do
   local skey = ARGV[1] .. 's:' .. ARGV[i]
   local fv = redis.call('HGET', skey, 'fv')
   if fv and tonumber(fv) < tonumber(ARGV[i + 1]) then redis.call('HSET', skey, 'fv', ARGV[i + 1]) end
@@ -285,29 +295,60 @@ end
 return 1
 """
 
+# KEYS: session
+# ARGV: outbox entry id that failed
+# Marks the session (only if it is in Redis) so the sweep keeps it there until that entry commits.
+MARK_STUCK = """#!lua flags=allow-oom
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'stuck', ARGV[1]) end
+return 1
+"""
+
 # KEYS: session, messages, memories, outbox
-# ARGV: sid
+# ARGV: sid, phase ('m' messages, 'y' memories, 's' the session itself), cursor (last seq sent in this
+#       phase), most entries, most bytes of payload
 # Reconciliation: a session whose writes are not all flushed (v > fv) although the outbox holds nothing
-# that old any more has lost outbox entries (e.g. a Redis failover dropped them). Write them again:
-# its current snapshot, and every message and memory it holds in Redis. All inserts are idempotent,
-# so re-sending what Postgres already has is harmless. Returns how many entries it wrote.
+# that old any more has lost outbox entries (e.g. a Redis failover dropped them). Its messages and
+# memories are written to the outbox again, one bounded chunk per call so that a long history never
+# lands in Redis at once, then its snapshot. All inserts are idempotent, so re-sending what Postgres
+# already has is harmless. Message and memory entries carry the flushed version ``fv`` (committing them
+# does not make the session evictable); only the last entry, the snapshot, carries ``v``, and it is
+# written after every chunk. Returns {next phase or 'done', next cursor, entries written}.
 RESYNC = """
-local h = redis.call('HMGET', KEYS[1], 'v', 'fv', 'stuck', 'user_id')
-if not h[1] or h[1] == h[2] or h[3] then return 0 end
-local sid, v, uid = ARGV[1], h[1], h[4]
-redis.call('XADD', KEYS[4], '*', 'k', 's', 'sid', sid, 'uid', uid, 'v', v)
-local n = 1
-for _, e in ipairs(redis.call('XRANGE', KEYS[2], '-', '+')) do
-  local entry = {'k', 'm', 'sid', sid, 'uid', uid, 'v', v, 'seq', string.match(e[1], '^(%d+)')}
-  for _, x in ipairs(e[2]) do entry[#entry + 1] = x end
-  redis.call('XADD', KEYS[4], '*', unpack(entry))
-  n = n + 1
+local h = redis.call('HMGET', KEYS[1], 'v', 'fv', 'stuck', 'user_id', 'memory_count')
+if not h[1] or h[1] == h[2] or h[3] then return {'done', 0, 0} end
+local sid, uid, phase, cursor = ARGV[1], h[4], ARGV[2], tonumber(ARGV[3])
+local most, budget = tonumber(ARGV[4]), tonumber(ARGV[5])
+local n, bytes = 0, 0
+if phase == 'm' then
+  local entries = redis.call('XRANGE', KEYS[2], '(' .. cursor .. '-0', '+', 'COUNT', most)
+  for _, e in ipairs(entries) do
+    cursor = tonumber(string.match(e[1], '^(%d+)'))
+    local entry = {'k', 'm', 'sid', sid, 'uid', uid, 'v', h[2], 'seq', cursor}
+    for _, x in ipairs(e[2]) do
+      entry[#entry + 1] = x
+      bytes = bytes + #x
+    end
+    redis.call('XADD', KEYS[4], '*', unpack(entry))
+    n = n + 1
+    if bytes >= budget then return {'m', cursor, n} end
+  end
+  if #entries == most then return {'m', cursor, n} end
+  return {'y', 0, n}
+elseif phase == 'y' then
+  local last = tonumber(h[5])
+  while cursor < last and n < most and bytes < budget do
+    cursor = cursor + 1
+    local doc = redis.call('HGET', KEYS[3], cursor)
+    if doc then
+      redis.call('XADD', KEYS[4], '*', 'k', 'y', 'sid', sid, 'uid', uid, 'v', h[2], 'seq', cursor,
+        'doc', doc)
+      n = n + 1
+      bytes = bytes + #doc
+    end
+  end
+  if cursor < last then return {'y', cursor, n} end
+  return {'s', 0, n}
 end
-local docs = redis.call('HGETALL', KEYS[3])
-for i = 1, #docs, 2 do
-  redis.call('XADD', KEYS[4], '*', 'k', 'y', 'sid', sid, 'uid', uid, 'v', v, 'seq', docs[i],
-    'doc', docs[i + 1])
-  n = n + 1
-end
-return n
+redis.call('XADD', KEYS[4], '*', 'k', 's', 'sid', sid, 'uid', uid, 'v', h[1])
+return {'done', 0, n + 1}
 """

@@ -9,9 +9,8 @@ import asyncpg
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from session_svc import redis_client
 from session_svc.errors import ServiceError
 from session_svc.typedefs import SETTINGS
 
@@ -30,6 +29,7 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    redis_client.reset_outcome()
     try:
         return await handler(request)
     except ServiceError as exc:
@@ -41,9 +41,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status == 413:
             detail = f"Request body too large (limit {request.app[SETTINGS].max_body_bytes} bytes)"
         return json_response({"detail": detail}, exc.status)
-    except (RedisConnectionError, RedisTimeoutError) as exc:
-        log.warning("redis unavailable: %s %s: %r", request.method, request.path, exc)
-        return json_response({"detail": "Session store unavailable (Redis)"}, 503)
+    except redis_client.REDIS_FAILURES as exc:
+        detail = redis_client.failure(exc, write=request.method not in ("GET", "HEAD"))
+        if not isinstance(exc, redis_client.CircuitOpen):  # one line per failure, not per request
+            log.warning("redis: %s %s: %r", request.method, request.path, exc)
+        return json_response({"detail": detail}, 503)
     except (
         OSError,
         asyncpg.PostgresConnectionError,

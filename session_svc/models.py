@@ -334,11 +334,17 @@ class HealthOut(BaseModel):
 
 class HealthDetailedOut(BaseModel):
     service: str
-    status: str = Field(description="operational, or degraded when Redis or Postgres is unreachable")
+    status: str = Field(description="operational, or degraded when anything in `reasons` is wrong")
+    reasons: list[str] = Field(description="what is wrong, empty when operational")
+    accepting_writes: bool = Field(description="false (and HTTP 503) when Redis is unreachable or full")
     port: int
     version: str
     redis_connected: bool
     database_connected: bool
+    redis_memory_used_bytes: int | None
+    redis_memory_max_bytes: int | None = Field(description="Redis maxmemory, 0 when unlimited")
+    workers_alive: int | None = Field(description="workers whose heartbeat is recent")
+    last_flush_age_seconds: float | None = Field(description="since a worker last committed a batch")
     outbox_backlog: int | None = Field(description="outbox entries not yet written to Postgres")
     outbox_lag_seconds: float | None = Field(description="age of the oldest unwritten entry")
     dead_letters: int | None

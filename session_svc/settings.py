@@ -28,9 +28,20 @@ class Settings:
     # the service refuses to start against a Redis that was written with another value.
     redis_buckets: int = 16
     redis_max_connections: int = 64
-    # Seconds a request waits for a free pooled connection / for Redis to answer before a 503.
-    redis_pool_timeout: float = 5.0
-    redis_socket_timeout: float = 5.0
+    # Seconds a request waits for a free pooled connection / to connect / for Redis to answer before
+    # a 503. A hot request takes about a millisecond: a second is already a failure.
+    redis_pool_timeout: float = 1.0
+    redis_connect_timeout: float = 0.5
+    redis_socket_timeout: float = 1.0
+    # The worker reads and writes batches of up to FLUSH_BATCH_SIZE entries per bucket: allow longer.
+    worker_redis_socket_timeout: float = 10.0
+    # Circuit breaker: this many consecutive connection failures or timeouts open it; while open, Redis
+    # commands fail at once (503, nothing written) until a probe is let through after this many seconds.
+    redis_breaker_failures: int = 3
+    redis_breaker_reset: float = 1.0
+    # Fraction of Redis maxmemory above which the sweep evicts flushed sessions whatever their idle
+    # time (least recently written first) and background jobs that add data skip their round.
+    redis_memory_high_water: float = 0.8
     max_body_bytes: int = 1024 * 1024
     # Write-through and expiry (workers).
     # A session untouched this long leaves Redis once everything it holds is in Postgres.
@@ -49,6 +60,18 @@ class Settings:
     worker_name: str = ""
     # Port of the worker's Prometheus endpoint (0 = none).
     worker_metrics_port: int = 0
+    # The worker refreshes its heartbeat in Redis this often; /health/detailed counts a worker as gone
+    # when its heartbeat is older than WORKER_HEARTBEAT_TIMEOUT.
+    worker_heartbeat_interval: float = 2.0
+    worker_heartbeat_timeout: float = 10.0
+    # /health/detailed says degraded when the oldest write not yet in Postgres is older than this.
+    health_max_lag_seconds: float = 60.0
+    # Periodic jobs (arq cron): the expiry sweep and reconciliation, every N seconds. N divides a
+    # minute, or is a whole number of minutes that divides an hour.
+    sweep_every_seconds: int = 30
+    reconcile_every_seconds: int = 300
+    # Reconciliation re-sends a session only if it was last written at least this long ago.
+    reconcile_stale_after_seconds: int = 300
 
     def __post_init__(self) -> None:
         # Both end up inside SQL identifiers and Redis keys: keep them to a safe alphabet.
@@ -58,6 +81,12 @@ class Settings:
             raise ValueError(f"KEY_PREFIX must match [A-Za-z0-9_.-]{{1,64}}, got {self.key_prefix!r}")
         if not 1 <= self.redis_buckets <= 1024:
             raise ValueError("REDIS_BUCKETS must be between 1 and 1024")
+        if not 0 < self.redis_memory_high_water <= 1:
+            raise ValueError("REDIS_MEMORY_HIGH_WATER must be a fraction in (0, 1]")
+        if self.redis_breaker_failures < 1:
+            raise ValueError("REDIS_BREAKER_FAILURES must be at least 1")
+        for name in ("sweep_every_seconds", "reconcile_every_seconds"):
+            every_schedule(getattr(self, name), name.upper())
 
     @property
     def arq_url(self) -> str:
@@ -82,3 +111,12 @@ class Settings:
             else:
                 values[f.name] = raw
         return cls(**values)  # type: ignore[arg-type]
+
+
+def every_schedule(seconds: int, name: str = "interval") -> tuple[set[int] | None, set[int]]:
+    """``(minutes, seconds)`` sets of a cron that fires every ``seconds`` (arq's ``cron`` fields)."""
+    if 0 < seconds < 60 and 60 % seconds == 0:
+        return None, set(range(0, 60, seconds))
+    if seconds % 60 == 0 and 0 < seconds <= 3600 and 3600 % seconds == 0:
+        return set(range(0, 60, seconds // 60)), {0}
+    raise ValueError(f"{name} must divide a minute, or be whole minutes dividing an hour; got {seconds}")

@@ -7,14 +7,17 @@ exceptions and turned into HTTP answers by the middleware.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel
 
-from session_svc import __version__, models, outbox, store
+from session_svc import __version__, heartbeat, models, outbox, redis_client, store
 from session_svc.middleware import json_response
+from session_svc.settings import Settings
 from session_svc.typedefs import BACKEND, SETTINGS
 from session_svc.validation import parse_body, parse_query, session_id
 
@@ -33,35 +36,100 @@ async def health(request: web.Request) -> web.Response:
     )
 
 
-async def health_detailed(request: web.Request) -> web.Response:
-    b = request.app[BACKEND]
-    redis_ok = db_ok = False
-    backlog: outbox.Backlog | None = None
-    try:
-        redis_ok = bool(await b.redis.ping())
+# Each dependency check of /health/detailed is capped at this many seconds, so a hung Redis or
+# Postgres makes the answer "degraded", not late (Consul's check times out at 5 s).
+HEALTH_CHECK_TIMEOUT = 1.0
+
+
+async def _redis_health(b: store.Backend, settings: Settings) -> dict[str, Any]:
+    """Reachability, memory, worker heartbeats and the outbox, or raises."""
+    async with asyncio.timeout(HEALTH_CHECK_TIMEOUT):
+        mem = await redis_client.memory(b.redis)
+        beats = await heartbeat.read(b.redis, b.keys)
         backlog = await outbox.backlog(b.redis, b.keys)
-    except Exception:
-        pass
-    if b.pg is not None:
-        try:
-            async with asyncio.timeout(2):
-                db_ok = await b.pg.fetchval("SELECT true") is True
-        except Exception:
-            pass
+    now = time.time()
+    live = [h for h in beats if now - h.at <= settings.worker_heartbeat_timeout]
+    flushed = max((h.last_flush for h in beats if h.last_flush), default=None)
+    return {
+        "memory": mem,
+        "live": live,
+        "newest_beat_age": round(now - beats[0].at, 3) if beats else None,
+        "last_flush_age": round(now - flushed, 3) if flushed else None,
+        "backlog": backlog,
+    }
+
+
+async def _postgres_health(b: store.Backend) -> bool:
+    if b.pg is None:
+        return False
+    async with asyncio.timeout(HEALTH_CHECK_TIMEOUT):
+        return await b.pg.fetchval("SELECT true") is True
+
+
+async def health_detailed(request: web.Request) -> web.Response:
+    """Readiness: ``degraded`` with the reasons when anything is wrong; HTTP 503 only when the service
+    cannot accept writes (Redis unreachable or out of memory), so a load balancer can act on it."""
+    b, settings = request.app[BACKEND], request.app[SETTINGS]
+    redis_state, db_state = await asyncio.gather(
+        _redis_health(b, settings), _postgres_health(b), return_exceptions=True
+    )
+    reasons: list[str] = []
+    r: dict[str, Any] = {}
+    if isinstance(redis_state, BaseException):
+        reasons.append(f"Redis unreachable: {_why(redis_state)}")
+    else:
+        r = redis_state
+    db_ok = db_state is True
+    if not db_ok:
+        why = _why(db_state) if isinstance(db_state, BaseException) else "not configured"
+        reasons.append(f"PostgreSQL unreachable: {why}")
+    mem: redis_client.Memory | None = r.get("memory")
+    full = mem is not None and mem.limit > 0 and mem.used >= mem.limit
+    if mem is not None and full:
+        reasons.append(f"Redis is out of memory ({mem.used} of {mem.limit} bytes): writes are refused")
+    elif mem is not None and mem.ratio >= settings.redis_memory_high_water:
+        reasons.append(f"Redis memory at {mem.ratio:.0%} of maxmemory, above the high-water mark")
+    backlog: outbox.Backlog | None = r.get("backlog")
+    live: list[heartbeat.Heartbeat] = r.get("live", [])
+    if r and not live:
+        age = r["newest_beat_age"]
+        reasons.append(
+            "no live worker: nothing is being written to PostgreSQL"
+            + (f" (last heartbeat {age:.0f}s ago)" if age is not None else " (no heartbeat on record)")
+        )
+    reasons += [f"worker {h.name}: {h.error}" for h in live if h.error]
+    if backlog is not None and backlog.oldest_age_s > settings.health_max_lag_seconds:
+        reasons.append(f"outbox lag {backlog.oldest_age_s:.0f}s: PostgreSQL is behind")
+    if backlog is not None and backlog.dead_letters:
+        reasons.append(f"{backlog.dead_letters} dead letters need an operator")
+    accepting = bool(r) and not full
     return json_response(
         {
             "service": SERVICE,
-            "status": "operational" if redis_ok and db_ok else "degraded",
-            "port": request.app[SETTINGS].service_port,
+            "status": "degraded" if reasons else "operational",
+            "reasons": reasons,
+            "accepting_writes": accepting,
+            "port": settings.service_port,
             "version": __version__,
-            "redis_connected": redis_ok,
+            "redis_connected": bool(r),
             "database_connected": db_ok,
+            "redis_memory_used_bytes": mem.used if mem else None,
+            "redis_memory_max_bytes": mem.limit if mem else None,
+            "workers_alive": len(live) if r else None,
+            "last_flush_age_seconds": r.get("last_flush_age"),
             "outbox_backlog": backlog.entries if backlog else None,
             "outbox_lag_seconds": round(backlog.oldest_age_s, 3) if backlog else None,
             "dead_letters": backlog.dead_letters if backlog else None,
             "timestamp": store.iso(store.now_us()),
-        }
+        },
+        200 if accepting else 503,
     )
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {HEALTH_CHECK_TIMEOUT:g}s"
+    return str(exc) or type(exc).__name__
 
 
 async def create_session(request: web.Request) -> web.Response:
@@ -166,8 +234,9 @@ ROUTES: tuple[Route, ...] = (
         "GET",
         "/health/detailed",
         health_detailed,
-        "Readiness of Redis, Postgres and the outbox",
+        "Readiness of Redis, Postgres, the worker and the outbox (503: writes are refused)",
         models.HealthDetailedOut,
+        errors=(503,),
     ),
     # Registered before the {session_id} routes so that "stats" is never taken for a session id.
     Route(

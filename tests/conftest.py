@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
-from session_svc import migrate
+from session_svc import heartbeat, migrate
 from session_svc.app import create_app
 from session_svc.keys import Keys
 from session_svc.settings import Settings
@@ -214,6 +215,15 @@ def flusher(redis: Redis, pool: asyncpg.Pool, keys: Keys, settings: Settings) ->
 @pytest.fixture
 def backend(client: TestClient) -> Backend:
     return client.app[BACKEND]  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+async def live_worker(backend: Backend) -> heartbeat.Heartbeat:
+    """A fresh heartbeat on record, as a running worker writes it (``/health/detailed`` needs one to say
+    ``operational``; tests of the API alone have no worker process behind them)."""
+    hb = heartbeat.Heartbeat("test-worker", time.time(), os.getpid(), 0.0, "ok")
+    await heartbeat.beat(backend.redis, backend.keys, hb)
+    return hb
 
 
 # Private servers for fault injection ------------------------------------------------------------------

@@ -368,7 +368,7 @@ def test_guide_parses_into_enough_examples() -> None:
     assert {400, 404} <= set(guide.errors), guide.errors
 
 
-async def test_guide_curl_examples(client: TestClient) -> None:
+async def test_guide_curl_examples(client: TestClient, live_worker: object) -> None:
     guide = load_guide()
     users = UserMap()
     runner = Runner(client, guide)

@@ -19,7 +19,7 @@ async def test_health_has_guide_fields(client: Any, settings: Any) -> None:
     parse_iso_z(body["timestamp"])
 
 
-async def test_health_detailed_reports_both_stores_and_the_outbox(client: Any) -> None:
+async def test_health_detailed_reports_both_stores_and_the_outbox(client: Any, live_worker: Any) -> None:
     body = await ok_json(await client.get("/health/detailed"))
     assert {
         "service",

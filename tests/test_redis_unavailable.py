@@ -1,4 +1,5 @@
-"""Redis going away: every request answers 503 with a JSON detail (never 500); health says degraded."""
+"""Redis going away: every request answers 503 with a JSON detail (never 500), writes refused before
+anything was sent say that nothing was written; readiness answers 503 with the reason."""
 
 from __future__ import annotations
 
@@ -47,10 +48,15 @@ async def test_requests_answer_503_when_redis_is_gone(make_client: Any, private_
         resp = await client.request(method, url, params=query, json=body)
         detail = (await error_json(resp, 503))["detail"]
         assert isinstance(detail, str) and "redis" in detail.lower(), (method, url, detail)
+        if method != "GET":  # connection refused: the command never left, so this is known
+            assert "nothing was written" in detail, (method, url, detail)
 
-    # Liveness still answers; readiness tells which store is down.
+    # Liveness still answers; readiness tells which store is down, with 503 for a load balancer.
     assert (await ok_json(await client.get("/health")))["status"] == "healthy"
-    health = await ok_json(await client.get("/health/detailed"))
-    assert health["redis_connected"] is False
+    resp = await client.get("/health/detailed")
+    health = await resp.json()
+    assert resp.status == 503, health
+    assert health["redis_connected"] is False and health["accepting_writes"] is False
     assert health["database_connected"] is True
-    assert health["status"] != "operational"
+    assert health["status"] == "degraded"
+    assert any(r.startswith("Redis unreachable") for r in health["reasons"]), health["reasons"]

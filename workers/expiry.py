@@ -6,8 +6,11 @@ Both are plain functions over a ``Backend``, safe to run twice or concurrently (
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 
-from session_svc import lua, outbox, store
+from redis.exceptions import OutOfMemoryError
+
+from session_svc import lua, outbox, redis_client, store
 from session_svc.store import Backend
 
 log = logging.getLogger("workers.expiry")
@@ -39,32 +42,93 @@ async def sweep(b: Backend, hot_ttl_s: int, page: int = 500) -> int:
     return total
 
 
-async def reconcile(b: Backend, stale_after_s: int = 300) -> int:
+async def relieve_memory(b: Backend, high_water: float, page: int = 200) -> int:
+    """While Redis uses more than ``high_water`` of its maxmemory, evict flushed sessions whatever their
+    idle time, least recently written first (across buckets), a page at a time. Returns how many.
+
+    Sessions written in the last second are spared (a write that just rehydrated one must land first);
+    unflushed and stuck ones are never evicted, by the same script as the idle sweep.
+    """
+    evict = b.redis.register_script(lua.EVICT)
+    skip = [0] * b.keys.buckets  # per bucket: oldest candidates that were not evictable
+    total = 0
+    while True:
+        mem = await redis_client.memory(b.redis)
+        if not mem.limit or mem.ratio < high_water:
+            break
+        async with b.redis.pipeline(transaction=False) as pipe:
+            for bucket in range(b.keys.buckets):
+                pipe.zrange(b.keys.hot(bucket), skip[bucket], skip[bucket] + page - 1, withscores=True)
+            pages: list[list[tuple[str, float]]] = await pipe.execute()
+        cutoff = store.now_us() - 1_000_000
+        oldest = sorted(
+            (score, bucket, sid) for bucket, rows in enumerate(pages) for sid, score in rows if score < cutoff
+        )[:page]
+        if not oldest:
+            break
+        chosen: dict[int, list[str]] = defaultdict(list)
+        for _score, bucket, sid in oldest:
+            chosen[bucket].append(sid)
+        evicted = 0
+        for bucket, sids in chosen.items():
+            n = int(await evict(keys=[b.keys.hot(bucket)], args=[b.keys.tag(bucket) + ":", cutoff, *sids]))
+            skip[bucket] += len(sids) - n
+            evicted += n
+        total += evicted
+    if total:
+        log.warning(
+            "Redis memory above %.0f%% of maxmemory: evicted %d flushed sessions", high_water * 100, total
+        )
+    return total
+
+
+# Reconciliation writes a lost session back to the outbox in chunks of at most this many entries or
+# (about) this many bytes of payload, checking Redis memory between chunks.
+RESYNC_ENTRIES = 100
+RESYNC_BYTES = 1 << 20
+
+
+async def reconcile(b: Backend, stale_after_s: int = 300, high_water: float = 1.0) -> int:
     """Re-send the writes of sessions that are unflushed although the outbox holds nothing that old.
 
     Normally every write's outbox entry is flushed within a second, and ``fv`` catches up with ``v``.
     A session last written before the oldest entry still in the outbox (and more than ``stale_after_s``
     ago, a margin for clock skew between API hosts and Redis) that still has ``v > fv`` has lost
     entries: it would never be flushed, nor ever leave Redis. Its data is written to the outbox again
-    (idempotent). Returns how many sessions were re-sent.
+    (idempotent), in bounded chunks. The run stops (to be resumed by the next one) as soon as Redis
+    memory is above ``high_water`` of maxmemory or Redis refuses a chunk for lack of memory: re-sending
+    must never be what fills Redis. Returns how many sessions were re-sent completely.
     """
     resync = b.redis.register_script(lua.RESYNC)
     pending = await outbox.backlog(b.redis, b.keys)
     cutoff = store.now_us() - int(max(stale_after_s, pending.oldest_age_s) * 1_000_000)
     resent = 0
-    for bucket in range(b.keys.buckets):
-        for sid in await b.redis.zrangebyscore(b.keys.hot(bucket), "-inf", cutoff):
-            k = b.keys
-            keys = [
-                k.session(bucket, sid),
-                k.messages(bucket, sid),
-                k.memories(bucket, sid),
-                k.outbox(bucket),
-            ]
-            if int(await resync(keys=keys, args=[sid])):
-                resent += 1
-    if resent:
-        log.warning("reconciliation re-sent %d sessions whose outbox entries were lost", resent)
+    try:
+        for bucket in range(b.keys.buckets):
+            for sid in await b.redis.zrangebyscore(b.keys.hot(bucket), "-inf", cutoff):
+                k = b.keys
+                keys = [
+                    k.session(bucket, sid),
+                    k.messages(bucket, sid),
+                    k.memories(bucket, sid),
+                    k.outbox(bucket),
+                ]
+                phase, cursor, written = "m", 0, 0
+                while phase != "done":
+                    if (await redis_client.memory(b.redis)).ratio >= high_water:
+                        log.warning("reconciliation paused: Redis memory above the high-water mark")
+                        return resent
+                    phase, cursor, n = await resync(
+                        keys=keys, args=[sid, phase, cursor, RESYNC_ENTRIES, RESYNC_BYTES]
+                    )
+                    cursor, written = int(cursor), written + int(n)
+                if written:
+                    resent += 1
+    except OutOfMemoryError:
+        log.warning("reconciliation stopped: Redis is out of memory")
+    finally:
+        if resent:
+            log.warning("reconciliation re-sent %d sessions whose outbox entries were lost", resent)
     return resent
 
 

@@ -2,7 +2,8 @@
 
 The loop, per round: read new entries of every bucket (one pipelined round trip), take each touched
 session's current hash, upsert sessions, then insert messages and memories, all in one transaction;
-after COMMIT record the flushed version on each session (``fv``) and only then XACK. So:
+after COMMIT record the flushed version on each session (``fv``) and XACK, in one atomic script that
+also runs on a full Redis (retried until it lands, see ``_done``). So:
 
 - a worker killed before COMMIT leaves its entries pending; another worker (or itself, restarted with
   the same WORKER_NAME) reclaims them with XAUTOCLAIM and writes them again;
@@ -23,9 +24,10 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from functools import partial
+from typing import Any
 
 import asyncpg
 import orjson
@@ -78,10 +80,15 @@ class Flusher:
     claim_idle_ms: int = 30_000
     idle_sleep: float = 0.05
     consumer_idle_ms: int = 86_400_000
+    # For the heartbeat: when a batch last committed (epoch s), and why the drain is paused, if it is.
+    last_commit: float = 0.0
+    last_error: str = ""
     _mark: AsyncScript = field(init=False)
+    _stuck: AsyncScript = field(init=False)
 
     def __post_init__(self) -> None:
         self._mark = self.redis.register_script(lua.MARK_FLUSHED)
+        self._stuck = self.redis.register_script(lua.MARK_STUCK)
 
     # Reading ---------------------------------------------------------------------------------------
 
@@ -180,6 +187,7 @@ class Flusher:
         ROWS.labels("memory").inc(len(memories))
         BATCHES.inc()
         LAST_BATCH.set(len(entries))
+        self.last_commit = time.time()
 
     async def _snapshots(self, versions: dict[tuple[int, str], int]) -> list[dict[str, str]]:
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -188,30 +196,31 @@ class Flusher:
             return list(await pipe.execute())
 
     async def _done(self, entries: Sequence[Entry]) -> None:
-        """After COMMIT: raise each session's flushed version, then acknowledge."""
+        """After COMMIT: per bucket, raise each session's flushed version and acknowledge, atomically.
+
+        Retried with backoff while Redis is unreachable: the rows are committed, and giving up would
+        make the entries be written again (harmless, but the whole batch). If the worker dies first,
+        the entries stay pending and are replayed idempotently, then marked by whoever replays them.
+        """
         ids: dict[int, list[str]] = defaultdict(list)
         ids_of_session: dict[tuple[int, str], list[str]] = defaultdict(list)
         for e in entries:
             ids[e.bucket].append(e.id)
             ids_of_session[(e.bucket, e.f["sid"])].append(e.id)
-        per_bucket: dict[int, list[str]] = defaultdict(list)
+        triples: dict[int, list[str]] = defaultdict(list)
         for (bucket, sid), v in _max_versions(entries).items():
-            per_bucket[bucket] += [sid, str(v), "," + ",".join(ids_of_session[(bucket, sid)]) + ","]
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for bucket, pairs in per_bucket.items():
-                await self._mark(
-                    keys=[self.keys.hot(bucket)], args=[self.keys.tag(bucket) + ":", *pairs], client=pipe
-                )
-            for bucket, eids in ids.items():
-                pipe.xack(self.keys.outbox(bucket), GROUP, *eids)
-            await pipe.execute()
+            triples[bucket] += [sid, str(v), "," + ",".join(ids_of_session[(bucket, sid)]) + ","]
+        for bucket, eids in ids.items():
+            keys = [self.keys.hot(bucket), self.keys.outbox(bucket)]
+            args: list[str | int] = [self.keys.tag(bucket) + ":", GROUP, len(eids), *eids, *triples[bucket]]
+            await _retrying(partial(self._mark, keys=keys, args=args), what="recording a flushed batch")
 
     async def _failed(self, e: Entry, reason: str) -> None:
         """One entry could not be written. Keep it pending for redelivery, or dead-letter it."""
         FAILURES.labels("entry").inc()
         skey = self.keys.session(e.bucket, e.f.get("sid", ""))
         # Mark the session (only if it is in Redis) so the sweep keeps it there.
-        await cast("Awaitable[int]", self.redis.eval(_MARK_STUCK, 1, skey, e.id))
+        await self._stuck(keys=[skey], args=[e.id])
         info = await self.redis.xpending_range(self.keys.outbox(e.bucket), GROUP, e.id, e.id, 1)
         deliveries = int(info[0]["times_delivered"]) if info else self.max_deliveries
         if deliveries >= self.max_deliveries:
@@ -289,10 +298,12 @@ class Flusher:
                 else:
                     await asyncio.sleep(self.idle_sleep)
                 backoff = 0.0
+                self.last_error = ""
             except Exception as exc:
                 # Nothing may kill the drain. Whatever was read stays pending for this consumer;
                 # re-read it first once things work again.
                 backoff = min(5.0, max(0.2, backoff * 2))
+                self.last_error = f"outbox drain paused: {exc!r}"[:300]
                 if isinstance(exc, UNAVAILABLE):
                     FAILURES.labels("unavailable").inc()
                     log.warning("flush paused %.1fs: %r", backoff, exc)
@@ -376,7 +387,21 @@ def _memory_row(e: Entry) -> tuple[Any, ...]:
     )  # fmt: skip
 
 
-_MARK_STUCK = "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'stuck', ARGV[1]) end"
+async def _retrying(call: Callable[[], Awaitable[Any]], what: str, attempts: int = 8) -> None:
+    """Bookkeeping that must land: retry while Redis is unreachable (0.1 s doubling to 2 s, ~8 s in
+    all), then let the error reach the drain loop, which re-reads this consumer's pending entries."""
+    delay = 0.1
+    for attempt in range(1, attempts + 1):
+        try:
+            await call()
+            return
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            if attempt == attempts:
+                raise
+            log.warning("%s failed (attempt %d): %r; retrying in %.1fs", what, attempt, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(2.0, delay * 2)
+
 
 _US = "'epoch'::timestamptz + {} * interval '1 microsecond'"
 

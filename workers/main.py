@@ -1,33 +1,57 @@
-"""The arq worker: runs the outbox drain as a long-lived task, and the periodic jobs as cron jobs.
+"""The worker process: the outbox drain, the heartbeat, memory relief and arq's cron jobs, supervised.
 
-arq gives us the process, signals, cron scheduling and job retries. The drain is not an arq job per
-write (an enqueue costs about 4x an XADD); it is one loop reading the outbox streams. arq's own queue
-lives on ``ARQ_REDIS_URL`` (it does not run on Redis Cluster), which defaults to ``REDIS_URL``.
+Nothing Redis or Postgres does ends this process; only SIGTERM/SIGINT do. Each part is a task that
+survives its dependencies going away and coming back:
+
+- the drain (``Flusher.run``) retries with backoff and resumes with its own pending entries;
+- the heartbeat says every WORKER_HEARTBEAT_INTERVAL what the worker can and cannot do right now;
+- memory relief evicts flushed sessions, least recently written first, while Redis is above
+  REDIS_MEMORY_HIGH_WATER of its maxmemory;
+- arq runs the cron jobs (sweep, reconciliation, housekeeping). arq's own loop exits on any Redis error
+  (a restart, a full Redis refusing its bookkeeping), so it is restarted here with backoff, and each
+  job skips its round instead of failing when Redis or Postgres is unavailable.
+
+arq gives us cron scheduling that several workers share (a cron tick is one job id, so it runs once).
+The drain is not an arq job per write (an enqueue costs about 4x an XADD); it is one loop reading the
+outbox streams. arq's queue lives on ``ARQ_REDIS_URL`` (it does not run on Redis Cluster), which
+defaults to ``REDIS_URL``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
+import signal
 import socket
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from arq import cron
-from arq.connections import RedisSettings
-from prometheus_client import start_http_server
+from arq.connections import ArqRedis
+from arq.typing import WorkerCoroutine
+from arq.worker import Worker
+from prometheus_client import Gauge, start_http_server
+from redis.asyncio import ConnectionPool
+from redis.exceptions import OutOfMemoryError
 
-from session_svc.app import pg_pool, redis_client
+from session_svc import heartbeat
+from session_svc.app import pg_pool
 from session_svc.keys import Keys
-from session_svc.settings import Settings
+from session_svc.redis_client import redis_client
+from session_svc.settings import Settings, every_schedule
 from session_svc.store import Backend, Scripts
 from workers import expiry
-from workers.flush import Flusher
+from workers.flush import UNAVAILABLE, Flusher
 
 log = logging.getLogger("workers")
 
 Ctx = dict[str, Any]
+
+ARQ_RESTARTS = Gauge("session_worker_arq_restarts", "Times the arq loop was restarted after an error")
 
 
 def consumer_name(settings: Settings) -> str:
@@ -36,63 +60,194 @@ def consumer_name(settings: Settings) -> str:
     return settings.worker_name or f"{socket.gethostname()}-{os.getpid()}"
 
 
-async def startup(ctx: Ctx) -> None:
-    settings: Settings = ctx["settings"]
-    redis = redis_client(settings)
-    pg = await pg_pool(settings)
-    if pg is None:
-        raise RuntimeError("DATABASE_URL is required by the worker")
-    keys = Keys(settings.key_prefix, settings.redis_buckets)
-    ctx["backend"] = Backend(redis, keys, Scripts.register(redis), pg, settings.db_schema)
-    flusher = Flusher(
-        redis, pg, keys, settings.db_schema, consumer_name(settings), batch_size=settings.flush_batch_size,
-        max_deliveries=settings.flush_max_deliveries, claim_idle_ms=settings.flush_claim_idle_ms,
-    )  # fmt: skip
-    ctx["stop"] = stop = asyncio.Event()
-    ctx["drain"] = asyncio.create_task(flusher.run(stop), name="outbox-drain")
-    if settings.worker_metrics_port:
-        start_http_server(settings.worker_metrics_port)
-    log.info("worker %s draining %d outbox buckets", flusher.consumer, keys.buckets)
+# Cron jobs ---------------------------------------------------------------------------------------------
 
 
-async def shutdown(ctx: Ctx) -> None:
-    ctx["stop"].set()
-    drain: asyncio.Task[None] = ctx["drain"]
-    with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(asyncio.shield(drain), timeout=10)
-    drain.cancel()
-    b: Backend = ctx["backend"]
-    if b.pg is not None:
-        await b.pg.close()
-    await b.redis.aclose()
+SKIPPABLE: tuple[type[BaseException], ...] = (*UNAVAILABLE, OutOfMemoryError)
 
 
+def _skips_round(job: Callable[[Ctx], Awaitable[int]]) -> WorkerCoroutine:
+    """A job that meets an unavailable or full Redis (or Postgres) skips this round; the next runs."""
+
+    @functools.wraps(job)
+    async def run(ctx: Ctx, *_args: Any, **_kwargs: Any) -> int:
+        try:
+            return await job(ctx)
+        except SKIPPABLE as exc:
+            log.warning("%s skipped this round: %r", job.__name__, exc)
+            return 0
+
+    return run
+
+
+@_skips_round
 async def sweep_job(ctx: Ctx) -> int:
-    return await expiry.sweep(ctx["backend"], ctx["settings"].session_hot_ttl)
+    s: Settings = ctx["settings"]
+    return await expiry.sweep(ctx["backend"], s.session_hot_ttl)
 
 
+@_skips_round
 async def reconcile_job(ctx: Ctx) -> int:
-    return await expiry.reconcile(ctx["backend"])
+    s: Settings = ctx["settings"]
+    return await expiry.reconcile(ctx["backend"], s.reconcile_stale_after_seconds, s.redis_memory_high_water)
 
 
+@_skips_round
 async def housekeeping_job(ctx: Ctx) -> int:
     s: Settings = ctx["settings"]
     return await expiry.housekeeping(ctx["backend"], s.end_idle_after_days, s.archive_completed_after_days)
 
 
-def worker_settings(settings: Settings) -> dict[str, Any]:
-    """Keyword arguments for ``arq.run_worker``/``arq.Worker``."""
-    return {
-        "functions": [],
-        "cron_jobs": [
-            cron(sweep_job, second={0, 30}, run_at_startup=True, timeout=300),
-            cron(reconcile_job, minute=set(range(2, 60, 5)), second={15}, timeout=300),
-            cron(housekeeping_job, minute={7}, second={0}, timeout=600),
-        ],
-        "on_startup": startup,
-        "on_shutdown": shutdown,
-        "ctx": {"settings": settings},
-        "redis_settings": RedisSettings.from_dsn(settings.arq_url),
-        "queue_name": f"{settings.key_prefix}:arq:queue",
-        "handle_signals": True,
-    }
+def cron_jobs(settings: Settings) -> list[Any]:
+    sweep_min, sweep_sec = every_schedule(settings.sweep_every_seconds)
+    rec_min, rec_sec = every_schedule(settings.reconcile_every_seconds)
+    # Reconciliation runs 15 s after the sweep's ticks (when its period allows), never at the same time.
+    rec_sec = {(s + 15) % 60 for s in rec_sec} if rec_min is not None else rec_sec
+    return [
+        cron(sweep_job, minute=sweep_min, second=sweep_sec, run_at_startup=True, timeout=300),
+        cron(reconcile_job, minute=rec_min, second=rec_sec, timeout=300),
+        cron(housekeeping_job, minute={7}, second={0}, timeout=600),
+    ]
+
+
+# The supervised parts ------------------------------------------------------------------------------------
+
+
+async def _pause(stop: asyncio.Event, seconds: float) -> None:
+    """Sleep, but wake at once on stop."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+class Arq:
+    """arq's worker loop, started again with backoff whenever it dies (see the module docstring)."""
+
+    def __init__(self, settings: Settings, backend: Backend) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.error = ""
+
+    async def run(self, stop: asyncio.Event) -> None:
+        backoff = 0.5
+        while not stop.is_set():
+            started = time.monotonic()
+            failure = await self._once(stop)
+            if failure is None:
+                return
+            ARQ_RESTARTS.inc()
+            if time.monotonic() - started > 60:
+                backoff = 0.5  # it ran fine for a while: this is a new incident
+            self.error = f"cron scheduler restarting: {failure!r}"[:300]
+            log.warning("arq loop stopped (%r); restarting in %.1fs", failure, backoff)
+            await _pause(stop, backoff)
+            backoff = min(10.0, backoff * 2)
+
+    async def _once(self, stop: asyncio.Event) -> BaseException | None:
+        """Run arq until it fails (returns the error) or ``stop`` is set (returns None)."""
+        s = self.settings
+        pool = ConnectionPool.from_url(s.arq_url, socket_timeout=5, socket_connect_timeout=1)
+        arq_redis = ArqRedis(pool)
+        worker = Worker(
+            functions=[],
+            cron_jobs=cron_jobs(s),
+            redis_pool=arq_redis,
+            queue_name=f"{s.key_prefix}:arq:queue",
+            ctx={"settings": s, "backend": self.backend},
+            handle_signals=False,
+        )
+        main = asyncio.create_task(worker.main(), name="arq")
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({main, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if main.done() and not main.cancelled() and main.exception() is not None:
+                return main.exception()
+            if not main.done():  # stopping: the cron jobs are idempotent, a cancelled one reruns
+                return None
+            return RuntimeError("arq loop ended")
+        finally:
+            stopping.cancel()
+            for task in [*worker.tasks.values(), main]:
+                task.cancel()
+            await asyncio.gather(main, *worker.tasks.values(), return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await arq_redis.aclose(close_connection_pool=True)
+            if not stop.is_set():
+                self.error = ""
+
+
+async def _heartbeat(
+    backend: Backend, name: str, flusher: Flusher, arq: Arq, interval: float, stop: asyncio.Event
+) -> None:
+    failing = False
+    while not stop.is_set():
+        errors = [e for e in (flusher.last_error, arq.error) if e]
+        hb = heartbeat.Heartbeat(
+            name,
+            time.time(),
+            os.getpid(),
+            flusher.last_commit,
+            "degraded" if errors else "ok",
+            "; ".join(errors),
+        )
+        try:
+            await heartbeat.beat(backend.redis, backend.keys, hb)
+            failing = False
+        except Exception as exc:
+            if not failing:  # once per outage, not every interval
+                log.warning("heartbeat not recorded: %r", exc)
+            failing = True
+        await _pause(stop, interval)
+
+
+async def _relieve_memory(backend: Backend, high_water: float, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            await expiry.relieve_memory(backend, high_water)
+        except Exception as exc:
+            log.debug("memory relief skipped: %r", exc)
+        await _pause(stop, 1.0)
+
+
+async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Run the worker until ``stop`` is set (by SIGTERM/SIGINT when it is not given)."""
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    redis = redis_client(settings, socket_timeout=settings.worker_redis_socket_timeout)
+    pg = await pg_pool(settings)  # min_size=0: no connection yet, so Postgres may well be down now
+    if pg is None:
+        raise RuntimeError("DATABASE_URL is required by the worker")
+    keys = Keys(settings.key_prefix, settings.redis_buckets)
+    backend = Backend(redis, keys, Scripts.register(redis), pg, settings.db_schema)
+    name = consumer_name(settings)
+    flusher = Flusher(
+        redis, pg, keys, settings.db_schema, name, batch_size=settings.flush_batch_size,
+        max_deliveries=settings.flush_max_deliveries, claim_idle_ms=settings.flush_claim_idle_ms,
+    )  # fmt: skip
+    arq = Arq(settings, backend)
+    if settings.worker_metrics_port:
+        start_http_server(settings.worker_metrics_port)
+    log.info("worker %s draining %d outbox buckets", name, keys.buckets)
+    drain = asyncio.create_task(flusher.run(stop), name="outbox-drain")
+    others = [
+        asyncio.create_task(arq.run(stop), name="arq"),
+        asyncio.create_task(
+            _heartbeat(backend, name, flusher, arq, settings.worker_heartbeat_interval, stop),
+            name="heartbeat",
+        ),
+        asyncio.create_task(_relieve_memory(backend, settings.redis_memory_high_water, stop), name="memory"),
+    ]
+    try:
+        await stop.wait()
+    finally:
+        stop.set()
+        log.info("worker %s stopping", name)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(drain), timeout=10)  # finish the batch in hand
+        for task in [drain, *others]:
+            task.cancel()
+        await asyncio.gather(drain, *others, return_exceptions=True)
+        await pg.close()
+        await redis.aclose()
