@@ -25,7 +25,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -359,11 +359,13 @@ def free_port() -> int:
 
 @dataclass
 class RedisServer:
-    """A private ``redis-server`` (no persistence) in its own directory."""
+    """A private ``redis-server`` in its own directory; ``args`` add to its command line (persistence,
+    maxmemory). ``restart`` starts it again on the same port and directory (reloading its AOF)."""
 
     port: int
     proc: subprocess.Popen[bytes]
     dir: Path
+    args: tuple[str, ...] = ()
 
     @property
     def url(self) -> str:
@@ -377,42 +379,54 @@ class RedisServer:
             self.proc.kill()
             self.proc.wait(timeout=10)
 
+    def pause(self) -> None:
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
+    def restart(self) -> None:
+        self.kill()
+        self.proc = _spawn_redis(self.port, self.dir, self.args)
+        if not _redis_answers(self.proc, self.port):
+            raise RuntimeError(f"private redis-server did not come back on port {self.port}")
+
     def destroy(self) -> None:
+        if self.proc.poll() is None:
+            self.resume()  # a stopped process only dies of SIGKILL, but do not leave it stopped
         self.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def start_redis() -> RedisServer:
+def _spawn_redis(port: int, workdir: Path, args: Sequence[str]) -> subprocess.Popen[bytes]:
     binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    cmd += ["--dir", str(workdir), *args]  # later options override earlier ones
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _redis_answers(proc: subprocess.Popen[bytes], port: int, within: float = 10.0) -> bool:
+    """Until it answers PING (not LOADING), or it exits, or ``within`` passes."""
+    deadline = time.monotonic() + within
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            with redis_sync.Redis(port=port, socket_connect_timeout=0.5) as r:
+                if r.ping():
+                    return True
+        except (redis_sync.ConnectionError, redis_sync.BusyLoadingError):
+            pass
+        time.sleep(0.05)
+    return False
+
+
+def start_redis(*args: str) -> RedisServer:
+    """A private redis-server (no persistence unless ``args`` say otherwise, e.g. ``--appendonly yes``)."""
     workdir = Path(tempfile.mkdtemp(prefix="wt-redis-"))
     for _ in range(5):  # a probed free port can be taken before redis binds it
         port = free_port()
-        proc = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        server = RedisServer(port, proc, workdir)
-        deadline = time.monotonic() + 10
-        while proc.poll() is None and time.monotonic() < deadline:
-            try:
-                with redis_sync.Redis(port=port, socket_connect_timeout=0.5) as r:
-                    if r.ping():
-                        return server
-            except redis_sync.ConnectionError:
-                time.sleep(0.05)
+        proc = _spawn_redis(port, workdir, args)
+        if _redis_answers(proc, port):
+            return RedisServer(port, proc, workdir, tuple(args))
         if proc.poll() is None:
             proc.kill()
             proc.wait()
@@ -528,20 +542,10 @@ class WorkerProcess:
 def start_worker(settings: Settings, name: str, log_dir: Path, **extra_env: str) -> WorkerProcess:
     """``python -m workers`` with its settings in the environment (and nothing else of ours)."""
     env = {k: v for k, v in os.environ.items() if k not in SETTINGS_ENV}
-    env.update(
-        REDIS_URL=settings.redis_url,
-        ARQ_REDIS_URL=settings.arq_url,
-        DATABASE_URL=settings.database_url,
-        DB_SCHEMA=settings.db_schema,
-        KEY_PREFIX=settings.key_prefix,
-        REDIS_BUCKETS=str(settings.redis_buckets),
-        WORKER_NAME=name,
-        FLUSH_CLAIM_IDLE_MS=str(settings.flush_claim_idle_ms),
-        FLUSH_BATCH_SIZE=str(settings.flush_batch_size),
-        FLUSH_MAX_DELIVERIES=str(settings.flush_max_deliveries),
-        SESSION_HOT_TTL=str(settings.session_hot_ttl),
-        PYTHONUNBUFFERED="1",
-    )
+    for f in fields(settings):  # every setting, so the worker runs exactly as configured
+        value = getattr(settings, f.name)
+        env[f.name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
+    env.update(WORKER_NAME=name, PYTHONUNBUFFERED="1")
     env.update(extra_env)
     log = log_dir / f"{name}.log"
     with log.open("wb") as out:

@@ -122,6 +122,9 @@ async def _pause(stop: asyncio.Event, seconds: float) -> None:
 class Arq:
     """arq's worker loop, started again with backoff whenever it dies (see the module docstring)."""
 
+    # arq polls every 0.5 s: a loop alive this long after a (re)start is taken as working again.
+    HEALTHY_AFTER = 2.0
+
     def __init__(self, settings: Settings, backend: Backend) -> None:
         self.settings = settings
         self.backend = backend
@@ -135,12 +138,12 @@ class Arq:
             if failure is None:
                 return
             ARQ_RESTARTS.inc()
-            if time.monotonic() - started > 60:
+            if time.monotonic() - started > self.HEALTHY_AFTER + backoff:
                 backoff = 0.5  # it ran fine for a while: this is a new incident
             self.error = f"cron scheduler restarting: {failure!r}"[:300]
             log.warning("arq loop stopped (%r); restarting in %.1fs", failure, backoff)
             await _pause(stop, backoff)
-            backoff = min(10.0, backoff * 2)
+            backoff = min(5.0, backoff * 2)
 
     async def _once(self, stop: asyncio.Event) -> BaseException | None:
         """Run arq until it fails (returns the error) or ``stop`` is set (returns None)."""
@@ -158,7 +161,10 @@ class Arq:
         main = asyncio.create_task(worker.main(), name="arq")
         stopping = asyncio.create_task(stop.wait())
         try:
-            await asyncio.wait({main, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({main, stopping}, timeout=self.HEALTHY_AFTER)
+            if not done:  # a few polls went through: it works again
+                self.error = ""
+                await asyncio.wait({main, stopping}, return_when=asyncio.FIRST_COMPLETED)
             if main.done() and not main.cancelled() and main.exception() is not None:
                 return main.exception()
             if not main.done():  # stopping: the cron jobs are idempotent, a cancelled one reruns
@@ -171,8 +177,6 @@ class Arq:
             await asyncio.gather(main, *worker.tasks.values(), return_exceptions=True)
             with contextlib.suppress(Exception):
                 await arq_redis.aclose(close_connection_pool=True)
-            if not stop.is_set():
-                self.error = ""
 
 
 async def _heartbeat(
