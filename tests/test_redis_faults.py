@@ -30,14 +30,16 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from session_svc import outbox
+from session_svc import lua, outbox
 from session_svc.app import create_app
 from session_svc.keys import Keys
 from session_svc.redis_client import REDIS_DOWN_DETAIL, REDIS_OOM_DETAIL, REDIS_UNKNOWN_DETAIL
 from session_svc.settings import Settings
+from session_svc.typedefs import BACKEND
 from tests import support
 from tests.helpers import new_user, session_url
 from tests.support import PgServer, RedisServer, WorkerProcess, eventually
+from workers import expiry
 
 pytestmark = pytest.mark.fault
 
@@ -380,10 +382,11 @@ async def test_redis_paused_for_10s_fails_fast_and_recovers_by_itself(make_rig: 
 
 
 async def test_full_redis_refuses_writes_with_503_and_recovers_by_itself(make_rig: Any) -> None:
-    """Redis at maxmemory under 16 writers of 2 KB messages to 40 sessions, then idle for longer than
-    a reconciliation period: writes answer 503 "out of memory" (never 500) while reads go on; once the
-    writers stop, the worker evicts flushed sessions and writes are taken again; no session is left
-    pinned, the worker never dies, and every 200 is in Postgres."""
+    """Redis at maxmemory under 16 writers of 2 KB messages to 40 sessions, filled while no worker ran
+    (so the worker must flush into a full Redis: its bookkeeping after COMMIT must still land), then
+    idle for longer than a reconciliation period: writes answer 503 "out of memory" (never 500) while
+    reads go on; once the writers stop, the worker evicts flushed sessions and writes are taken again;
+    no session is left pinned, the worker never dies, and every 200 is in Postgres."""
     rig: Rig = await make_rig(
         ("--maxmemory", "12mb", "--maxmemory-policy", "noeviction"),
         session_hot_ttl=5,
@@ -392,7 +395,6 @@ async def test_full_redis_refuses_writes_with_503_and_recovers_by_itself(make_ri
         reconcile_stale_after_seconds=1,
     )
     sids = [await rig.create(f"s{i}") for i in range(40)]
-    worker = rig.start_worker("w1")
     load = Load(rig, sids, writers=16, size=2048, pause=0)
     reads: list[int] = []
     try:
@@ -407,29 +409,32 @@ async def test_full_redis_refuses_writes_with_503_and_recovers_by_itself(make_ri
         full_at = time.monotonic()
 
         async def health_says_full() -> dict[str, Any] | None:
-            # used_memory hovers around the limit (each trim or eviction frees some, writers take it)
             status, body, _ = await rig.health()
             oom = status == 503 and not body["accepting_writes"]
             return body if oom and any("out of memory" in r for r in body["reasons"]) else None
 
         await eventually(health_says_full, "health to report Redis out of memory", within=10, interval=0.05)
-        await asyncio.sleep(1)
+        worker = rig.start_worker("w1")  # flushes into a full Redis while the writers keep it full
+        await asyncio.sleep(3)
     finally:
         await load.finish()
     assert set(reads) == {200}, reads  # reads keep working on a full Redis
     assert {s.status for s in rig.ledger.samples} == {200, 503}
     assert not rig.ledger.wrong, rig.ledger.wrong[:3]
 
-    # Idle now. Writes are taken again once the worker has evicted flushed sessions.
+    # Idle now. Writes are taken again once the worker has flushed and evicted sessions.
     idle = time.monotonic()
     probe = sids[0]
 
     async def writes_taken() -> bool:
         return await rig.append(probe, f"probe {time.monotonic()}") == 200
 
-    await eventually(
-        writes_taken, "a write to be acknowledged after the writers stopped", within=30, interval=0.25
-    )
+    try:
+        await eventually(
+            writes_taken, "a write acknowledged after the writers stopped", within=30, interval=0.25
+        )
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{rig.logs()}") from None
     recovered = time.monotonic() - idle
     await asyncio.sleep(max(0.0, idle + 2 * rig.settings.reconcile_every_seconds + 1 - time.monotonic()))
     info = await rig.redis.info("memory")
@@ -470,3 +475,118 @@ async def test_health_reports_a_killed_worker_within_the_heartbeat_timeout(make_
     print(f"\nworker killed: health reported it after {took:.2f} s")
     assert body["status"] == "degraded" and body["accepting_writes"] is True
     assert took <= rig.settings.worker_heartbeat_timeout + 1
+
+
+# Single requests, deterministic ---------------------------------------------------------------------
+
+
+def set_maxmemory(server: RedisServer, limit: str) -> None:
+    """``1`` makes Redis full at once, whatever it holds (it refuses writes while used > limit)."""
+    with server.client() as r:
+        r.config_set("maxmemory", limit)
+
+
+async def test_full_redis_refuses_every_write_whole_and_keeps_reading(make_rig: Any) -> None:
+    rig: Rig = await make_rig(("--maxmemory-policy", "noeviction"))
+    sid = await rig.create("before")
+    uid = rig.ledger.users[sid]
+    assert await rig.append(sid, "one") == 200
+    before = await (await rig.client.get(session_url(sid), params={"user_id": uid})).json()
+    set_maxmemory(rig.redis_server, "1")
+
+    p = {"user_id": uid}
+    writes = [
+        ("POST", "/api/v1/sessions", {}, {"user_id": new_user()}),
+        ("POST", session_url(sid, "/messages"), p, {"role": "user", "content": "two"}),
+        ("POST", session_url(sid, "/memory"), p, {"memory_type": "entity", "content": "x"}),
+        ("PUT", session_url(sid), p, {"title": "changed"}),
+        ("DELETE", session_url(sid), p, None),
+    ]
+    for method, url, query, body in writes:
+        resp = await rig.client.request(method, url, params=query, json=body)
+        assert (resp.status, await resp.json()) == (503, {"detail": REDIS_OOM_DETAIL}), (method, url)
+    # Reads go on, and show that nothing changed.
+    after = await (await rig.client.get(session_url(sid), params=p)).json()
+    assert after == before
+    resp = await rig.client.get(session_url(sid, "/messages"), params=p)
+    assert [m["content"] for m in (await resp.json())["messages"]] == ["one"]
+    status, health, _ = await rig.health()
+    assert status == 503 and health["accepting_writes"] is False, health
+
+    # Room again (an operator raised maxmemory): writes are taken, and the sequence has no gap.
+    set_maxmemory(rig.redis_server, "0")
+    resp = await rig.client.post(
+        session_url(sid, "/messages"), params=p, json={"role": "user", "content": "two"}
+    )
+    assert resp.status == 200 and (await resp.json())["sequence"] == 2
+
+
+async def test_a_lost_reply_is_an_unknown_outcome_not_a_refusal(make_rig: Any) -> None:
+    """Redis paused after receiving a write: the API cannot know whether it ran, and says so; when
+    Redis resumes, the write is applied (which is why "nothing was written" would have been a lie)."""
+    rig: Rig = await make_rig(())
+    sid = await rig.create()
+    uid = rig.ledger.users[sid]
+    assert await rig.append(sid, "first") == 200  # the script is loaded: the next call is one EVALSHA
+    rig.redis_server.pause()
+    try:
+        t0 = time.monotonic()
+        resp = await rig.client.post(
+            session_url(sid, "/messages"), params={"user_id": uid}, json={"role": "user", "content": "maybe"}
+        )
+        took = time.monotonic() - t0
+        assert (resp.status, await resp.json()) == (503, {"detail": REDIS_UNKNOWN_DETAIL})
+        assert took < rig.settings.redis_socket_timeout + 0.5
+    finally:
+        rig.redis_server.resume()
+
+    async def applied() -> bool:
+        resp = await rig.client.get(session_url(sid), params={"user_id": uid})
+        body = await resp.json()
+        return resp.status == 200 and body["message_count"] == 2
+
+    await eventually(applied, "the paused write to be applied once Redis resumed", within=5)
+
+
+async def test_reconciliation_resends_in_bounded_chunks_and_stops_above_the_high_water_mark(
+    make_rig: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session of 25 messages whose outbox entries were all lost is re-sent a few entries per script
+    (never its whole history at once), not at all while Redis is above the high-water mark, and
+    completely once it is below."""
+    rig: Rig = await make_rig(())
+    sid = await rig.create()
+    for i in range(25):
+        assert await rig.append(sid, f"m{i}") == 200
+    uk = rig.keys.for_user(rig.ledger.users[sid])
+    await rig.redis.delete(uk.outbox)  # every entry lost, as after a failover
+    backend = rig.client.app[BACKEND]
+
+    # Above the mark (any used memory is "above" 0+): nothing is added to Redis.
+    set_maxmemory(rig.redis_server, "100mb")
+    assert await expiry.reconcile(backend, stale_after_s=0, high_water=1e-9) == 0
+    assert await rig.redis.xlen(uk.outbox) == 0
+
+    monkeypatch.setattr(expiry, "RESYNC_ENTRIES", 4)
+    chunks: list[int] = []
+    original = backend.redis.register_script
+
+    def counting(script: str) -> Any:
+        call = original(script)
+
+        async def counted(**kw: Any) -> Any:
+            reply = await call(**kw)
+            chunks.append(int(reply[2]))
+            return reply
+
+        return counted if script == lua.RESYNC else call
+
+    monkeypatch.setattr(backend.redis, "register_script", counting)
+    assert await expiry.reconcile(backend, stale_after_s=0, high_water=1.0) == 1
+    assert max(chunks) <= 4 and sum(chunks) == 25 + 1, chunks  # messages, then the snapshot
+    pool = await asyncpg.create_pool(rig.pg_server.url, min_size=0, max_size=2)
+    try:
+        await support.drain(support.make_flusher(rig.redis, pool, rig.keys, rig.settings.db_schema))
+    finally:
+        await pool.close()
+    await rig.check()
