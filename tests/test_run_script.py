@@ -1,0 +1,91 @@
+"""``scripts/run.sh``, the README's first command: it serves the API and keeps a worker behind it. A
+worker killed outright (SIGKILL: none of its own code runs) is replaced within seconds while the API
+goes on answering; SIGTERM to the script stops everything it started.
+
+Runs against the shared Redis and PostgreSQL with this test's own key prefix and schema.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from typing import Any
+
+import pytest
+import redis as redis_sync
+
+from session_svc.keys import Keys
+from tests import support
+
+pytestmark = pytest.mark.fault
+
+
+def _get(url: str) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+    except OSError:  # nothing listens (yet, or any more)
+        return 0, None
+
+
+def _worker_pids(r: redis_sync.Redis, keys: Keys, fresh_within: float = 2.0) -> set[int]:
+    """Pids of workers whose heartbeat is recent."""
+    now = time.time()
+    beats = [json.loads(v) for v in r.hgetall(keys.workers).values()]
+    return {int(b["pid"]) for b in beats if now - float(b["at"]) < fresh_within}
+
+
+def test_run_sh_restarts_a_killed_worker_and_stops_on_sigterm(
+    test_urls: Any, prefix_registry: Any, tmp_path: Any
+) -> None:
+    prefix = prefix_registry.new()
+    schema = support.create_schema(test_urls.database_url)
+    port = support.free_port()
+    env = {k: v for k, v in os.environ.items() if k not in support.SETTINGS_ENV}
+    env.update(
+        REDIS_URL=test_urls.redis_url,
+        DATABASE_URL=test_urls.database_url,
+        DB_SCHEMA=schema,
+        KEY_PREFIX=prefix,
+        SERVICE_HOST="127.0.0.1",
+        SERVICE_PORT=str(port),
+        WORKER_HEARTBEAT_INTERVAL="0.3",
+        RUN_WORKER_RESTART_SECONDS="1",
+    )
+    log = (tmp_path / "run.log").open("wb")
+    proc = subprocess.Popen(
+        ["bash", "scripts/run.sh"], cwd=support.ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    keys = Keys(prefix, 16)
+    r = redis_sync.Redis.from_url(test_urls.redis_url, decode_responses=True)
+    try:
+        support.wait_sync(lambda: _get(f"http://127.0.0.1:{port}/health")[0] == 200, "the API", 60)
+        support.wait_sync(lambda: len(_worker_pids(r, keys)) == 1, "a worker heartbeat", 30)
+        (first,) = _worker_pids(r, keys)
+        os.kill(first, signal.SIGKILL)
+        killed = time.monotonic()
+        support.wait_sync(lambda: bool(_worker_pids(r, keys) - {first}), "a new worker", 15)
+        replaced = time.monotonic() - killed
+        print(f"\nrun.sh: worker replaced {replaced:.1f} s after SIGKILL")
+        assert _get(f"http://127.0.0.1:{port}/health")[0] == 200  # the API never went away
+
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=30) is not None
+        (second,) = _worker_pids(r, keys, fresh_within=60) - {first}
+        support.wait_sync(lambda: not os.path.exists(f"/proc/{second}"), "the worker to exit", 15)
+        assert _get(f"http://127.0.0.1:{port}/health")[0] == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+        r.close()
+        support.drop_schema(test_urls.database_url, schema)
+        print((tmp_path / "run.log").read_text(errors="replace")[-3000:])
