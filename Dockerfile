@@ -1,6 +1,9 @@
 # session_svc API image. The same image runs the other entry points:
 #   docker run IMAGE python -m session_svc.migrate   (apply DB migrations; run before the API)
-#   docker run IMAGE python -m workers               (arq write-through worker; run alongside)
+#   docker run --restart unless-stopped IMAGE python -m workers
+#                                                    (write-through worker; run alongside. It survives
+#                                                    Redis/Postgres outages by itself; the restart
+#                                                    policy covers a crash or the OOM killer)
 # Configure with the variables in config/session_svc.env.example (e.g. --env-file).
 FROM python:3.11-slim
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
+from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -12,7 +15,7 @@ from redis.crc import key_slot
 
 from session_svc import migrate
 from session_svc.keys import MEMORY_ALL, Keys, bucket_of
-from session_svc.settings import Settings
+from session_svc.settings import Settings, every_schedule
 from tests.helpers import add_memory, add_message, make_session, new_user
 
 
@@ -170,3 +173,22 @@ def test_migrations_applied_again_are_a_no_op(settings: Settings) -> None:
             await conn.close()
 
     assert len(asyncio.run(versions())) == 1
+
+
+def test_every_setting_is_documented_in_the_env_example_and_the_readme() -> None:
+    root = Path(__file__).resolve().parent.parent
+    example = (root / "config" / "session_svc.env.example").read_text()
+    readme = (root / "README.md").read_text()
+    names = [f.name.upper() for f in fields(Settings)]
+    assert [n for n in names if not re.search(rf"^{n}=", example, re.M)] == []
+    assert [n for n in names if f"`{n}`" not in readme] == []
+
+
+def test_job_periods_become_cron_fields_or_are_refused() -> None:
+    assert every_schedule(30) == (None, {0, 30})
+    assert every_schedule(300) == ({0, 5, 10, 15, 20, 25, 30, 35, 40, 45, 50, 55}, {0})
+    for bad in (0, 7, 90, 7200):
+        with pytest.raises(ValueError, match="SWEEP_EVERY_SECONDS"):
+            Settings(sweep_every_seconds=bad)
+    with pytest.raises(ValueError, match="REDIS_MEMORY_HIGH_WATER"):
+        Settings(redis_memory_high_water=1.5)

@@ -132,14 +132,19 @@ async def reconcile(b: Backend, stale_after_s: int = 300, high_water: float = 1.
     return resent
 
 
-async def housekeeping(b: Backend, end_idle_after_days: int, archive_completed_after_days: int) -> int:
+async def housekeeping(
+    b: Backend, end_idle_after_days: int, archive_completed_after_days: int, high_water: float = 1.0
+) -> int:
     """End active sessions idle for N days; archive completed ones after M days (0 = off).
 
     Candidates come from Postgres (the only place that holds every session, hot and cold); each change
     goes through the same script as a user's PUT, guarded by "still idle", so it reaches the outbox
     like any other write and never overrides fresh activity.
     """
-    if b.pg is None:
+    if b.pg is None or (end_idle_after_days <= 0 and archive_completed_after_days <= 0):
+        return 0
+    if (await redis_client.memory(b.redis)).ratio >= high_water:
+        log.warning("housekeeping skipped: Redis memory above the high-water mark")
         return 0
     changed = 0
     for from_status, to_status, days in (

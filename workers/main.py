@@ -34,7 +34,7 @@ from arq import cron
 from arq.connections import ArqRedis
 from arq.typing import WorkerCoroutine
 from arq.worker import Worker
-from prometheus_client import Gauge, start_http_server
+from prometheus_client import Counter, Gauge, start_http_server
 from redis.asyncio import ConnectionPool
 from redis.exceptions import OutOfMemoryError
 
@@ -51,7 +51,12 @@ log = logging.getLogger("workers")
 
 Ctx = dict[str, Any]
 
-ARQ_RESTARTS = Gauge("session_worker_arq_restarts", "Times the arq loop was restarted after an error")
+ARQ_RESTARTS = Counter("session_worker_arq_restarts_total", "Times the arq loop was restarted after an error")
+DRAIN_PAUSED = Gauge(
+    "session_worker_drain_paused", "1 while the outbox drain backs off (Redis/Postgres error)"
+)
+LAST_FLUSH = Gauge("session_worker_last_flush_timestamp_seconds", "When a batch last committed (epoch)")
+HEARTBEAT_OK = Gauge("session_worker_heartbeat_ok", "1 when the last heartbeat reached Redis")
 
 
 def consumer_name(settings: Settings) -> str:
@@ -95,7 +100,9 @@ async def reconcile_job(ctx: Ctx) -> int:
 @_skips_round
 async def housekeeping_job(ctx: Ctx) -> int:
     s: Settings = ctx["settings"]
-    return await expiry.housekeeping(ctx["backend"], s.end_idle_after_days, s.archive_completed_after_days)
+    return await expiry.housekeeping(
+        ctx["backend"], s.end_idle_after_days, s.archive_completed_after_days, s.redis_memory_high_water
+    )
 
 
 def cron_jobs(settings: Settings) -> list[Any]:
@@ -133,13 +140,12 @@ class Arq:
     async def run(self, stop: asyncio.Event) -> None:
         backoff = 0.5
         while not stop.is_set():
-            started = time.monotonic()
             failure = await self._once(stop)
             if failure is None:
                 return
             ARQ_RESTARTS.inc()
-            if time.monotonic() - started > self.HEALTHY_AFTER + backoff:
-                backoff = 0.5  # it ran fine for a while: this is a new incident
+            if not self.error:
+                backoff = 0.5  # it had been working again: this is a new incident
             self.error = f"cron scheduler restarting: {failure!r}"[:300]
             log.warning("arq loop stopped (%r); restarting in %.1fs", failure, backoff)
             await _pause(stop, backoff)
@@ -184,6 +190,9 @@ async def _heartbeat(
 ) -> None:
     failing = False
     while not stop.is_set():
+        DRAIN_PAUSED.set(1 if flusher.last_error else 0)
+        LAST_FLUSH.set(flusher.last_commit)
+        HEARTBEAT_OK.set(0 if failing else 1)
         errors = [e for e in (flusher.last_error, arq.error) if e]
         hb = heartbeat.Heartbeat(
             name,
