@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import signal
 from collections.abc import AsyncIterator, Awaitable
 from typing import cast
 
@@ -13,7 +16,7 @@ from redis.asyncio import Redis
 from session_svc import openapi
 from session_svc.keys import Keys
 from session_svc.middleware import error_middleware
-from session_svc.redis_client import redis_client
+from session_svc.redis_client import REDIS_DOWN, redis_client
 from session_svc.settings import Settings
 from session_svc.store import Backend, Scripts
 from session_svc.typedefs import BACKEND, SETTINGS
@@ -50,17 +53,42 @@ async def pg_pool(settings: Settings) -> asyncpg.Pool | None:
     )
 
 
+async def _check_layout_when_redis_answers(redis: Redis, keys: Keys) -> None:
+    """Started without Redis: check the layout as soon as it answers; a mismatch stops the process."""
+    while True:
+        await asyncio.sleep(1)
+        try:
+            await check_layout(redis, keys)
+            log.info("Redis answers; key layout checked")
+            return
+        except REDIS_DOWN:
+            continue
+        except RuntimeError:
+            log.critical("stopping: wrong key layout", exc_info=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+
+
 async def _backend_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     redis = redis_client(settings)
     keys = Keys(settings.key_prefix, settings.redis_buckets)
     pg = None
+    later: asyncio.Task[None] | None = None
     try:
-        await check_layout(redis, keys)
+        try:
+            await check_layout(redis, keys)
+        except REDIS_DOWN as exc:
+            # Serve anyway (503s that say nothing was written) so that the API comes up with Redis,
+            # not only after it: a restart during a Redis outage must not need a second restart.
+            log.warning("Redis unreachable at start (%r); answering 503 until it is back", exc)
+            later = asyncio.create_task(_check_layout_when_redis_answers(redis, keys))
         pg = await pg_pool(settings)
         app[BACKEND] = Backend(redis, keys, Scripts.register(redis), pg, settings.db_schema)
         yield
     finally:
+        if later is not None:
+            later.cancel()
         if pg is not None:
             await pg.close()
         await redis.aclose()

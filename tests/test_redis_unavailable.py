@@ -3,10 +3,12 @@ anything was sent say that nothing was written; readiness answers 503 with the r
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 
+from session_svc.typedefs import SETTINGS
 from tests.helpers import (
     SESSIONS,
     add_message,
@@ -17,6 +19,7 @@ from tests.helpers import (
     ok_json,
     session_url,
 )
+from tests.support import eventually
 
 
 @pytest.mark.fault
@@ -60,3 +63,36 @@ async def test_requests_answer_503_when_redis_is_gone(make_client: Any, private_
     assert health["database_connected"] is True
     assert health["status"] == "degraded"
     assert any(r.startswith("Redis unreachable") for r in health["reasons"]), health["reasons"]
+
+
+@pytest.mark.fault
+async def test_the_api_starts_while_redis_is_down_and_serves_once_it_is_back(
+    make_client: Any, private_redis: Any
+) -> None:
+    server = private_redis()
+    server.kill()
+    client = await make_client(redis_url=server.url)  # starts: no layout check possible yet
+    assert (await ok_json(await client.get("/health")))["status"] == "healthy"
+    assert (await client.get("/health/detailed")).status == 503
+    user = new_user()
+    resp = await client.post(SESSIONS, json={"user_id": user})
+    assert "nothing was written" in (await error_json(resp, 503))["detail"]
+
+    await asyncio.to_thread(server.restart)
+
+    async def serving() -> bool:
+        resp = await client.post(SESSIONS, json={"user_id": user})
+        return resp.status == 200
+
+    await eventually(serving, "writes acknowledged once Redis is back", within=10, interval=0.2)
+    # The deferred layout check runs too: the bucket count gets on record.
+    r = server.client()
+    meta = f"{client.app[SETTINGS].key_prefix}:meta"
+
+    async def checked() -> bool:
+        return await asyncio.to_thread(r.hget, meta, "buckets") == "16"
+
+    try:
+        await eventually(checked, "the deferred layout check", within=5, interval=0.1)
+    finally:
+        r.close()
