@@ -295,6 +295,16 @@ end
 return 1
 """
 
+# KEYS: outbox of one bucket
+# ARGV: consumer group
+# Creates the group (and the stream) unless it exists. ``allow-oom``: a worker that starts while Redis
+# is full must still be able to drain it, which is what frees memory.
+ENSURE_GROUP = """#!lua flags=allow-oom
+local r = redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
+if type(r) == 'table' and r.err and not string.find(r.err, 'BUSYGROUP', 1, true) then return r end
+return 1
+"""
+
 # KEYS: session
 # ARGV: outbox entry id that failed
 # Marks the session (only if it is in Redis) so the sweep keeps it there until that entry commits.

@@ -444,7 +444,7 @@ async def test_full_redis_refuses_writes_with_503_and_recovers_by_itself(make_ri
         f"{info['used_memory'] / 2**20:.1f} MiB of {info['maxmemory'] / 2**20:.0f} MiB"
     )
     assert worker.alive, rig.logs()
-    assert info["used_memory"] < info["maxmemory"] * rig.settings.redis_memory_high_water
+    assert info["used_memory"] < info["maxmemory"] * rig.settings.redis_memory_high_water, rig.logs()
     await rig.quiescent()
     await rig.check()
     status, health, _ = await rig.health()

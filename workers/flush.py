@@ -26,7 +26,6 @@ import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import asyncpg
@@ -85,20 +84,20 @@ class Flusher:
     last_error: str = ""
     _mark: AsyncScript = field(init=False)
     _stuck: AsyncScript = field(init=False)
+    _group: AsyncScript = field(init=False)
 
     def __post_init__(self) -> None:
         self._mark = self.redis.register_script(lua.MARK_FLUSHED)
         self._stuck = self.redis.register_script(lua.MARK_STUCK)
+        self._group = self.redis.register_script(lua.ENSURE_GROUP)
 
     # Reading ---------------------------------------------------------------------------------------
 
     async def ensure_groups(self) -> None:
-        for bucket in range(self.keys.buckets):
-            try:
-                await self.redis.xgroup_create(self.keys.outbox(bucket), GROUP, id="0", mkstream=True)
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for bucket in range(self.keys.buckets):
+                await self._group(keys=[self.keys.outbox(bucket)], args=[GROUP], client=pipe)
+            await pipe.execute()
 
     async def read(self, new: bool = True) -> list[Entry]:
         """New entries (``>``), or this consumer's own pending ones (``0``, after a restart)."""
@@ -210,10 +209,17 @@ class Flusher:
         triples: dict[int, list[str]] = defaultdict(list)
         for (bucket, sid), v in _max_versions(entries).items():
             triples[bucket] += [sid, str(v), "," + ",".join(ids_of_session[(bucket, sid)]) + ","]
-        for bucket, eids in ids.items():
-            keys = [self.keys.hot(bucket), self.keys.outbox(bucket)]
-            args: list[str | int] = [self.keys.tag(bucket) + ":", GROUP, len(eids), *eids, *triples[bucket]]
-            await _retrying(partial(self._mark, keys=keys, args=args), what="recording a flushed batch")
+
+        async def mark() -> None:  # idempotent (acks and fv only move forward): safe to send again
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for bucket, eids in ids.items():
+                    keys = [self.keys.hot(bucket), self.keys.outbox(bucket)]
+                    args: list[str | int] = [self.keys.tag(bucket) + ":", GROUP, len(eids), *eids]
+                    args += triples[bucket]
+                    await self._mark(keys=keys, args=args, client=pipe)
+                await pipe.execute()
+
+        await _retrying(mark, what="recording a flushed batch")
 
     async def _failed(self, e: Entry, reason: str) -> None:
         """One entry could not be written. Keep it pending for redelivery, or dead-letter it."""
