@@ -34,7 +34,7 @@ from session_svc.keys import Keys
 from session_svc.settings import Settings
 from session_svc.store import Backend
 from session_svc.typedefs import BACKEND
-from tests.support import RedisServer, make_flusher, start_redis
+from tests.support import PgServer, RedisServer, make_flusher, start_postgres, start_redis
 from workers.flush import Flusher
 
 
@@ -227,6 +227,16 @@ async def live_worker(backend: Backend) -> heartbeat.Heartbeat:
 
 
 # Private servers for fault injection ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pg_server() -> Iterator[PgServer]:
+    """A private PostgreSQL cluster (tests.support) for the module's fault tests, removed afterwards."""
+    server = start_postgres()
+    try:
+        yield server
+    finally:
+        server.destroy()
 
 
 @pytest.fixture

@@ -36,15 +36,6 @@ MEMORY_TYPES = ("preference", "conversation", "entity", "summary", "custom")
 
 
 @pytest.fixture(scope="module")
-def pg_server() -> Iterator[PgServer]:
-    server = support.start_postgres()
-    try:
-        yield server
-    finally:
-        server.destroy()
-
-
-@pytest.fixture(scope="module")
 def redis_server() -> Iterator[RedisServer]:
     server = support.start_redis()
     try:

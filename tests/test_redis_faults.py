@@ -21,7 +21,7 @@ import asyncio
 import random
 import statistics
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,15 +44,6 @@ from workers import expiry
 pytestmark = pytest.mark.fault
 
 AOF = ("--appendonly", "yes", "--appendfsync", "everysec", "--maxmemory-policy", "noeviction")
-
-
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[PgServer]:
-    server = support.start_postgres()
-    try:
-        yield server
-    finally:
-        server.destroy()
 
 
 @dataclass
@@ -140,14 +131,6 @@ class Rig:
         resp = await self.client.get("/health/detailed")
         return resp.status, await resp.json(), time.monotonic() - t0
 
-    async def db(self) -> asyncpg.Connection:
-        try:
-            await self.pg.fetchval("SELECT 1")
-        except (asyncpg.InterfaceError, asyncpg.PostgresError, OSError):
-            self.pg.terminate()
-            self.pg = await asyncpg.connect(self.pg_server.url)
-        return self.pg
-
     async def quiescent(self, within: float = 60.0) -> None:
         async def drained() -> bool:
             backlog = await outbox.backlog(self.redis, self.keys)
@@ -163,7 +146,7 @@ class Rig:
         """Postgres holds each acknowledged write once, equal to its answer, and nothing refused."""
         ledger = self.ledger
         assert not ledger.wrong, ledger.wrong[:5]
-        conn = await self.db()
+        conn = self.pg  # Postgres is never restarted here
         schema = self.settings.db_schema
         for sid, uid in ledger.users.items():
             rows = await support.pg_messages(conn, schema, sid)
