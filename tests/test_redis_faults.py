@@ -274,20 +274,25 @@ async def test_redis_killed_and_restarted_three_times_under_load(make_rig: Any) 
     worker = rig.start_worker("w1")
     load = Load(rig, sids, writers=8)
     recoveries = []
+    down: list[float] = []  # latencies of requests made while Redis was down
     try:
         await load.acked(60)
         for _ in range(3):
             await asyncio.to_thread(rig.redis_server.kill)
+            killed = time.monotonic()
             await asyncio.sleep(3)
             await asyncio.to_thread(rig.redis_server.restart)
             restarted = time.monotonic()
+            down += [s.elapsed for s in rig.ledger.samples if killed <= s.start < restarted]
             await load.acked(60)
             recoveries.append(first_ok_after(rig.ledger.samples, restarted))
             assert worker.alive, rig.logs()
     finally:
         await load.finish()
     print(
-        f"\nredis restarts: writes acknowledged again {[round(r, 2) for r in recoveries]} s after restart; "
+        f"\nredis restarts: {len(down)} requests while down, p50 {statistics.median(down) * 1000:.1f} ms, "
+        f"max {max(down) * 1000:.0f} ms; writes acknowledged again {[round(r, 2) for r in recoveries]} s "
+        "after restart; "
         f"{rig.ledger.acked_total} acked, {len(rig.ledger.refused)} refused, "
         f"{len(rig.ledger.unknown)} unknown"
     )
