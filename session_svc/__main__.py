@@ -7,7 +7,8 @@ import logging
 import uvloop
 from aiohttp import web
 
-from session_svc.app import configure_logging, create_app
+from session_svc.app import create_app
+from session_svc.process import configure_logging
 from session_svc.settings import Settings
 
 

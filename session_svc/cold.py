@@ -1,9 +1,9 @@
 """Reads from PostgreSQL, the system of record, for sessions whose data has left Redis.
 
-Rows come back in the very shapes Redis stores (a session hash of strings, stream fields of a message,
-a memory's JSON document), so one set of formatters in ``store.py`` serves both tiers and a cold
-session answers with the same JSON as a hot one. Timestamps and money are converted to integer
-microseconds in SQL, exactly (``numeric``), never through a float.
+Rows come back in the very shapes Redis stores (``record.py``: a session hash of strings, the stream
+fields of a message, a memory's JSON document), so one set of formatters (``shapes.py``) serves both
+tiers and a cold session answers with the same JSON as a hot one. Timestamps and money are converted
+to integer microseconds in SQL, exactly (``numeric``), never through a float.
 """
 
 from __future__ import annotations
@@ -11,12 +11,15 @@ from __future__ import annotations
 import asyncpg
 import orjson
 
+from session_svc.record import MESSAGE_FIELDS, MICROS
+
 Hash = dict[str, str]
 
-_SESSION_COLUMNS = """
+# The session hash's fields (``record.SESSION_FIELDS``) and its version, in that order.
+_SESSION_COLUMNS = f"""
     session_id, user_id, title, status, conversation_data::text AS conversation_data,
     metadata::text AS metadata, session_summary, message_count::text, total_tokens::text,
-    (total_cost * 1000000)::bigint::text AS cost_micros, memory_count::text,
+    (total_cost * {MICROS})::bigint::text AS cost_micros, memory_count::text,
     (extract(epoch FROM created_at) * 1000000)::bigint::text AS created_at,
     (extract(epoch FROM updated_at) * 1000000)::bigint::text AS updated_at,
     (extract(epoch FROM last_activity) * 1000000)::bigint::text AS last_activity,
@@ -60,7 +63,7 @@ async def load_messages(
     """Messages ``lo..hi`` (sequence numbers, inclusive) as stream fields."""
     rows = await pool.fetch(
         f"""SELECT seq, message_id AS id, role, content, message_type AS type, metadata::text AS meta,
-                   tokens_used::text AS tokens, (cost_usd * 1000000)::bigint::text AS cost,
+                   tokens_used::text AS tokens, (cost_usd * {MICROS})::bigint::text AS cost,
                    (extract(epoch FROM created_at) * 1000000)::bigint::text AS ts
             FROM "{schema}".session_messages
             WHERE session_id = $1 AND seq BETWEEN $2 AND $3 ORDER BY seq""",
@@ -68,10 +71,7 @@ async def load_messages(
         lo,
         hi,
     )
-    return [
-        (r["seq"], {k: r[k] for k in ("id", "role", "content", "type", "meta", "tokens", "cost", "ts")})
-        for r in rows
-    ]
+    return [(r["seq"], {k: r[k] for k in MESSAGE_FIELDS}) for r in rows]
 
 
 def _memory_doc(r: asyncpg.Record) -> str:

@@ -25,7 +25,11 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 
-MEMORY_ALL = "*"
+from session_svc.record import MEMORY_ALL
+
+# Suffixes of the per-session keys. Scripts that find a session's keys from its bucket's prefix (the
+# sweep, the user listing) have them generated into their source from here.
+SESSION, MESSAGES, MEMORIES, MEMORY_INDEX, GONE = "s", "m", "y", "yi", "g"
 
 
 def bucket_of(user_id: str, buckets: int) -> int:
@@ -47,14 +51,18 @@ class Keys:
         return f"{self.tag(bucket)}:stats"
 
     # A session's keys from its bucket alone (the workers know the bucket, not always the user).
+    def prefix_of(self, bucket: int) -> str:
+        """``P:{bNN}:``, to which scripts append ``<suffix>:<sid>``."""
+        return f"{self.tag(bucket)}:"
+
     def session(self, bucket: int, sid: str) -> str:
-        return f"{self.tag(bucket)}:s:{sid}"
+        return f"{self.tag(bucket)}:{SESSION}:{sid}"
 
     def messages(self, bucket: int, sid: str) -> str:
-        return f"{self.tag(bucket)}:m:{sid}"
+        return f"{self.tag(bucket)}:{MESSAGES}:{sid}"
 
     def memories(self, bucket: int, sid: str) -> str:
-        return f"{self.tag(bucket)}:y:{sid}"
+        return f"{self.tag(bucket)}:{MEMORIES}:{sid}"
 
     def outbox(self, bucket: int) -> str:
         return f"{self.tag(bucket)}:outbox"
@@ -101,17 +109,22 @@ class UserKeys:
     def hot(self) -> str:
         return f"{self.tag}:hot"
 
+    @property
+    def prefix(self) -> str:
+        """``P:{bNN}:``, to which scripts append ``<suffix>:<sid>``."""
+        return f"{self.tag}:"
+
     def gone(self, sid: str) -> str:
-        return f"{self.tag}:g:{sid}"
+        return f"{self.tag}:{GONE}:{sid}"
 
     def session(self, sid: str) -> str:
-        return f"{self.tag}:s:{sid}"
+        return f"{self.tag}:{SESSION}:{sid}"
 
     def messages(self, sid: str) -> str:
-        return f"{self.tag}:m:{sid}"
+        return f"{self.tag}:{MESSAGES}:{sid}"
 
     def memories(self, sid: str) -> str:
-        return f"{self.tag}:y:{sid}"
+        return f"{self.tag}:{MEMORIES}:{sid}"
 
     def memory_index(self, sid: str, memory_type: str = MEMORY_ALL) -> str:
-        return f"{self.tag}:yi:{sid}:{memory_type}"
+        return f"{self.tag}:{MEMORY_INDEX}:{sid}:{memory_type}"

@@ -13,6 +13,8 @@ from typing import Annotated, Any
 import orjson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from session_svc.record import MICROS, MemoryType
+
 # Size limits (documented in README, "Limits").
 MAX_ID_CHARS = 255
 MAX_TITLE_CHARS = 500
@@ -23,7 +25,6 @@ MAX_METADATA_BYTES = 16 * 1024
 MAX_CONVERSATION_BYTES = 256 * 1024
 MAX_TOKENS_PER_MESSAGE = 2**31 - 1
 MAX_COST_PER_MESSAGE = Decimal(1_000_000)
-MICROS = 1_000_000
 
 
 class SessionStatus(StrEnum):
@@ -47,14 +48,6 @@ class MessageType(StrEnum):
     tool_call = "tool_call"
     tool_result = "tool_result"
     notification = "notification"
-
-
-class MemoryType(StrEnum):
-    preference = "preference"
-    conversation = "conversation"
-    entity = "entity"
-    summary = "summary"
-    custom = "custom"
 
 
 def _capped_json(limit: int) -> AfterValidator:

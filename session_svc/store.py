@@ -1,173 +1,42 @@
 """Sessions, messages and memories: the domain operations, Redis first, Postgres for what left Redis.
 
-Every function takes the ``Backend`` (one process-wide Redis client, the key layout, the registered
-scripts and, when configured, the asyncpg pool) and plain values, and returns JSON-ready dicts in the
-guide's shapes. Hot paths are one script call. A session whose data has left Redis (``cold``) is read
-from Postgres with the same shapes, and brought back into Redis before it is written to (``cold.py``).
+Every function takes the ``Backend`` (``resources.py``: the process's Redis client, key layout,
+registered scripts and, when configured, the asyncpg pool) and plain values, and returns JSON-ready
+dicts in the guide's shapes (``shapes.py``). Hot paths are one script call (``scripts.py``). A session
+whose data has left Redis (``cold``) is read from Postgres with the same shapes (``cold.py``), and
+brought back into Redis before it is written to.
 """
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, TypeVar
 
-import asyncpg
 import orjson
-from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
 
-from session_svc import cold, lua
+from session_svc import cold
 from session_svc.errors import MEMORY_NOT_FOUND, SESSION_NOT_FOUND, Conflict, NotFound, Unavailable
-from session_svc.keys import MEMORY_ALL, Keys, UserKeys
-from session_svc.models import MICROS, MemoryCreate, MessageCreate, SessionCreate, SessionUpdate, to_micros
+from session_svc.keys import UserKeys
+from session_svc.models import MemoryCreate, MessageCreate, SessionCreate, SessionUpdate, to_micros
+from session_svc.record import LIST_FIELDS, MEMORY_ALL
+from session_svc.resources import Backend
+from session_svc.shapes import (
+    Hash,
+    Row,
+    dumps,
+    iso,
+    list_item_out,
+    memory_out,
+    message_out,
+    now_us,
+    pairs,
+    session_out,
+    summary_out,
+    usd,
+)
 
-Row = dict[str, Any]
-Hash = dict[str, str]
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class Scripts:
-    create_session: AsyncScript
-    get_session: AsyncScript
-    update_session: AsyncScript
-    append_message: AsyncScript
-    list_messages: AsyncScript
-    create_memory: AsyncScript
-    list_memories: AsyncScript
-    list_user_sessions: AsyncScript
-    rehydrate: AsyncScript
-
-    @classmethod
-    def register(cls, redis: Redis) -> Scripts:
-        return cls(
-            create_session=redis.register_script(lua.CREATE_SESSION),
-            get_session=redis.register_script(lua.GET_SESSION),
-            update_session=redis.register_script(lua.UPDATE_SESSION),
-            append_message=redis.register_script(lua.APPEND_MESSAGE),
-            list_messages=redis.register_script(lua.LIST_MESSAGES),
-            create_memory=redis.register_script(lua.CREATE_MEMORY),
-            list_memories=redis.register_script(lua.LIST_MEMORIES),
-            list_user_sessions=redis.register_script(lua.LIST_USER_SESSIONS),
-            rehydrate=redis.register_script(lua.REHYDRATE),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Backend:
-    redis: Redis
-    keys: Keys
-    scripts: Scripts
-    # None when the service runs without Postgres (unit tests): nothing is cold then.
-    pg: asyncpg.Pool | None = None
-    schema: str = "dev"
-
-
-# Formatting ------------------------------------------------------------------------------------------
-
-
-def now_us() -> int:
-    return time.time_ns() // 1000
-
-
-@lru_cache(maxsize=4096)
-def _iso_seconds(seconds: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
-
-
-def iso(us: int | str) -> str:
-    """ISO 8601 UTC with microseconds and Z. Cached per second: a page of 200 messages formats fast."""
-    seconds, micros = divmod(int(us), 1_000_000)
-    return f"{_iso_seconds(seconds)}.{micros:06d}Z"
-
-
-def usd(micros: int | str) -> float:
-    # Correctly rounded division: the nearest double to n/10^6, whose shortest repr is that decimal.
-    return int(micros) / MICROS
-
-
-def session_out(h: Hash) -> Row:
-    status = h["status"]
-    return {
-        "session_id": h["session_id"],
-        "user_id": h["user_id"],
-        "title": h["title"],
-        "status": status,
-        "conversation_data": orjson.Fragment(h["conversation_data"]),
-        "metadata": orjson.Fragment(h["metadata"]),
-        "is_active": status == "active",
-        "message_count": int(h["message_count"]),
-        "total_tokens": int(h["total_tokens"]),
-        "total_cost": usd(h["cost_micros"]),
-        "session_summary": h["session_summary"],
-        "created_at": iso(h["created_at"]),
-        "updated_at": iso(h["updated_at"]),
-        "last_activity": iso(h["last_activity"]),
-    }
-
-
-_SUMMARY_FIELDS = (
-    "session_id", "user_id", "title", "status", "message_count", "total_tokens", "total_cost", "has_memory",
-    "is_active", "session_summary", "created_at", "last_activity",
-)  # fmt: skip
-
-
-def summary_out(h: Hash) -> Row:
-    full = session_out(h)
-    full["has_memory"] = int(h["memory_count"]) > 0
-    return {k: full[k] for k in _SUMMARY_FIELDS}
-
-
-def list_item_out(sid: str, h: Hash) -> Row:
-    status = h["status"]
-    return {
-        "session_id": sid,
-        "user_id": h["user_id"],
-        "title": h["title"],
-        "status": status,
-        "is_active": status == "active",
-        "message_count": int(h["message_count"]),
-        "total_tokens": int(h["total_tokens"]),
-        "total_cost": usd(h["cost_micros"]),
-        "created_at": iso(h["created_at"]),
-        "updated_at": iso(h["updated_at"]),
-        "last_activity": iso(h["last_activity"]),
-    }
-
-
-def message_out(sid: str, uid: str, seq: int, f: Hash) -> Row:
-    """``f`` is a message as stored in the stream (and as ``cold.py`` rebuilds it from Postgres)."""
-    return {
-        "message_id": f["id"],
-        "session_id": sid,
-        "user_id": uid,
-        "sequence": seq,
-        "role": f["role"],
-        "content": f["content"],
-        "message_type": f["type"],
-        "metadata": orjson.Fragment(f["meta"]),
-        "tokens_used": int(f["tokens"]),
-        "cost_usd": usd(f["cost"]),
-        "created_at": iso(f["ts"]),
-    }
-
-
-def memory_out(sid: str, uid: str, doc: str) -> Row:
-    d = orjson.loads(doc)
-    return {"memory_id": d.pop("memory_id"), "session_id": sid, "user_id": uid, **d}
-
-
-def _pairs(flat: Sequence[str]) -> Hash:
-    it = iter(flat)
-    return dict(zip(it, it, strict=True))
-
-
-def _dumps(value: Any) -> str:
-    return orjson.dumps(value).decode()
 
 
 # Cold sessions ---------------------------------------------------------------------------------------
@@ -192,12 +61,8 @@ async def _rehydrate(b: Backend, uk: UserKeys, sid: str, uid: str) -> None:
         memories = await cold.load_memory_docs(b.pg, b.schema, sid)
         types = [str(orjson.loads(doc)["memory_type"]) for _, doc in memories]
         h = {**h, "fv": h["v"], "mfirst": str(int(h["message_count"]) + 1)}
-        argv: list[str | int] = [sid, now_us(), len(h), *(x for kv in h.items() for x in kv)]
-        for (seq, doc), mtype in zip(memories, types, strict=True):
-            argv += [seq, mtype, doc]
-        keys = [uk.session(sid), uk.memories(sid), uk.sessions, uk.active, uk.memory_index(sid, ""), uk.hot,
-                uk.gone(sid)]  # fmt: skip
-        if int(await b.scripts.rehydrate(keys=keys, args=argv)) >= 0:
+        triples = [(seq, mtype, doc) for (seq, doc), mtype in zip(memories, types, strict=True)]
+        if int(await b.scripts.rehydrate(uk, sid, now_us(), h, triples)) >= 0:
             return
         # What we read predates the session's last eviction: read Postgres again.
     raise Unavailable("Session is changing too fast to load; retry")
@@ -239,8 +104,8 @@ async def create_session(b: Backend, body: SessionCreate) -> Row:
         "user_id": body.user_id,
         "title": body.title,
         "status": "active",
-        "conversation_data": _dumps(body.conversation_data),
-        "metadata": _dumps(body.metadata),
+        "conversation_data": dumps(body.conversation_data),
+        "metadata": dumps(body.metadata),
         "session_summary": body.session_summary,
         "message_count": "0",
         "total_tokens": "0",
@@ -251,16 +116,13 @@ async def create_session(b: Backend, body: SessionCreate) -> Row:
         "last_activity": str(now),
     }
     reply = await b.scripts.create_session(
-        keys=[uk.session(sid), uk.sessions, uk.active, uk.stats, uk.outbox, uk.hot],
-        args=[
-            sid,
-            body.user_id,
-            body.title,
-            h["conversation_data"],
-            h["metadata"],
-            body.session_summary,
-            now,
-        ],
+        uk,
+        sid,
+        title=body.title,
+        conversation_data=h["conversation_data"],
+        metadata=h["metadata"],
+        summary=body.session_summary,
+        now=now,
     )
     _check(reply, "cannot create")
     return session_out(h)
@@ -268,9 +130,9 @@ async def create_session(b: Backend, body: SessionCreate) -> Row:
 
 async def _session_hash(b: Backend, sid: str, uid: str) -> Hash:
     uk = b.keys.for_user(uid)
-    reply = await b.scripts.get_session(keys=[uk.session(sid), uk.sessions], args=[sid, uid])
+    reply = await b.scripts.get_session(uk, sid)
     if reply[0] == "ok":
-        return _pairs(reply[1])
+        return pairs(reply[1])
     return await _cold_hash(b, sid, uid)
 
 
@@ -287,9 +149,9 @@ async def update_session(b: Backend, sid: str, uid: str, body: SessionUpdate) ->
     if body.title is not None:
         fields += ["title", body.title]
     if body.metadata is not None:
-        fields += ["metadata", _dumps(body.metadata)]
+        fields += ["metadata", dumps(body.metadata)]
     if body.conversation_data is not None:
-        fields += ["conversation_data", _dumps(body.conversation_data)]
+        fields += ["conversation_data", dumps(body.conversation_data)]
     if body.session_summary is not None:
         fields += ["session_summary", body.session_summary]
     status = body.status.value if body.status is not None else ""
@@ -318,29 +180,25 @@ async def _set_session(
 
     def call() -> Awaitable[Any]:
         return b.scripts.update_session(
-            keys=[uk.session(sid), uk.sessions, uk.active, uk.stats, uk.outbox, uk.hot],
-            args=[sid, uid, now_us(), status, guard, *fields],
+            uk, sid, now=now_us(), status=status, idle_before=guard, fields=fields
         )
 
     reply = await _write(b, uk, sid, uid, call)
     _check(reply, f"it cannot become {status}" if status else "cannot update")
-    return session_out(_pairs(reply[1]))
+    return session_out(pairs(reply[1]))
 
 
 async def list_user_sessions(b: Backend, uid: str, active_only: bool, page: int, page_size: int) -> Row:
     uk = b.keys.for_user(uid)
     start = (page - 1) * page_size
-    total, sids, rows = await b.scripts.list_user_sessions(
-        keys=[uk.active if active_only else uk.sessions],
-        args=[uk.tag + ":s:", start, start + page_size - 1],
-    )
+    total, sids, rows = await b.scripts.list_user_sessions(uk, active_only, start, start + page_size - 1)
     hashes: dict[str, Hash] = {}
     cold_ids: list[str] = []
     for sid, values in zip(sids, rows, strict=True):
         if values[0] is None:
             cold_ids.append(sid)
         else:
-            hashes[sid] = dict(zip(lua.LIST_FIELDS, values, strict=True))
+            hashes[sid] = dict(zip(LIST_FIELDS, values, strict=True))
     if cold_ids and b.pg is not None:
         hashes.update(await cold.load_sessions(b.pg, b.schema, cold_ids))
     sessions = [list_item_out(sid, hashes[sid]) for sid in sids if sid in hashes]
@@ -372,50 +230,26 @@ async def stats(b: Backend) -> Row:
 
 async def append_message(b: Backend, sid: str, uid: str, body: MessageCreate) -> Row:
     uk = b.keys.for_user(uid)
-    message_id = str(uuid.uuid4())
-    cost = to_micros(body.cost_usd)  # type: ignore[arg-type]  # validated into a Decimal
-    meta = _dumps(body.metadata)
-    now = now_us()
-
-    def call() -> Awaitable[Any]:
-        return b.scripts.append_message(
-            keys=[uk.session(sid), uk.messages(sid), uk.sessions, uk.active, uk.stats, uk.outbox, uk.hot],
-            args=[
-                sid,
-                uid,
-                now,
-                message_id,
-                body.role.value,
-                body.content,
-                body.message_type.value,
-                body.tokens_used,
-                cost,
-                meta,
-            ],
-        )
-
-    reply = await _write(b, uk, sid, uid, call)
-    _check(reply, "only an active session takes new messages")
-    f = {
-        "id": message_id,
+    message = {  # record.MESSAGE_FIELDS
+        "id": str(uuid.uuid4()),
         "role": body.role.value,
         "content": body.content,
         "type": body.message_type.value,
-        "meta": meta,
         "tokens": str(body.tokens_used),
-        "cost": str(cost),
-        "ts": str(now),
+        "cost": str(to_micros(body.cost_usd)),  # type: ignore[arg-type]  # validated into a Decimal
+        "meta": dumps(body.metadata),
+        "ts": str(now_us()),
     }
-    return message_out(sid, uid, int(reply[1]), f)
+    reply = await _write(b, uk, sid, uid, lambda: b.scripts.append_message(uk, sid, message))
+    _check(reply, "only an active session takes new messages")
+    return message_out(sid, uid, int(reply[1]), message)
 
 
 async def list_messages(b: Backend, sid: str, uid: str, page: int, page_size: int) -> Row:
     uk = b.keys.for_user(uid)
     lo = (page - 1) * page_size + 1
     hi = lo + page_size - 1
-    reply = await b.scripts.list_messages(
-        keys=[uk.session(sid), uk.messages(sid), uk.sessions], args=[sid, uid, lo, hi]
-    )
+    reply = await b.scripts.list_messages(uk, sid, lo, hi)
     messages: list[Row] = []
     if reply[0] == "ok":
         total, first = int(reply[1]), int(reply[2])
@@ -423,7 +257,7 @@ async def list_messages(b: Backend, sid: str, uid: str, page: int, page_size: in
             for seq, f in await cold.load_messages(b.pg, b.schema, sid, lo, min(hi, first - 1)):
                 messages.append(message_out(sid, uid, seq, f))
         for entry_id, flat in reply[3]:
-            messages.append(message_out(sid, uid, int(entry_id.partition("-")[0]), _pairs(flat)))
+            messages.append(message_out(sid, uid, int(entry_id.partition("-")[0]), pairs(flat)))
     else:
         h = await _cold_hash(b, sid, uid)
         total = int(h["message_count"])
@@ -440,7 +274,7 @@ async def create_memory(b: Backend, sid: str, uid: str, body: MemoryCreate) -> R
     uk = b.keys.for_user(uid)
     mtype = body.memory_type.value
     now = now_us()
-    doc = _dumps(
+    doc = dumps(
         {
             "memory_id": str(uuid.uuid4()),
             "memory_type": mtype,
@@ -451,19 +285,7 @@ async def create_memory(b: Backend, sid: str, uid: str, body: MemoryCreate) -> R
     )
 
     def call() -> Awaitable[Any]:
-        return b.scripts.create_memory(
-            keys=[
-                uk.session(sid),
-                uk.memories(sid),
-                uk.memory_index(sid),
-                uk.memory_index(sid, mtype),
-                uk.sessions,
-                uk.active,
-                uk.outbox,
-                uk.hot,
-            ],
-            args=[sid, uid, now, mtype, doc],
-        )
+        return b.scripts.create_memory(uk, sid, now=now, memory_type=mtype, doc=doc)
 
     reply = await _write(b, uk, sid, uid, call)
     _check(reply, "it no longer takes memories")
@@ -476,15 +298,7 @@ async def list_memories(
     """Newest first."""
     uk = b.keys.for_user(uid)
     start = (page - 1) * page_size
-    reply = await b.scripts.list_memories(
-        keys=[
-            uk.session(sid),
-            uk.memories(sid),
-            uk.memory_index(sid, memory_type or MEMORY_ALL),
-            uk.sessions,
-        ],
-        args=[sid, uid, start, start + page_size - 1],
-    )
+    reply = await b.scripts.list_memories(uk, sid, memory_type or MEMORY_ALL, start, start + page_size - 1)
     if reply[0] == "ok":
         total = int(reply[1])
         docs = [d for d in reply[3] if d is not None]

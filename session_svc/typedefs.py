@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from session_svc.resources import Backend
 from session_svc.settings import Settings
-from session_svc.store import Backend
 
 SETTINGS = web.AppKey("settings", Settings)
 BACKEND = web.AppKey("backend", Backend)

@@ -17,7 +17,9 @@ from pydantic import BaseModel
 
 from session_svc import __version__, heartbeat, models, outbox, redis_client, store
 from session_svc.middleware import json_response
+from session_svc.resources import Backend
 from session_svc.settings import Settings
+from session_svc.shapes import iso, now_us
 from session_svc.typedefs import BACKEND, SETTINGS
 from session_svc.validation import parse_body, parse_query, session_id
 
@@ -31,7 +33,7 @@ async def health(request: web.Request) -> web.Response:
             "service": SERVICE,
             "port": request.app[SETTINGS].service_port,
             "version": __version__,
-            "timestamp": store.iso(store.now_us()),
+            "timestamp": iso(now_us()),
         }
     )
 
@@ -41,7 +43,7 @@ async def health(request: web.Request) -> web.Response:
 HEALTH_CHECK_TIMEOUT = 1.0
 
 
-async def _redis_health(b: store.Backend, settings: Settings) -> dict[str, Any]:
+async def _redis_health(b: Backend, settings: Settings) -> dict[str, Any]:
     """Reachability, memory, worker heartbeats and the outbox, or raises."""
     async with asyncio.timeout(HEALTH_CHECK_TIMEOUT):
         mem = await redis_client.memory(b.redis)
@@ -59,7 +61,7 @@ async def _redis_health(b: store.Backend, settings: Settings) -> dict[str, Any]:
     }
 
 
-async def _postgres_health(b: store.Backend) -> bool:
+async def _postgres_health(b: Backend) -> bool:
     if b.pg is None:
         return False
     async with asyncio.timeout(HEALTH_CHECK_TIMEOUT):
@@ -120,7 +122,7 @@ async def health_detailed(request: web.Request) -> web.Response:
             "outbox_backlog": backlog.entries if backlog else None,
             "outbox_lag_seconds": round(backlog.oldest_age_s, 3) if backlog else None,
             "dead_letters": backlog.dead_letters if backlog else None,
-            "timestamp": store.iso(store.now_us()),
+            "timestamp": iso(now_us()),
         },
         200 if accepting else 503,
     )

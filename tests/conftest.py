@@ -31,8 +31,8 @@ from redis.asyncio import Redis
 from session_svc import heartbeat, migrate
 from session_svc.app import create_app
 from session_svc.keys import Keys
+from session_svc.resources import Backend
 from session_svc.settings import Settings
-from session_svc.store import Backend
 from session_svc.typedefs import BACKEND
 from tests.support import PgServer, RedisServer, make_flusher, start_postgres, start_redis
 from workers.flush import Flusher
@@ -222,7 +222,7 @@ async def live_worker(backend: Backend) -> heartbeat.Heartbeat:
     """A fresh heartbeat on record, as a running worker writes it (``/health/detailed`` needs one to say
     ``operational``; tests of the API alone have no worker process behind them)."""
     hb = heartbeat.Heartbeat("test-worker", time.time(), os.getpid(), 0.0, "ok")
-    await heartbeat.beat(backend.redis, backend.keys, hb)
+    await heartbeat.beat(backend.scripts, backend.keys, hb)
     return hb
 
 

@@ -38,6 +38,8 @@ from redis.asyncio import Redis
 
 from session_svc import migrate, outbox
 from session_svc.keys import Keys
+from session_svc.resources import Backend
+from session_svc.scripts import Scripts
 from session_svc.settings import Settings
 from workers.flush import Flusher
 
@@ -117,7 +119,7 @@ def make_flusher(redis: Redis, pool: asyncpg.Pool, keys: Keys, schema: str, **kw
     """A flusher that reclaims at once (``claim_idle_ms=0``): the test is its only consumer."""
     options: dict[str, Any] = {"batch_size": 500, "max_deliveries": 3, "claim_idle_ms": 0}
     options.update(kw)
-    return Flusher(redis, pool, keys, schema, new_name("t-"), **options)
+    return Flusher(Backend(redis, keys, Scripts(redis), pool, schema), new_name("t-"), **options)
 
 
 async def drain(flusher: Flusher, within: float = 15.0) -> int:

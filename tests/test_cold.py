@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from session_svc import cold, store
 from session_svc.keys import Keys, bucket_of
-from session_svc.store import Backend
+from session_svc.resources import Backend
 from tests import support
 from tests.helpers import (
     SESSIONS,

@@ -11,7 +11,8 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
-from session_svc.store import Backend, now_us
+from session_svc.resources import Backend
+from session_svc.shapes import now_us
 from tests.helpers import add_message, get_session, list_sessions, make_session, new_user, update_session
 from tests.support import drain
 from workers import expiry

@@ -57,8 +57,8 @@ from hypothesis.stateful import (
 
 from session_svc.app import create_app
 from session_svc.keys import bucket_of
+from session_svc.resources import Backend
 from session_svc.settings import Settings
-from session_svc.store import Backend
 from session_svc.typedefs import BACKEND
 from tests import support
 from tests.helpers import ISO_Z, MEMORY_FIELDS, MESSAGE_FIELDS, SESSION_FIELDS, SESSIONS, session_url

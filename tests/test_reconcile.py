@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
-from session_svc.store import Backend
+from session_svc.resources import Backend
 from tests.helpers import add_memory, add_message, make_session, new_user
 from tests.support import drain, pg_messages
 from workers import expiry

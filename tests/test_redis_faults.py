@@ -30,7 +30,7 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from session_svc import lua, outbox
+from session_svc import outbox
 from session_svc.app import create_app
 from session_svc.keys import Keys
 from session_svc.redis_client import REDIS_DOWN_DETAIL, REDIS_OOM_DETAIL, REDIS_UNKNOWN_DETAIL
@@ -557,19 +557,14 @@ async def test_reconciliation_resends_in_bounded_chunks_and_stops_above_the_high
 
     monkeypatch.setattr(expiry, "RESYNC_ENTRIES", 4)
     chunks: list[int] = []
-    original = backend.redis.register_script
+    resync = backend.scripts.resync
 
-    def counting(script: str) -> Any:
-        call = original(script)
+    async def counting(*args: Any) -> Any:
+        reply = await resync(*args)
+        chunks.append(int(reply[2]))
+        return reply
 
-        async def counted(**kw: Any) -> Any:
-            reply = await call(**kw)
-            chunks.append(int(reply[2]))
-            return reply
-
-        return counted if script == lua.RESYNC else call
-
-    monkeypatch.setattr(backend.redis, "register_script", counting)
+    monkeypatch.setattr(backend.scripts, "resync", counting)
     assert await expiry.reconcile(backend, stale_after_s=0, high_water=1.0) == 1
     assert max(chunks) <= 4 and sum(chunks) == 25 + 1, chunks  # messages, then the snapshot
     pool = await asyncpg.create_pool(rig.pg_server.url, min_size=0, max_size=2)

@@ -14,7 +14,8 @@ import pytest
 from redis.crc import key_slot
 
 from session_svc import migrate
-from session_svc.keys import MEMORY_ALL, Keys, bucket_of
+from session_svc.keys import Keys, bucket_of
+from session_svc.record import MEMORY_ALL
 from session_svc.settings import Settings, every_schedule
 from tests.helpers import add_memory, add_message, make_session, new_user
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uvloop
 
-from session_svc.app import configure_logging
+from session_svc.process import configure_logging
 from session_svc.settings import Settings
 from workers.main import serve
 

@@ -10,8 +10,9 @@ from collections import defaultdict
 
 from redis.exceptions import OutOfMemoryError
 
-from session_svc import lua, outbox, redis_client, store
-from session_svc.store import Backend
+from session_svc import outbox, redis_client, store
+from session_svc.resources import Backend
+from session_svc.shapes import now_us
 
 log = logging.getLogger("workers.expiry")
 
@@ -24,8 +25,7 @@ async def sweep(b: Backend, hot_ttl_s: int, page: int = 500) -> int:
     Candidates come from each bucket's ``hot`` set (no SCAN). The eviction itself is one script per
     page, which re-checks idleness and ``v == fv`` atomically, so a write racing the sweep wins.
     """
-    evict = b.redis.register_script(lua.EVICT)
-    cutoff = store.now_us() - hot_ttl_s * 1_000_000
+    cutoff = now_us() - hot_ttl_s * 1_000_000
     total = 0
     for bucket in range(b.keys.buckets):
         hot = b.keys.hot(bucket)
@@ -34,7 +34,7 @@ async def sweep(b: Backend, hot_ttl_s: int, page: int = 500) -> int:
             sids = await b.redis.zrangebyscore(hot, "-inf", cutoff, start=kept, num=page)
             if not sids:
                 break
-            evicted = int(await evict(keys=[hot], args=[b.keys.tag(bucket) + ":", cutoff, *sids]))
+            evicted = int(await b.scripts.evict(b.keys, bucket, cutoff, sids))
             total += evicted
             kept += len(sids) - evicted
     if total:
@@ -49,7 +49,6 @@ async def relieve_memory(b: Backend, high_water: float, page: int = 200) -> int:
     Sessions written in the last second are spared (a write that just rehydrated one must land first);
     unflushed and stuck ones are never evicted, by the same script as the idle sweep.
     """
-    evict = b.redis.register_script(lua.EVICT)
     skip = [0] * b.keys.buckets  # per bucket: oldest candidates that were not evictable
     total = 0
     while True:
@@ -60,7 +59,7 @@ async def relieve_memory(b: Backend, high_water: float, page: int = 200) -> int:
             for bucket in range(b.keys.buckets):
                 pipe.zrange(b.keys.hot(bucket), skip[bucket], skip[bucket] + page - 1, withscores=True)
             pages: list[list[tuple[str, float]]] = await pipe.execute()
-        cutoff = store.now_us() - 1_000_000
+        cutoff = now_us() - SPARE_RECENT_US
         oldest = sorted(
             (score, bucket, sid) for bucket, rows in enumerate(pages) for sid, score in rows if score < cutoff
         )[:page]
@@ -71,7 +70,7 @@ async def relieve_memory(b: Backend, high_water: float, page: int = 200) -> int:
             chosen[bucket].append(sid)
         evicted = 0
         for bucket, sids in chosen.items():
-            n = int(await evict(keys=[b.keys.hot(bucket)], args=[b.keys.tag(bucket) + ":", cutoff, *sids]))
+            n = int(await b.scripts.evict(b.keys, bucket, cutoff, sids))
             skip[bucket] += len(sids) - n
             evicted += n
         total += evicted
@@ -81,6 +80,10 @@ async def relieve_memory(b: Backend, high_water: float, page: int = 200) -> int:
         )
     return total
 
+
+# Memory relief spares sessions written this recently (microseconds): a write that just rehydrated one
+# must land before it can leave again.
+SPARE_RECENT_US = 1_000_000
 
 # Reconciliation writes a lost session back to the outbox in chunks of at most this many entries or
 # (about) this many bytes of payload, checking Redis memory between chunks.
@@ -99,27 +102,19 @@ async def reconcile(b: Backend, stale_after_s: int = 300, high_water: float = 1.
     memory is above ``high_water`` of maxmemory or Redis refuses a chunk for lack of memory: re-sending
     must never be what fills Redis. Returns how many sessions were re-sent completely.
     """
-    resync = b.redis.register_script(lua.RESYNC)
     pending = await outbox.backlog(b.redis, b.keys)
-    cutoff = store.now_us() - int(max(stale_after_s, pending.oldest_age_s) * 1_000_000)
+    cutoff = now_us() - int(max(stale_after_s, pending.oldest_age_s) * 1_000_000)
     resent = 0
     try:
         for bucket in range(b.keys.buckets):
             for sid in await b.redis.zrangebyscore(b.keys.hot(bucket), "-inf", cutoff):
-                k = b.keys
-                keys = [
-                    k.session(bucket, sid),
-                    k.messages(bucket, sid),
-                    k.memories(bucket, sid),
-                    k.outbox(bucket),
-                ]
                 phase, cursor, written = "m", 0, 0
                 while phase != "done":
                     if (await redis_client.memory(b.redis)).ratio >= high_water:
                         log.warning("reconciliation paused: Redis memory above the high-water mark")
                         return resent
-                    phase, cursor, n = await resync(
-                        keys=keys, args=[sid, phase, cursor, RESYNC_ENTRIES, RESYNC_BYTES]
+                    phase, cursor, n = await b.scripts.resync(
+                        b.keys, bucket, sid, phase, cursor, RESYNC_ENTRIES, RESYNC_BYTES
                     )
                     cursor, written = int(cursor), written + int(n)
                 if written:
@@ -153,7 +148,7 @@ async def housekeeping(
     ):
         if days <= 0:
             continue
-        cutoff_us = store.now_us() - days * _DAY_US
+        cutoff_us = now_us() - days * _DAY_US
         rows = await b.pg.fetch(
             f"""SELECT session_id, user_id FROM "{b.schema}".sessions
                 WHERE status = $1 AND last_activity < 'epoch'::timestamptz + $2 * interval '1 microsecond'

@@ -25,21 +25,23 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 import orjson
 from prometheus_client import Counter, Gauge
 from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from session_svc import lua
+from session_svc import record
 from session_svc.keys import Keys
 from session_svc.outbox import GROUP
+from session_svc.record import MICROS, Kind
+from session_svc.resources import Backend
+from session_svc.scripts import Scripts
 
 log = logging.getLogger("workers.flush")
 
@@ -48,6 +50,14 @@ BATCHES = Counter("session_flush_batches_total", "Outbox batches committed")
 FAILURES = Counter("session_flush_failures_total", "Outbox batches that failed", ["reason"])
 DEAD = Counter("session_flush_dead_letters_total", "Outbox entries moved to a dead-letter stream")
 LAST_BATCH = Gauge("session_flush_last_batch_rows", "Entries in the last committed batch")
+
+# Seconds the drain sleeps when the outbox is empty; seconds between maintenance rounds (trim,
+# reclaim, forget idle consumers); backoff after a failed round, doubling from the first to the second.
+IDLE_SLEEP_S = 0.05
+MAINTENANCE_EVERY_S = 5.0
+BACKOFF_MIN_S, BACKOFF_MAX_S = 0.2, 5.0
+# A consumer name idle this long with nothing pending is forgotten (every worker start adds one).
+CONSUMER_IDLE_MS = 86_400_000
 
 # Errors that mean "Postgres is not reachable right now", as opposed to "this data cannot be written".
 PG_UNAVAILABLE: tuple[type[BaseException], ...] = (
@@ -69,34 +79,50 @@ class Entry:
 
 @dataclass
 class Flusher:
-    redis: Redis
-    pg: asyncpg.Pool
-    keys: Keys
-    schema: str
+    """The drain of one worker (consumer ``consumer``); its tunables come from Settings (FLUSH_*)."""
+
+    backend: Backend
     consumer: str
-    batch_size: int = 500
-    max_deliveries: int = 5
-    claim_idle_ms: int = 30_000
-    idle_sleep: float = 0.05
-    consumer_idle_ms: int = 86_400_000
+    batch_size: int
+    max_deliveries: int
+    claim_idle_ms: int
+    idle_sleep: float = IDLE_SLEEP_S
+    consumer_idle_ms: int = CONSUMER_IDLE_MS
     # For the heartbeat: when a batch last committed (epoch s), and why the drain is paused, if it is.
     last_commit: float = 0.0
     last_error: str = ""
-    _mark: AsyncScript = field(init=False)
-    _stuck: AsyncScript = field(init=False)
-    _group: AsyncScript = field(init=False)
 
     def __post_init__(self) -> None:
-        self._mark = self.redis.register_script(lua.MARK_FLUSHED)
-        self._stuck = self.redis.register_script(lua.MARK_STUCK)
-        self._group = self.redis.register_script(lua.ENSURE_GROUP)
+        if self.backend.pg is None:
+            raise ValueError("the outbox drain needs PostgreSQL (DATABASE_URL)")
+
+    @property
+    def redis(self) -> Redis:
+        return self.backend.redis
+
+    @property
+    def pg(self) -> asyncpg.Pool:
+        assert self.backend.pg is not None  # checked at construction
+        return self.backend.pg
+
+    @property
+    def keys(self) -> Keys:
+        return self.backend.keys
+
+    @property
+    def schema(self) -> str:
+        return self.backend.schema
+
+    @property
+    def scripts(self) -> Scripts:
+        return self.backend.scripts
 
     # Reading ---------------------------------------------------------------------------------------
 
     async def ensure_groups(self) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
             for bucket in range(self.keys.buckets):
-                await self._group(keys=[self.keys.outbox(bucket)], args=[GROUP], client=pipe)
+                await self.scripts.ensure_group(self.keys, bucket, GROUP, client=pipe)
             await pipe.execute()
 
     async def read(self, new: bool = True) -> list[Entry]:
@@ -171,8 +197,8 @@ class Flusher:
         versions = _max_versions(entries)
         snapshots = await self._snapshots(versions)
         sessions = [_session_row(h) for h in snapshots if h]
-        messages = [_message_row(e) for e in entries if e.f["k"] == "m"]
-        memories = [_memory_row(e) for e in entries if e.f["k"] == "y"]
+        messages = [_message_row(e) for e in entries if e.f["k"] == Kind.message]
+        memories = [_memory_row(e) for e in entries if e.f["k"] == Kind.memory]
         s = f'"{self.schema}"'
         async with self.pg.acquire() as conn, conn.transaction():
             if sessions:
@@ -213,10 +239,9 @@ class Flusher:
         async def mark() -> None:  # idempotent (acks and fv only move forward): safe to send again
             async with self.redis.pipeline(transaction=False) as pipe:
                 for bucket, eids in ids.items():
-                    keys = [self.keys.hot(bucket), self.keys.outbox(bucket)]
-                    args: list[str | int] = [self.keys.tag(bucket) + ":", GROUP, len(eids), *eids]
-                    args += triples[bucket]
-                    await self._mark(keys=keys, args=args, client=pipe)
+                    await self.scripts.mark_flushed(
+                        self.keys, bucket, GROUP, eids, triples[bucket], client=pipe
+                    )
                 await pipe.execute()
 
         await _retrying(mark, what="recording a flushed batch")
@@ -224,9 +249,8 @@ class Flusher:
     async def _failed(self, e: Entry, reason: str) -> None:
         """One entry could not be written. Keep it pending for redelivery, or dead-letter it."""
         FAILURES.labels("entry").inc()
-        skey = self.keys.session(e.bucket, e.f.get("sid", ""))
         # Mark the session (only if it is in Redis) so the sweep keeps it there.
-        await self._stuck(keys=[skey], args=[e.id])
+        await self.scripts.mark_stuck(self.keys, e.bucket, e.f.get("sid", ""), e.id)
         info = await self.redis.xpending_range(self.keys.outbox(e.bucket), GROUP, e.id, e.id, 1)
         deliveries = int(info[0]["times_delivered"]) if info else self.max_deliveries
         if deliveries >= self.max_deliveries:
@@ -279,7 +303,9 @@ class Flusher:
 
     # The loop --------------------------------------------------------------------------------------
 
-    async def run(self, stop: asyncio.Event | None = None, maintenance_every: float = 5.0) -> None:
+    async def run(
+        self, stop: asyncio.Event | None = None, maintenance_every: float = MAINTENANCE_EVERY_S
+    ) -> None:
         stop = stop or asyncio.Event()
         backoff = 0.0
         last_maintenance = 0.0
@@ -308,7 +334,7 @@ class Flusher:
             except Exception as exc:
                 # Nothing may kill the drain. Whatever was read stays pending for this consumer;
                 # re-read it first once things work again.
-                backoff = min(5.0, max(0.2, backoff * 2))
+                backoff = min(BACKOFF_MAX_S, max(BACKOFF_MIN_S, backoff * 2))
                 self.last_error = f"outbox drain paused: {exc!r}"[:300]
                 if isinstance(exc, UNAVAILABLE):
                     FAILURES.labels("unavailable").inc()
@@ -348,16 +374,9 @@ def _id_key(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-_REQUIRED = {
-    "s": ("sid", "uid", "v"),
-    "m": ("sid", "uid", "v", "seq", "id", "role", "content", "type", "tokens", "cost", "meta", "ts"),
-    "y": ("sid", "uid", "v", "seq", "doc"),
-}
-
-
 def _well_formed(e: Entry) -> bool:
-    need = _REQUIRED.get(e.f.get("k", ""))
-    return need is not None and all(k in e.f for k in need)
+    kind = e.f.get("k", "")
+    return kind in record.ENTRY_FIELDS and all(k in e.f for k in record.ENTRY_FIELDS[Kind(kind)])
 
 
 def _max_versions(entries: Sequence[Entry]) -> dict[tuple[int, str], int]:
@@ -417,7 +436,7 @@ _UPSERT_SESSIONS = (
 INSERT INTO {s}.sessions AS t (session_id, user_id, title, status, conversation_data, metadata,
     message_count, memory_count, total_tokens, total_cost, session_summary, created_at, updated_at,
     last_activity, version)
-SELECT sid, uid, title, status, cd::jsonb, md::jsonb, mc, yc, tok, cost::numeric / 1000000, summ,
+SELECT sid, uid, title, status, cd::jsonb, md::jsonb, mc, yc, tok, cost::numeric / MICROS, summ,
     CREATED, UPDATED, ACTIVITY, v
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int[], $8::int[],
             $9::bigint[], $10::bigint[], $11::text[], $12::bigint[], $13::bigint[], $14::bigint[],
@@ -430,7 +449,8 @@ ON CONFLICT (session_id) DO UPDATE SET
     total_cost = EXCLUDED.total_cost, session_summary = EXCLUDED.session_summary,
     updated_at = EXCLUDED.updated_at, last_activity = EXCLUDED.last_activity, version = EXCLUDED.version
 WHERE t.version < EXCLUDED.version
-""".replace("CREATED", _US.format("c"))
+""".replace("MICROS", str(MICROS))
+    .replace("CREATED", _US.format("c"))
     .replace("UPDATED", _US.format("up"))
     .replace("ACTIVITY", _US.format("la"))
 )
@@ -438,12 +458,12 @@ WHERE t.version < EXCLUDED.version
 _INSERT_MESSAGES = """
 INSERT INTO {s}.session_messages (message_id, session_id, seq, user_id, role, content, message_type,
     metadata, tokens_used, cost_usd, created_at)
-SELECT id, sid, seq, uid, role, content, mtype, meta::jsonb, tok, cost::numeric / 1000000, TS
+SELECT id, sid, seq, uid, role, content, mtype, meta::jsonb, tok, cost::numeric / MICROS, TS
 FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[],
             $8::text[], $9::int[], $10::bigint[], $11::bigint[])
     AS u(id, sid, seq, uid, role, content, mtype, meta, tok, cost, ts)
 ON CONFLICT DO NOTHING
-""".replace("TS", _US.format("ts"))
+""".replace("TS", _US.format("ts")).replace("MICROS", str(MICROS))
 
 _INSERT_MEMORIES = """
 INSERT INTO {s}.session_memories (memory_id, session_id, seq, user_id, memory_type, content, metadata,

@@ -39,17 +39,19 @@ from redis.asyncio import ConnectionPool
 from redis.exceptions import OutOfMemoryError
 
 from session_svc import heartbeat
-from session_svc.app import pg_pool
-from session_svc.keys import Keys
-from session_svc.redis_client import redis_client
+from session_svc.resources import Backend, open_backend
 from session_svc.settings import Settings, every_schedule
-from session_svc.store import Backend, Scripts
 from workers import expiry
 from workers.flush import UNAVAILABLE, Flusher
 
 log = logging.getLogger("workers")
 
 Ctx = dict[str, Any]
+
+# Seconds a stopping worker lets the batch in hand finish; arq's Redis timeouts; memory relief period.
+SHUTDOWN_DRAIN_S = 10
+ARQ_SOCKET_TIMEOUT_S, ARQ_CONNECT_TIMEOUT_S = 5, 1
+RELIEF_EVERY_S = 1.0
 
 ARQ_RESTARTS = Counter("session_worker_arq_restarts_total", "Times the arq loop was restarted after an error")
 DRAIN_PAUSED = Gauge(
@@ -131,6 +133,7 @@ class Arq:
 
     # arq polls every 0.5 s: a loop alive this long after a (re)start is taken as working again.
     HEALTHY_AFTER = 2.0
+    BACKOFF_MIN_S, BACKOFF_MAX_S = 0.5, 5.0
 
     def __init__(self, settings: Settings, backend: Backend) -> None:
         self.settings = settings
@@ -138,23 +141,25 @@ class Arq:
         self.error = ""
 
     async def run(self, stop: asyncio.Event) -> None:
-        backoff = 0.5
+        backoff = self.BACKOFF_MIN_S
         while not stop.is_set():
             failure = await self._once(stop)
             if failure is None:
                 return
             ARQ_RESTARTS.inc()
             if not self.error:
-                backoff = 0.5  # it had been working again: this is a new incident
+                backoff = self.BACKOFF_MIN_S  # it had been working again: this is a new incident
             self.error = f"cron scheduler restarting: {failure!r}"[:300]
             log.warning("arq loop stopped (%r); restarting in %.1fs", failure, backoff)
             await _pause(stop, backoff)
-            backoff = min(5.0, backoff * 2)
+            backoff = min(self.BACKOFF_MAX_S, backoff * 2)
 
     async def _once(self, stop: asyncio.Event) -> BaseException | None:
         """Run arq until it fails (returns the error) or ``stop`` is set (returns None)."""
         s = self.settings
-        pool = ConnectionPool.from_url(s.arq_url, socket_timeout=5, socket_connect_timeout=1)
+        pool = ConnectionPool.from_url(
+            s.arq_url, socket_timeout=ARQ_SOCKET_TIMEOUT_S, socket_connect_timeout=ARQ_CONNECT_TIMEOUT_S
+        )
         arq_redis = ArqRedis(pool)
         worker = Worker(
             functions=[],
@@ -203,7 +208,7 @@ async def _heartbeat(
             "; ".join(errors),
         )
         try:
-            await heartbeat.beat(backend.redis, backend.keys, hb)
+            await heartbeat.beat(backend.scripts, backend.keys, hb)
             failing = False
         except Exception as exc:
             if not failing:  # once per outage, not every interval
@@ -218,7 +223,7 @@ async def _relieve_memory(backend: Backend, high_water: float, stop: asyncio.Eve
             await expiry.relieve_memory(backend, high_water)
         except Exception as exc:
             log.debug("memory relief skipped: %r", exc)
-        await _pause(stop, 1.0)
+        await _pause(stop, RELIEF_EVERY_S)
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
@@ -228,21 +233,22 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-    redis = redis_client(settings, socket_timeout=settings.worker_redis_socket_timeout)
-    pg = await pg_pool(settings)  # min_size=0: no connection yet, so Postgres may well be down now
-    if pg is None:
+    if not settings.database_url:
         raise RuntimeError("DATABASE_URL is required by the worker")
-    keys = Keys(settings.key_prefix, settings.redis_buckets)
-    backend = Backend(redis, keys, Scripts.register(redis), pg, settings.db_schema)
+    async with open_backend(settings, socket_timeout=settings.worker_redis_socket_timeout) as backend:
+        await _run(settings, backend, stop)
+
+
+async def _run(settings: Settings, backend: Backend, stop: asyncio.Event) -> None:
     name = consumer_name(settings)
     flusher = Flusher(
-        redis, pg, keys, settings.db_schema, name, batch_size=settings.flush_batch_size,
-        max_deliveries=settings.flush_max_deliveries, claim_idle_ms=settings.flush_claim_idle_ms,
+        backend, name, batch_size=settings.flush_batch_size, max_deliveries=settings.flush_max_deliveries,
+        claim_idle_ms=settings.flush_claim_idle_ms,
     )  # fmt: skip
     arq = Arq(settings, backend)
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port)
-    log.info("worker %s draining %d outbox buckets", name, keys.buckets)
+    log.info("worker %s draining %d outbox buckets", name, backend.keys.buckets)
     drain = asyncio.create_task(flusher.run(stop), name="outbox-drain")
     others = [
         asyncio.create_task(arq.run(stop), name="arq"),
@@ -258,9 +264,9 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
         stop.set()
         log.info("worker %s stopping", name)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(drain), timeout=10)  # finish the batch in hand
+            await asyncio.wait_for(
+                asyncio.shield(drain), timeout=SHUTDOWN_DRAIN_S
+            )  # finish the batch in hand
         for task in [drain, *others]:
             task.cancel()
         await asyncio.gather(drain, *others, return_exceptions=True)
-        await pg.close()
-        await redis.aclose()

@@ -1,0 +1,113 @@
+"""What a process holds open: the Redis client, the Postgres pool, the registered scripts, opened and
+closed in one place for the API (``app.py``) and the worker (``workers/main.py``) alike.
+
+``open_backend`` also checks the key layout: the bucket count is fixed for the life of the data, and a
+process configured with another ``REDIS_BUCKETS`` would look for every session in the wrong place. If
+Redis does not answer at start, the process starts anyway (its Redis calls fail fast, with 503s in
+the API) and runs the check as soon as Redis answers; a mismatch then stops it, as it would at start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import cast
+
+import asyncpg
+from redis.asyncio import Redis
+
+from session_svc.keys import Keys
+from session_svc.redis_client import REDIS_FAILURES, redis_client
+from session_svc.scripts import Scripts
+from session_svc.settings import Settings
+
+log = logging.getLogger("session_svc")
+
+# Seconds between layout checks while Redis has not answered since the process started.
+LAYOUT_RETRY_S = 1.0
+# asyncpg: seconds to connect, seconds a statement may run.
+PG_CONNECT_TIMEOUT_S = 3
+PG_COMMAND_TIMEOUT_S = 10
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    redis: Redis
+    keys: Keys
+    scripts: Scripts
+    # None when the service runs without Postgres: nothing is ever cold then.
+    pg: asyncpg.Pool | None = None
+    schema: str = "dev"
+
+
+async def check_layout(redis: Redis, keys: Keys) -> None:
+    """Refuse to run against data written with another bucket count: every key would move.
+
+    Reads first: only the very first process of a deployment writes (a full Redis refuses writes)."""
+    stored_raw = await cast("Awaitable[str | None]", redis.hget(keys.meta, "buckets"))
+    if stored_raw is None:
+        await cast("Awaitable[bool]", redis.hsetnx(keys.meta, "buckets", str(keys.buckets)))
+        stored_raw = await cast("Awaitable[str | None]", redis.hget(keys.meta, "buckets"))
+    stored = int(stored_raw or keys.buckets)
+    if stored != keys.buckets:
+        raise RuntimeError(
+            f"REDIS_BUCKETS={keys.buckets}, but the data under prefix {keys.prefix!r} "
+            f"was written with {stored}"
+        )
+
+
+async def _check_layout_when_redis_answers(redis: Redis, keys: Keys) -> None:
+    while True:
+        await asyncio.sleep(LAYOUT_RETRY_S)
+        try:
+            await check_layout(redis, keys)
+            log.info("Redis answers; key layout checked")
+            return
+        except REDIS_FAILURES:
+            continue
+        except RuntimeError:
+            log.critical("stopping: wrong key layout", exc_info=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+
+
+async def pg_pool(settings: Settings) -> asyncpg.Pool | None:
+    if not settings.database_url:
+        return None
+    # min_size=0: no connection is opened now, so the process starts (and serves from Redis) even
+    # while Postgres is down.
+    return await asyncpg.create_pool(
+        settings.database_url,
+        min_size=0,
+        max_size=settings.db_pool_size,
+        timeout=PG_CONNECT_TIMEOUT_S,
+        command_timeout=PG_COMMAND_TIMEOUT_S,
+    )
+
+
+@contextlib.asynccontextmanager
+async def open_backend(settings: Settings, socket_timeout: float | None = None) -> AsyncIterator[Backend]:
+    """The process's ``Backend``; ``socket_timeout`` overrides REDIS_SOCKET_TIMEOUT (the worker's)."""
+    redis = redis_client(settings, socket_timeout)
+    keys = Keys(settings.key_prefix, settings.redis_buckets)
+    pg = None
+    later: asyncio.Task[None] | None = None
+    try:
+        try:
+            await check_layout(redis, keys)
+        except REDIS_FAILURES as exc:  # down, or full and this is the first write of the deployment
+            log.warning("Redis unavailable at start (%r); the layout is checked once it answers", exc)
+            later = asyncio.create_task(_check_layout_when_redis_answers(redis, keys))
+        pg = await pg_pool(settings)
+        yield Backend(redis, keys, Scripts(redis), pg, settings.db_schema)
+    finally:
+        if later is not None:
+            later.cancel()
+        if pg is not None:
+            await pg.close()
+        await redis.aclose()

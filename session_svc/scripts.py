@@ -1,0 +1,653 @@
+"""Every Lua script of the service and its workers, with one call contract.
+
+Each script is a ``Lua``: the names of its KEYS and ARGV, and a body. Its source starts with those names
+bound to locals (``local session, messages = KEYS[1], KEYS[2]``), generated from the declaration, so the
+body never says ``KEYS[3]``; arguments past the named ones (a variable number of field/value pairs, of
+session ids...) start at ARGV[``REST``]. ``Scripts.register`` registers them all once per client
+(EVALSHA, with redis-py loading a script on NOSCRIPT), and each has a typed wrapper below that builds
+its keys from ``keys.py`` and passes keys and arguments by name, so a wrong order cannot happen.
+
+Conventions shared by the session-scoped scripts:
+- All KEYS are in one hash slot (the user's bucket, see ``keys.py``).
+- The first element of the reply is a status: ``ok``; ``missing`` (no such session for this user);
+  ``cold`` (the session is known to the user's index but its data has left Redis: read it from
+  Postgres, or rehydrate it before writing); ``conflict`` followed by the current status.
+- Every write bumps the session's version ``v`` and appends one entry to the bucket's outbox stream in
+  the same script, so an acknowledged write is always on its way to Postgres. The worker records the
+  highest version it committed in ``fv``; the expiry sweep deletes a session only when ``v == fv``.
+- Timestamps are integer microseconds since the epoch, passed in by the caller.
+- Every write also scores the session in its bucket's ``hot`` set, which is how the expiry sweep finds
+  idle sessions without scanning.
+- On a full Redis (``maxmemory``), a write script is refused whole at its first write command (Redis
+  checks memory there, and a script is atomic): nothing is written. Scripts that free memory or must
+  land after a committed flush are declared ``allow-oom``.
+
+Field names, entry kinds and memory types come from ``record.py``, key suffixes from ``keys.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.commands.core import AsyncScript
+
+from session_svc import keys as k
+from session_svc.keys import UserKeys
+from session_svc.record import (
+    ENTRY_FIELDS,
+    LIST_FIELDS,
+    MEMORY_ALL,
+    MESSAGE_FIELDS,
+    Kind,
+    MemoryType,
+    lua_strings,
+)
+
+Arg = str | int | float
+
+
+@dataclass(frozen=True)
+class Lua:
+    keys: tuple[str, ...]
+    args: tuple[str, ...]
+    body: str
+    allow_oom: bool = False
+
+    @property
+    def source(self) -> str:
+        lines = ["#!lua flags=allow-oom"] if self.allow_oom else []
+        if self.keys:
+            bound = ", ".join(f"KEYS[{i}]" for i in range(1, len(self.keys) + 1))
+            lines.append(f"local {', '.join(self.keys)} = {bound}")
+        if self.args:
+            bound = ", ".join(f"ARGV[{i}]" for i in range(1, len(self.args) + 1))
+            lines.append(f"local {', '.join(self.args)} = {bound}")
+        lines.append(f"local REST = {len(self.args) + 1}")
+        return "\n".join(lines) + "\n" + self.body
+
+
+class Script:
+    """One registered script, called with its keys and arguments by name."""
+
+    def __init__(self, redis: Redis, lua: Lua) -> None:
+        self.lua = lua
+        self._script: AsyncScript = redis.register_script(lua.source)
+
+    def __call__(
+        self,
+        keys: Mapping[str, str],
+        args: Mapping[str, Arg],
+        rest: Sequence[Arg] = (),
+        client: Pipeline | None = None,
+    ) -> Awaitable[Any]:
+        if len(keys) != len(self.lua.keys) or len(args) != len(self.lua.args):
+            raise TypeError(f"expected keys {self.lua.keys} and args {self.lua.args}")
+        return self._script(
+            keys=[keys[n] for n in self.lua.keys],
+            args=[*(args[n] for n in self.lua.args), *rest],
+            client=client,
+        )
+
+
+# Shared Lua: ownership and the user's indexes -----------------------------------------------------------
+
+_OWNER = """
+local function owner_state(skey, uidx, sid, uid)
+  local owner = redis.call('HGET', skey, 'user_id')
+  if not owner then
+    if redis.call('ZSCORE', uidx, sid) then return 'cold' end
+    return 'missing'
+  end
+  if owner ~= uid then return 'missing' end
+  return nil
+end
+local function touch(uidx, aidx, status, now, sid)
+  redis.call('ZADD', uidx, now, sid)
+  if status == 'active' then redis.call('ZADD', aidx, now, sid) end
+end
+"""
+
+# The message's stream fields, each from the argument ``msg_<field>``; generated from record.py.
+_MESSAGE_ARGS = tuple(f"msg_{f}" for f in MESSAGE_FIELDS)
+_MESSAGE_PAIRS = ", ".join(f"'{f}', msg_{f}" for f in MESSAGE_FIELDS)
+assert ENTRY_FIELDS[Kind.message][-len(MESSAGE_FIELDS) :] == MESSAGE_FIELDS
+
+
+# The API's scripts ---------------------------------------------------------------------------------------
+
+CREATE_SESSION = Lua(
+    keys=("session", "user_index", "active_index", "stats", "outbox", "hot"),
+    args=("sid", "uid", "title", "conversation_data", "metadata", "session_summary", "now"),
+    body=f"""
+if redis.call('EXISTS', session) == 1 then return {{'conflict', 'exists'}} end
+redis.call('HSET', session, 'session_id', sid, 'user_id', uid, 'title', title, 'status', 'active',
+  'conversation_data', conversation_data, 'metadata', metadata, 'session_summary', session_summary,
+  'message_count', 0, 'total_tokens', 0, 'cost_micros', 0, 'memory_count', 0,
+  'created_at', now, 'updated_at', now, 'last_activity', now, 'v', 1, 'fv', 0, 'mfirst', 1)
+redis.call('ZADD', user_index, now, sid)
+redis.call('ZADD', active_index, now, sid)
+redis.call('HINCRBY', stats, 'sessions', 1)
+redis.call('HINCRBY', stats, 'active', 1)
+redis.call('XADD', outbox, '*', 'k', '{Kind.session}', 'sid', sid, 'uid', uid, 'v', 1)
+redis.call('ZADD', hot, now, sid)
+return {{'ok'}}
+""",
+)
+
+GET_SESSION = Lua(
+    keys=("session", "user_index"),
+    args=("sid", "uid"),
+    body=_OWNER
+    + """
+local state = owner_state(session, user_index, sid, uid)
+if state then return {state} end
+return {'ok', redis.call('HGETALL', session)}
+""",
+)
+
+# The guide's state machine: active -> completed -> archived, active -> ended. Asking for the current
+# status is allowed; a request that changes nothing writes nothing (so ending twice is a no-op).
+# ``idle_before`` (housekeeping): change the session only if its last activity is older than that.
+# REST: field/value pairs to set.
+UPDATE_SESSION = Lua(
+    keys=("session", "user_index", "active_index", "stats", "outbox", "hot"),
+    args=("sid", "uid", "now", "new_status", "idle_before"),
+    body=_OWNER
+    + f"""
+local state = owner_state(session, user_index, sid, uid)
+if state then return {{state}} end
+local cur = redis.call('HGET', session, 'status')
+local moves = {{active = {{completed = true, ended = true}}, completed = {{archived = true}}}}
+if idle_before ~= '' and tonumber(redis.call('HGET', session, 'last_activity')) >= tonumber(idle_before) then
+  return {{'conflict', 'busy'}}
+end
+if new_status ~= '' and new_status ~= cur then
+  if not (moves[cur] and moves[cur][new_status]) then return {{'conflict', cur}} end
+elseif #ARGV < REST then
+  return {{'ok', redis.call('HGETALL', session)}}
+end
+if new_status ~= '' and new_status ~= cur then
+  redis.call('HSET', session, 'status', new_status)
+  if cur == 'active' then
+    redis.call('ZREM', active_index, sid)
+    redis.call('HINCRBY', stats, 'active', -1)
+  end
+end
+for i = REST, #ARGV, 2 do redis.call('HSET', session, ARGV[i], ARGV[i + 1]) end
+redis.call('HSET', session, 'updated_at', now)
+local v = redis.call('HINCRBY', session, 'v', 1)
+redis.call('XADD', outbox, '*', 'k', '{Kind.session}', 'sid', sid, 'uid', uid, 'v', v)
+redis.call('ZADD', hot, now, sid)
+return {{'ok', redis.call('HGETALL', session)}}
+""",
+)
+
+# Counters and the sequence number change in the same step as the append; the message's stream id is
+# <seq>-0, so a page of messages is one XRANGE. ``msg_ts`` is the time of the write.
+APPEND_MESSAGE = Lua(
+    keys=("session", "messages", "user_index", "active_index", "stats", "outbox", "hot"),
+    args=("sid", "uid", *_MESSAGE_ARGS),
+    body=_OWNER
+    + f"""
+local state = owner_state(session, user_index, sid, uid)
+if state then return {{state}} end
+local status = redis.call('HGET', session, 'status')
+if status ~= 'active' then return {{'conflict', status}} end
+local seq = redis.call('HINCRBY', session, 'message_count', 1)
+redis.call('HINCRBY', session, 'total_tokens', msg_tokens)
+redis.call('HINCRBY', session, 'cost_micros', msg_cost)
+local v = redis.call('HINCRBY', session, 'v', 1)
+redis.call('HSET', session, 'updated_at', msg_ts, 'last_activity', msg_ts)
+redis.call('XADD', messages, seq .. '-0', {_MESSAGE_PAIRS})
+touch(user_index, active_index, status, msg_ts, sid)
+redis.call('HINCRBY', stats, 'messages', 1)
+redis.call('HINCRBY', stats, 'tokens', msg_tokens)
+redis.call('HINCRBY', stats, 'cost_micros', msg_cost)
+redis.call('XADD', outbox, '*', 'k', '{Kind.message}', 'sid', sid, 'uid', uid, 'v', v, 'seq', seq,
+  {_MESSAGE_PAIRS})
+redis.call('ZADD', hot, msg_ts, sid)
+return {{'ok', seq}}
+""",
+)
+
+# Messages below ``mfirst`` are only in Postgres (the session was rehydrated after leaving Redis).
+LIST_MESSAGES = Lua(
+    keys=("session", "messages", "user_index"),
+    args=("sid", "uid", "lo", "hi"),
+    body=_OWNER
+    + """
+local state = owner_state(session, user_index, sid, uid)
+if state then return {state} end
+local h = redis.call('HMGET', session, 'message_count', 'mfirst')
+local from = math.max(tonumber(lo), tonumber(h[2]))
+local entries = {}
+if from <= tonumber(hi) then entries = redis.call('XRANGE', messages, from .. '-0', hi .. '-0') end
+return {'ok', h[1], h[2], entries}
+""",
+)
+
+# Archived and ended sessions are read-only; a completed one still takes memories (e.g. its summary).
+CREATE_MEMORY = Lua(
+    keys=(
+        "session",
+        "memories",
+        "index_all",
+        "index_type",
+        "user_index",
+        "active_index",
+        "outbox",
+        "hot",
+    ),
+    args=("sid", "uid", "now", "memory_type", "doc"),
+    body=_OWNER
+    + f"""
+local state = owner_state(session, user_index, sid, uid)
+if state then return {{state}} end
+local status = redis.call('HGET', session, 'status')
+if status == 'archived' or status == 'ended' then return {{'conflict', status}} end
+local seq = redis.call('HINCRBY', session, 'memory_count', 1)
+local v = redis.call('HINCRBY', session, 'v', 1)
+redis.call('HSET', session, 'updated_at', now, 'last_activity', now)
+redis.call('HSET', memories, seq, doc)
+redis.call('ZADD', index_all, seq, seq)
+redis.call('ZADD', index_type, seq, seq)
+touch(user_index, active_index, status, now, sid)
+redis.call('XADD', outbox, '*', 'k', '{Kind.memory}', 'sid', sid, 'uid', uid, 'v', v, 'seq', seq,
+  'doc', doc)
+redis.call('ZADD', hot, now, sid)
+return {{'ok', seq}}
+""",
+)
+
+# ``start``/``stop``: ranks, newest first.
+LIST_MEMORIES = Lua(
+    keys=("session", "memories", "index", "user_index"),
+    args=("sid", "uid", "start", "stop"),
+    body=_OWNER
+    + """
+local state = owner_state(session, user_index, sid, uid)
+if state then return {state} end
+local total = redis.call('ZCARD', index)
+local seqs = redis.call('ZREVRANGE', index, start, stop)
+local docs = {}
+if #seqs > 0 then docs = redis.call('HMGET', memories, unpack(seqs)) end
+return {'ok', total, seqs, docs}
+""",
+)
+
+# ``start``/``stop``: ranks, newest activity first. The session keys are built here from the bucket's
+# prefix rather than passed in, because the page is only known here; they share the index's hash tag,
+# so the script still touches a single slot.
+LIST_USER_SESSIONS = Lua(
+    keys=("user_index",),
+    args=("bucket_prefix", "start", "stop"),
+    body=f"""
+local total = redis.call('ZCARD', user_index)
+local sids = redis.call('ZREVRANGE', user_index, start, stop)
+local rows = {{}}
+for i, sid in ipairs(sids) do
+  rows[i] = redis.call('HMGET', bucket_prefix .. '{k.SESSION}:' .. sid, {lua_strings(LIST_FIELDS)})
+end
+return {{total, sids, rows}}
+""",
+)
+
+# Brings a cold session back from Postgres. REST: ``n`` field/value pairs of the session hash, then
+# (seq, memory_type, doc) triples. If another request already did, it changes nothing. If the row
+# read from Postgres is older than the version the session had when it was last evicted (the read
+# raced another rehydrate-write-flush-evict cycle), it refuses (-1): the caller reads Postgres again.
+# The session counts as written now for the sweep, so it is not evicted again before the write lands.
+REHYDRATE = Lua(
+    keys=("session", "memories", "user_index", "active_index", "index_prefix", "hot", "gone"),
+    args=("sid", "now", "n"),
+    body=f"""
+if redis.call('EXISTS', session) == 1 then return 0 end
+local last = REST - 1 + 2 * tonumber(n)
+local h = {{}}
+for i = REST, last, 2 do h[ARGV[i]] = ARGV[i + 1] end
+local evicted_at = redis.call('GET', gone)
+if evicted_at and tonumber(evicted_at) > tonumber(h['v']) then return -1 end
+for i = REST, last, 2 do redis.call('HSET', session, ARGV[i], ARGV[i + 1]) end
+for i = last + 1, #ARGV, 3 do
+  redis.call('HSET', memories, ARGV[i], ARGV[i + 2])
+  redis.call('ZADD', index_prefix .. '{MEMORY_ALL}', ARGV[i], ARGV[i])
+  redis.call('ZADD', index_prefix .. ARGV[i + 1], ARGV[i], ARGV[i])
+end
+redis.call('ZADD', user_index, 'NX', h['last_activity'], sid)
+if h['status'] == 'active' then redis.call('ZADD', active_index, 'NX', h['last_activity'], sid) end
+redis.call('ZADD', hot, now, sid)
+redis.call('DEL', gone)
+return 1
+""",
+)
+
+
+# The workers' scripts ------------------------------------------------------------------------------------
+
+# Every memory index key of a session, from its prefix ``P:{bNN}:yi:<sid>:``.
+_INDEX_KEYS = ", ".join(f"yi .. '{t}'" for t in (MEMORY_ALL, *MemoryType))
+
+# REST: session ids. Evicts those that are idle (hot-set score, i.e. last write or rehydration, before
+# ``cutoff``) and fully flushed (v == fv), unless an outbox entry of theirs failed (``stuck``: kept
+# until an operator has looked at the dead letter). A write that raced the sweep has bumped v and the
+# score and wins: the session stays. Never a blind DEL, never a TTL on unflushed data. The user's
+# indexes keep the session id (that is how a cold session is still listed and found), and a marker
+# ``g:<sid>`` keeps the version it left with, so a stale copy read before the eviction can never be
+# brought back. The marker only has to outlive a request that read Postgres before the eviction: it
+# expires after a day. ``allow-oom``: eviction is how a full Redis gets its memory back.
+EVICT = Lua(
+    keys=("hot",),
+    args=("bucket_prefix", "cutoff"),
+    allow_oom=True,
+    body=f"""
+local evicted = 0
+for i = REST, #ARGV do
+  local sid = ARGV[i]
+  local skey = bucket_prefix .. '{k.SESSION}:' .. sid
+  local h = redis.call('HMGET', skey, 'v', 'fv', 'stuck')
+  local score = redis.call('ZSCORE', hot, sid)
+  if not h[1] then
+    redis.call('ZREM', hot, sid)
+  elseif h[1] == h[2] and not h[3] and score and tonumber(score) < tonumber(cutoff) then
+    local yi = bucket_prefix .. '{k.MEMORY_INDEX}:' .. sid .. ':'
+    redis.call('DEL', skey, bucket_prefix .. '{k.MESSAGES}:' .. sid, bucket_prefix .. '{k.MEMORIES}:' .. sid,
+      {_INDEX_KEYS})
+    redis.call('ZREM', hot, sid)
+    redis.call('SET', bucket_prefix .. '{k.GONE}:' .. sid, h[1], 'EX', 86400)
+    evicted = evicted + 1
+  end
+end
+return evicted
+""",
+)
+
+# After COMMIT: acknowledges the entries and records the flushed version in one atomic step, so a
+# session is never left with its rows committed, its entries acknowledged and ``fv`` behind (it could
+# then never be evicted). REST: ``n`` outbox entry ids, then (sid, version, ",id1,id2,...,") triples.
+# The flushed version only ever rises (batches may commit out of order). A session marked ``stuck`` by
+# a failed entry is released once that very entry has been committed. ``allow-oom``: it overwrites a
+# number and removes pending entries, and it is what lets a full Redis evict flushed sessions;
+# refusing it on a full Redis would pin every session it covers.
+MARK_FLUSHED = Lua(
+    keys=("hot", "outbox"),
+    args=("bucket_prefix", "group", "n"),
+    allow_oom=True,
+    body=f"""
+local last = REST - 1 + tonumber(n)
+for i = REST, last, 500 do
+  redis.call('XACK', outbox, group, unpack(ARGV, i, math.min(i + 499, last)))
+end
+for i = last + 1, #ARGV, 3 do
+  local skey = bucket_prefix .. '{k.SESSION}:' .. ARGV[i]
+  local fv = redis.call('HGET', skey, 'fv')
+  if fv and tonumber(fv) < tonumber(ARGV[i + 1]) then redis.call('HSET', skey, 'fv', ARGV[i + 1]) end
+  local stuck = redis.call('HGET', skey, 'stuck')
+  if stuck and string.find(ARGV[i + 2], ',' .. stuck .. ',', 1, true) then
+    redis.call('HDEL', skey, 'stuck')
+  end
+end
+return 1
+""",
+)
+
+# Marks the session (only if it is in Redis) so the sweep keeps it there until that entry commits.
+MARK_STUCK = Lua(
+    keys=("session",),
+    args=("entry_id",),
+    allow_oom=True,
+    body="""
+if redis.call('EXISTS', session) == 1 then redis.call('HSET', session, 'stuck', entry_id) end
+return 1
+""",
+)
+
+# Creates the consumer group (and the stream) unless it exists. ``allow-oom``: a worker that starts
+# while Redis is full must still be able to drain it, which is what frees memory.
+ENSURE_GROUP = Lua(
+    keys=("outbox",),
+    args=("group",),
+    allow_oom=True,
+    body="""
+local r = redis.pcall('XGROUP', 'CREATE', outbox, group, '0', 'MKSTREAM')
+if type(r) == 'table' and r.err and not string.find(r.err, 'BUSYGROUP', 1, true) then return r end
+return 1
+""",
+)
+
+# Reconciliation: a session whose writes are not all flushed (v > fv) although the outbox holds nothing
+# that old any more has lost outbox entries (e.g. a Redis failover dropped them). Its messages and
+# memories are written to the outbox again, one bounded chunk per call so that a long history never
+# lands in Redis at once, then its snapshot. ``phase``: 'm' messages, 'y' memories, 's' the session;
+# ``cursor``: the last seq sent in this phase; at most ``most`` entries or about ``budget`` bytes.
+# All inserts are idempotent, so re-sending what Postgres already has is harmless. Message and memory
+# entries carry the flushed version ``fv`` (committing them does not make the session evictable); only
+# the snapshot carries ``v``, and it is written after every chunk. Returns {next phase or 'done', next
+# cursor, entries written}.
+RESYNC = Lua(
+    keys=("session", "messages", "memories", "outbox"),
+    args=("sid", "phase", "cursor", "most", "budget"),
+    body=f"""
+local h = redis.call('HMGET', session, 'v', 'fv', 'stuck', 'user_id', 'memory_count')
+if not h[1] or h[1] == h[2] or h[3] then return {{'done', 0, 0}} end
+local uid, at, limit, room = h[4], tonumber(cursor), tonumber(most), tonumber(budget)
+local n, bytes = 0, 0
+if phase == 'm' then
+  local entries = redis.call('XRANGE', messages, '(' .. at .. '-0', '+', 'COUNT', limit)
+  for _, e in ipairs(entries) do
+    at = tonumber(string.match(e[1], '^(%d+)'))
+    local entry = {{'k', '{Kind.message}', 'sid', sid, 'uid', uid, 'v', h[2], 'seq', at}}
+    for _, x in ipairs(e[2]) do
+      entry[#entry + 1] = x
+      bytes = bytes + #x
+    end
+    redis.call('XADD', outbox, '*', unpack(entry))
+    n = n + 1
+    if bytes >= room then return {{'m', at, n}} end
+  end
+  if #entries == limit then return {{'m', at, n}} end
+  return {{'y', 0, n}}
+elseif phase == 'y' then
+  local last = tonumber(h[5])
+  while at < last and n < limit and bytes < room do
+    at = at + 1
+    local doc = redis.call('HGET', memories, at)
+    if doc then
+      redis.call('XADD', outbox, '*', 'k', '{Kind.memory}', 'sid', sid, 'uid', uid, 'v', h[2],
+        'seq', at, 'doc', doc)
+      n = n + 1
+      bytes = bytes + #doc
+    end
+  end
+  if at < last then return {{'y', at, n}} end
+  return {{'s', 0, n}}
+end
+redis.call('XADD', outbox, '*', 'k', '{Kind.session}', 'sid', sid, 'uid', uid, 'v', h[1])
+return {{'done', 0, n + 1}}
+""",
+)
+
+# A worker's heartbeat (see ``heartbeat.py``). Also forgets heartbeats of workers gone for longer than
+# ``forget_after`` seconds (each start has a new name). ``allow-oom``: it overwrites a field of the same
+# size, and a full Redis is exactly when the operator needs to know whether the worker is still there.
+BEAT = Lua(
+    keys=("workers",),
+    args=("name", "doc", "now", "forget_after"),
+    allow_oom=True,
+    body="""
+redis.call('HSET', workers, name, doc)
+local all = redis.call('HGETALL', workers)
+for i = 1, #all, 2 do
+  local ok, hb = pcall(cjson.decode, all[i + 1])
+  if not ok or type(hb) ~= 'table' or tonumber(hb['at']) == nil
+      or tonumber(hb['at']) < tonumber(now) - tonumber(forget_after) then
+    redis.call('HDEL', workers, all[i])
+  end
+end
+return 1
+""",
+)
+
+
+# Registration and typed calls --------------------------------------------------------------------------
+
+
+class Scripts:
+    """Every script, registered once on one client; one typed method per script."""
+
+    def __init__(self, redis: Redis) -> None:
+        self._create_session = Script(redis, CREATE_SESSION)
+        self._get_session = Script(redis, GET_SESSION)
+        self._update_session = Script(redis, UPDATE_SESSION)
+        self._append_message = Script(redis, APPEND_MESSAGE)
+        self._list_messages = Script(redis, LIST_MESSAGES)
+        self._create_memory = Script(redis, CREATE_MEMORY)
+        self._list_memories = Script(redis, LIST_MEMORIES)
+        self._list_user_sessions = Script(redis, LIST_USER_SESSIONS)
+        self._rehydrate = Script(redis, REHYDRATE)
+        self._evict = Script(redis, EVICT)
+        self._mark_flushed = Script(redis, MARK_FLUSHED)
+        self._mark_stuck = Script(redis, MARK_STUCK)
+        self._ensure_group = Script(redis, ENSURE_GROUP)
+        self._resync = Script(redis, RESYNC)
+        self._beat = Script(redis, BEAT)
+
+    # The API's ----------------------------------------------------------------------------------------
+
+    def create_session(
+        self,
+        uk: UserKeys,
+        sid: str,
+        *,
+        title: str,
+        conversation_data: str,
+        metadata: str,
+        summary: str,
+        now: int,
+    ) -> Awaitable[Any]:
+        return self._create_session(
+            {"session": uk.session(sid), "user_index": uk.sessions, "active_index": uk.active,
+             "stats": uk.stats, "outbox": uk.outbox, "hot": uk.hot},
+            {"sid": sid, "uid": uk.user_id, "title": title, "conversation_data": conversation_data,
+             "metadata": metadata, "session_summary": summary, "now": now},
+        )  # fmt: skip
+
+    def get_session(self, uk: UserKeys, sid: str) -> Awaitable[Any]:
+        return self._get_session(
+            {"session": uk.session(sid), "user_index": uk.sessions}, {"sid": sid, "uid": uk.user_id}
+        )
+
+    def update_session(
+        self, uk: UserKeys, sid: str, *, now: int, status: str, idle_before: str, fields: Sequence[str]
+    ) -> Awaitable[Any]:
+        return self._update_session(
+            {"session": uk.session(sid), "user_index": uk.sessions, "active_index": uk.active,
+             "stats": uk.stats, "outbox": uk.outbox, "hot": uk.hot},
+            {"sid": sid, "uid": uk.user_id, "now": now, "new_status": status, "idle_before": idle_before},
+            fields,
+        )  # fmt: skip
+
+    def append_message(self, uk: UserKeys, sid: str, message: Mapping[str, Arg]) -> Awaitable[Any]:
+        """``message``: the stream fields of ``record.MESSAGE_FIELDS``."""
+        return self._append_message(
+            {"session": uk.session(sid), "messages": uk.messages(sid), "user_index": uk.sessions,
+             "active_index": uk.active, "stats": uk.stats, "outbox": uk.outbox, "hot": uk.hot},
+            {"sid": sid, "uid": uk.user_id, **{f"msg_{f}": message[f] for f in MESSAGE_FIELDS}},
+        )  # fmt: skip
+
+    def list_messages(self, uk: UserKeys, sid: str, lo: int, hi: int) -> Awaitable[Any]:
+        return self._list_messages(
+            {"session": uk.session(sid), "messages": uk.messages(sid), "user_index": uk.sessions},
+            {"sid": sid, "uid": uk.user_id, "lo": lo, "hi": hi},
+        )
+
+    def create_memory(
+        self, uk: UserKeys, sid: str, *, now: int, memory_type: str, doc: str
+    ) -> Awaitable[Any]:
+        return self._create_memory(
+            {"session": uk.session(sid), "memories": uk.memories(sid), "index_all": uk.memory_index(sid),
+             "index_type": uk.memory_index(sid, memory_type), "user_index": uk.sessions,
+             "active_index": uk.active, "outbox": uk.outbox, "hot": uk.hot},
+            {"sid": sid, "uid": uk.user_id, "now": now, "memory_type": memory_type, "doc": doc},
+        )  # fmt: skip
+
+    def list_memories(
+        self, uk: UserKeys, sid: str, memory_type: str, start: int, stop: int
+    ) -> Awaitable[Any]:
+        return self._list_memories(
+            {"session": uk.session(sid), "memories": uk.memories(sid),
+             "index": uk.memory_index(sid, memory_type), "user_index": uk.sessions},
+            {"sid": sid, "uid": uk.user_id, "start": start, "stop": stop},
+        )  # fmt: skip
+
+    def list_user_sessions(self, uk: UserKeys, active_only: bool, start: int, stop: int) -> Awaitable[Any]:
+        return self._list_user_sessions(
+            {"user_index": uk.active if active_only else uk.sessions},
+            {"bucket_prefix": uk.prefix, "start": start, "stop": stop},
+        )
+
+    def rehydrate(
+        self,
+        uk: UserKeys,
+        sid: str,
+        now: int,
+        session: Mapping[str, str],
+        memories: Sequence[tuple[int, str, str]],
+    ) -> Awaitable[Any]:
+        """``memories``: (seq, memory_type, doc) of every memory."""
+        rest: list[Arg] = [x for kv in session.items() for x in kv]
+        rest += [x for triple in memories for x in triple]
+        return self._rehydrate(
+            {"session": uk.session(sid), "memories": uk.memories(sid), "user_index": uk.sessions,
+             "active_index": uk.active, "index_prefix": uk.memory_index(sid, ""), "hot": uk.hot,
+             "gone": uk.gone(sid)},
+            {"sid": sid, "now": now, "n": len(session)},
+            rest,
+        )  # fmt: skip
+
+    # The workers' ---------------------------------------------------------------------------------------
+
+    def evict(self, keys: k.Keys, bucket: int, cutoff_us: int, sids: Sequence[str]) -> Awaitable[Any]:
+        return self._evict(
+            {"hot": keys.hot(bucket)}, {"bucket_prefix": keys.prefix_of(bucket), "cutoff": cutoff_us}, sids
+        )
+
+    def mark_flushed(
+        self,
+        keys: k.Keys,
+        bucket: int,
+        group: str,
+        ids: Sequence[str],
+        triples: Sequence[str],
+        client: Pipeline,
+    ) -> Awaitable[Any]:
+        """``triples``: (sid, version, ",id1,id2,...,") flattened."""
+        return self._mark_flushed(
+            {"hot": keys.hot(bucket), "outbox": keys.outbox(bucket)},
+            {"bucket_prefix": keys.prefix_of(bucket), "group": group, "n": len(ids)},
+            [*ids, *triples],
+            client=client,
+        )
+
+    def mark_stuck(self, keys: k.Keys, bucket: int, sid: str, entry_id: str) -> Awaitable[Any]:
+        return self._mark_stuck({"session": keys.session(bucket, sid)}, {"entry_id": entry_id})
+
+    def ensure_group(self, keys: k.Keys, bucket: int, group: str, client: Pipeline) -> Awaitable[Any]:
+        return self._ensure_group({"outbox": keys.outbox(bucket)}, {"group": group}, client=client)
+
+    def resync(
+        self, keys: k.Keys, bucket: int, sid: str, phase: str, cursor: int, most: int, budget: int
+    ) -> Awaitable[Any]:
+        return self._resync(
+            {"session": keys.session(bucket, sid), "messages": keys.messages(bucket, sid),
+             "memories": keys.memories(bucket, sid), "outbox": keys.outbox(bucket)},
+            {"sid": sid, "phase": phase, "cursor": cursor, "most": most, "budget": budget},
+        )  # fmt: skip
+
+    def beat(self, keys: k.Keys, name: str, doc: str, now: float, forget_after: int) -> Awaitable[Any]:
+        return self._beat(
+            {"workers": keys.workers}, {"name": name, "doc": doc, "now": now, "forget_after": forget_after}
+        )

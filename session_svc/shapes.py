@@ -1,0 +1,122 @@
+"""The guide's JSON shapes, built from the storage record (``record.py``), hot or cold alike.
+
+A session hash, a message's stream fields and a memory's document look the same whether they come
+from Redis or were rebuilt from Postgres (``cold.py``), so one set of functions answers both tiers
+with the same JSON. Time is integer microseconds in storage and ISO 8601 UTC here; money is integer
+micro-dollars in storage and the nearest double here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Any
+
+import orjson
+
+from session_svc.record import MICROS
+
+Row = dict[str, Any]
+Hash = dict[str, str]
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+@lru_cache(maxsize=4096)
+def _iso_seconds(seconds: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+
+
+def iso(us: int | str) -> str:
+    """ISO 8601 UTC with microseconds and Z. Cached per second: a page of 200 messages formats fast."""
+    seconds, micros = divmod(int(us), 1_000_000)
+    return f"{_iso_seconds(seconds)}.{micros:06d}Z"
+
+
+def usd(micros: int | str) -> float:
+    # Correctly rounded division: the nearest double to n/10^6, whose shortest repr is that decimal.
+    return int(micros) / MICROS
+
+
+def dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def pairs(flat: Sequence[str]) -> Hash:
+    """A flat [field, value, ...] reply (HGETALL, stream entry) as a dict."""
+    it = iter(flat)
+    return dict(zip(it, it, strict=True))
+
+
+def session_out(h: Hash) -> Row:
+    status = h["status"]
+    return {
+        "session_id": h["session_id"],
+        "user_id": h["user_id"],
+        "title": h["title"],
+        "status": status,
+        "conversation_data": orjson.Fragment(h["conversation_data"]),
+        "metadata": orjson.Fragment(h["metadata"]),
+        "is_active": status == "active",
+        "message_count": int(h["message_count"]),
+        "total_tokens": int(h["total_tokens"]),
+        "total_cost": usd(h["cost_micros"]),
+        "session_summary": h["session_summary"],
+        "created_at": iso(h["created_at"]),
+        "updated_at": iso(h["updated_at"]),
+        "last_activity": iso(h["last_activity"]),
+    }
+
+
+_SUMMARY_FIELDS = (
+    "session_id", "user_id", "title", "status", "message_count", "total_tokens", "total_cost", "has_memory",
+    "is_active", "session_summary", "created_at", "last_activity",
+)  # fmt: skip
+
+
+def summary_out(h: Hash) -> Row:
+    full = session_out(h)
+    full["has_memory"] = int(h["memory_count"]) > 0
+    return {k: full[k] for k in _SUMMARY_FIELDS}
+
+
+def list_item_out(sid: str, h: Hash) -> Row:
+    status = h["status"]
+    return {
+        "session_id": sid,
+        "user_id": h["user_id"],
+        "title": h["title"],
+        "status": status,
+        "is_active": status == "active",
+        "message_count": int(h["message_count"]),
+        "total_tokens": int(h["total_tokens"]),
+        "total_cost": usd(h["cost_micros"]),
+        "created_at": iso(h["created_at"]),
+        "updated_at": iso(h["updated_at"]),
+        "last_activity": iso(h["last_activity"]),
+    }
+
+
+def message_out(sid: str, uid: str, seq: int, f: Hash) -> Row:
+    """``f`` is a message as stored in the stream (and as ``cold.py`` rebuilds it from Postgres)."""
+    return {
+        "message_id": f["id"],
+        "session_id": sid,
+        "user_id": uid,
+        "sequence": seq,
+        "role": f["role"],
+        "content": f["content"],
+        "message_type": f["type"],
+        "metadata": orjson.Fragment(f["meta"]),
+        "tokens_used": int(f["tokens"]),
+        "cost_usd": usd(f["cost"]),
+        "created_at": iso(f["ts"]),
+    }
+
+
+def memory_out(sid: str, uid: str, doc: str) -> Row:
+    d = orjson.loads(doc)
+    return {"memory_id": d.pop("memory_id"), "session_id": sid, "user_id": uid, **d}
