@@ -5,13 +5,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import asyncpg
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from session_svc import redis_client
-from session_svc.errors import ServiceError
+from session_svc.errors import PG_UNAVAILABLE, ServiceError
 from session_svc.typedefs import SETTINGS
 
 log = logging.getLogger("session_svc")
@@ -46,12 +45,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if not isinstance(exc, redis_client.CircuitOpen):  # one line per failure, not per request
             log.warning("redis: %s %s: %r", request.method, request.path, exc)
         return json_response({"detail": detail}, 503)
-    except (
-        OSError,
-        asyncpg.PostgresConnectionError,
-        asyncpg.CannotConnectNowError,
-        asyncpg.InterfaceError,
-    ) as exc:
+    except PG_UNAVAILABLE as exc:
         log.warning("postgres unavailable: %s %s: %r", request.method, request.path, exc)
         return json_response({"detail": "Session store unavailable (PostgreSQL)"}, 503)
     except Exception:

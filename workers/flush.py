@@ -38,6 +38,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from session_svc import lua
+from session_svc.errors import PG_UNAVAILABLE
 from session_svc.keys import Keys
 from session_svc.outbox import GROUP
 
@@ -49,14 +50,6 @@ FAILURES = Counter("session_flush_failures_total", "Outbox batches that failed",
 DEAD = Counter("session_flush_dead_letters_total", "Outbox entries moved to a dead-letter stream")
 LAST_BATCH = Gauge("session_flush_last_batch_rows", "Entries in the last committed batch")
 
-# Errors that mean "Postgres is not reachable right now", as opposed to "this data cannot be written".
-PG_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    OSError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.InterfaceError,
-    asyncpg.TooManyConnectionsError,
-)
 UNAVAILABLE: tuple[type[BaseException], ...] = (*PG_UNAVAILABLE, RedisConnectionError, RedisTimeoutError)
 
 
