@@ -22,6 +22,10 @@ _HTTP_DETAIL = {
 }
 
 
+# Headers that describe the exception's own (text) body, which the JSON body replaces.
+_BODY_HEADERS = frozenset({"content-type", "content-length", "content-encoding"})
+
+
 def json_response(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
@@ -39,7 +43,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         detail = _HTTP_DETAIL.get(exc.status, exc.reason)
         if exc.status == 413:
             detail = f"Request body too large (limit {request.app[SETTINGS].max_body_bytes} bytes)"
-        return json_response({"detail": detail}, exc.status)
+        resp = json_response({"detail": detail}, exc.status)
+        # The body is ours, the headers stay the exception's: a 405 must say Allow (RFC 9110, 15.5.6).
+        for name, value in exc.headers.items():
+            if name.lower() not in _BODY_HEADERS:
+                resp.headers.add(name, value)
+        return resp
     except redis_client.REDIS_FAILURES as exc:
         detail = redis_client.failure(exc, write=request.method not in ("GET", "HEAD"))
         if not isinstance(exc, redis_client.CircuitOpen):  # one line per failure, not per request
