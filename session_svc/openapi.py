@@ -113,6 +113,8 @@ def document() -> dict[str, Any]:
             "parameters": _parameters(r.path, r.query, components),
             "responses": responses,
         }
+        if r.description:
+            op["description"] = r.description
         if r.body is not None:
             op["requestBody"] = {
                 "required": True,

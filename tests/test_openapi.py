@@ -111,6 +111,11 @@ async def test_body_limits_are_documented(doc: dict[str, Any]) -> None:
     assert (cost["minimum"], cost["maximum"], cost["multipleOf"]) == (0, 1_000_000, 0.000001)
 
 
+async def test_delete_says_the_session_stays_readable(doc: dict[str, Any]) -> None:
+    op = doc["paths"][SESSION]["delete"]
+    assert "ended" in op["description"] and "not 404" in op["description"]
+
+
 # The patterns against the validators ------------------------------------------------------------------
 
 
