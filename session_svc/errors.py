@@ -5,11 +5,26 @@ ServiceError
 ├── Conflict      409  the session's state forbids the change
 ├── BadRequest    400  input that the models cannot express (the detail is the guide's list shape)
 └── Unavailable   503  Redis or PostgreSQL cannot be reached
+
+``PG_UNAVAILABLE`` is the one definition of "PostgreSQL cannot be reached right now" (as opposed to
+"this data cannot be written"): the API answers 503 for it, and the worker pauses and retries without
+counting a delivery.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import asyncpg
+
+PG_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.InterfaceError,
+    # max_connections or a role's CONNECTION LIMIT reached: the server is there but takes nobody now.
+    asyncpg.TooManyConnectionsError,
+)
 
 
 class ServiceError(Exception):

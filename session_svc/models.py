@@ -50,6 +50,23 @@ class MessageType(StrEnum):
     notification = "notification"
 
 
+# The rules below as JSON Schema, for the OpenAPI document. The patterns read the same in ECMA-262 (the
+# dialect JSON Schema specifies) and in Python; tests/test_openapi.py checks that each accepts exactly
+# what its validator accepts. WHITESPACE is what ``str.isspace()`` (so ``str.strip()``) calls blank.
+WHITESPACE = r"\t\n\x0b\x0c\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+NO_NUL_PATTERN = r"^[^\x00]*$"
+NON_BLANK_PATTERN = rf"^[^\x00]*[^\x00{WHITESPACE}][^\x00]*$"
+_ID_CHAR = r"[^\x00-\x1f\x7f/]"
+USER_ID_PATTERN = rf"^{_ID_CHAR}*[^\x00-\x1f\x7f/{WHITESPACE}]{_ID_CHAR}*$"
+
+
+def _json_object_description(limit: int) -> str:
+    return (
+        f"A JSON object of at most {limit} bytes as compact UTF-8 JSON. No string or key in it may contain "
+        "a NUL character (\\u0000), and its integers must fit in 64 bits (-2^63 .. 2^64-1)."
+    )
+
+
 def _capped_json(limit: int) -> AfterValidator:
     def check(value: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -93,15 +110,57 @@ def _non_blank(value: str) -> str:
 
 UserId = Annotated[
     str,
-    Field(min_length=1, max_length=MAX_ID_CHARS),
+    Field(
+        min_length=1,
+        max_length=MAX_ID_CHARS,
+        description=(
+            f"1 to {MAX_ID_CHARS} characters, not blank, no control characters (U+0000-U+001F, U+007F), "
+            'no "/", and not "." or "..": it is also a URL path segment of the user listing.'
+        ),
+        json_schema_extra={"pattern": USER_ID_PATTERN, "not": {"enum": [".", ".."]}},
+    ),
     AfterValidator(_no_control_chars),
     AfterValidator(_non_blank),
     AfterValidator(_addressable),
 ]
-Title = Annotated[str, Field(max_length=MAX_TITLE_CHARS), AfterValidator(_no_nul)]
-Summary = Annotated[str, Field(max_length=MAX_SUMMARY_CHARS), AfterValidator(_no_nul)]
-Metadata = Annotated[dict[str, Any], _capped_json(MAX_METADATA_BYTES)]
-ConversationData = Annotated[dict[str, Any], _capped_json(MAX_CONVERSATION_BYTES)]
+_NO_NUL = "No NUL character (\\u0000): PostgreSQL cannot store it."
+Title = Annotated[
+    str,
+    Field(max_length=MAX_TITLE_CHARS, description=_NO_NUL, json_schema_extra={"pattern": NO_NUL_PATTERN}),
+    AfterValidator(_no_nul),
+]
+Summary = Annotated[
+    str,
+    Field(max_length=MAX_SUMMARY_CHARS, description=_NO_NUL, json_schema_extra={"pattern": NO_NUL_PATTERN}),
+    AfterValidator(_no_nul),
+]
+Metadata = Annotated[
+    dict[str, Any],
+    Field(description=_json_object_description(MAX_METADATA_BYTES)),
+    _capped_json(MAX_METADATA_BYTES),
+]
+ConversationData = Annotated[
+    dict[str, Any],
+    Field(description=_json_object_description(MAX_CONVERSATION_BYTES)),
+    _capped_json(MAX_CONVERSATION_BYTES),
+]
+
+
+def _content_field(max_chars: int) -> Any:
+    return Field(
+        min_length=1,
+        max_length=max_chars,
+        description="Not blank (at least one character that is not whitespace). No NUL character (\\u0000).",
+        json_schema_extra={"pattern": NON_BLANK_PATTERN},
+    )
+
+
+MessageContent = Annotated[
+    str, _content_field(MAX_CONTENT_CHARS), AfterValidator(_non_blank), AfterValidator(_no_nul)
+]
+MemoryContent = Annotated[
+    str, _content_field(MAX_MEMORY_CHARS), AfterValidator(_non_blank), AfterValidator(_no_nul)
+]
 
 
 def to_micros(value: Decimal) -> int:
@@ -121,7 +180,14 @@ def _cost(value: float) -> Decimal:
     return amount
 
 
-Cost = Annotated[float, AfterValidator(_cost)]
+Cost = Annotated[
+    float,
+    Field(
+        description=f"USD, 0 to {MAX_COST_PER_MESSAGE}, at most 6 decimal places.",
+        json_schema_extra={"minimum": 0, "maximum": int(MAX_COST_PER_MESSAGE), "multipleOf": 1 / MICROS},
+    ),
+    AfterValidator(_cost),
+]
 
 
 class Body(BaseModel):
@@ -146,12 +212,7 @@ class SessionUpdate(Body):
 
 class MessageCreate(Body):
     role: Role
-    content: Annotated[
-        str,
-        Field(min_length=1, max_length=MAX_CONTENT_CHARS),
-        AfterValidator(_non_blank),
-        AfterValidator(_no_nul),
-    ]
+    content: MessageContent
     message_type: MessageType = MessageType.chat
     tokens_used: Annotated[int, Field(ge=0, le=MAX_TOKENS_PER_MESSAGE)] = 0
     cost_usd: Cost = Field(default=0, validate_default=True)
@@ -160,12 +221,7 @@ class MessageCreate(Body):
 
 class MemoryCreate(Body):
     memory_type: MemoryType
-    content: Annotated[
-        str,
-        Field(min_length=1, max_length=MAX_MEMORY_CHARS),
-        AfterValidator(_non_blank),
-        AfterValidator(_no_nul),
-    ]
+    content: MemoryContent
     metadata: Metadata = Field(default_factory=dict)
 
 

@@ -7,6 +7,7 @@ document cannot drift from what the service accepts. The page is self-contained 
 from __future__ import annotations
 
 import html
+import re
 from functools import cache
 from typing import Any
 
@@ -28,18 +29,59 @@ _ERROR_TEXT = {
 }
 
 
-def _parameters(route_path: str, query: type[BaseModel] | None) -> list[dict[str, Any]]:
-    params: list[dict[str, Any]] = []
-    for name in ("session_id", "user_id"):
-        if "{" + name + "}" in route_path:
-            params.append({"name": name, "in": "path", "required": True, "schema": {"type": "string"}})
+_SESSION_ID = {
+    "type": "string",
+    "format": "uuid",
+    "pattern": "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
+    "description": "A session id the service issued: a lower-case UUID. Any other value is answered 404 "
+    '"Session not found", like an unknown id.',
+}
+
+
+def _query_schema(prop: dict[str, Any]) -> dict[str, Any]:
+    """A model property as a parameter schema: a query string has no null, an absent parameter is."""
+    prop = dict(prop)
+    branches = prop.get("anyOf", [])
+    if {"type": "null"} in branches:
+        rest = [b for b in branches if b != {"type": "null"}]
+        del prop["anyOf"]
+        prop.update(rest[0] if len(rest) == 1 else {"anyOf": rest})
+        if prop.get("default", 0) is None:
+            del prop["default"]
+    return prop
+
+
+def _parameters(
+    route_path: str, query: type[BaseModel] | None, components: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Path and query parameters, from the model that validates them (path parameters other than the
+    session id are fields of the query model too, and are validated with the same rules)."""
+    props: dict[str, Any] = {}
+    required: set[str] = set()
     if query is not None:
-        schema = query.model_json_schema()
+        schema = query.model_json_schema(ref_template=_REF)
+        for name, definition in schema.get("$defs", {}).items():
+            # Enums shared with the bodies are among the components already, and must be the same.
+            if components.setdefault(name, definition) != definition:
+                raise RuntimeError(f"two different schemas named {name}")
+        props = schema["properties"]
         required = set(schema.get("required", []))
-        for name, prop in schema["properties"].items():
-            if any(p["name"] == name for p in params):
-                continue
-            params.append({"name": name, "in": "query", "required": name in required, "schema": prop})
+    params: list[dict[str, Any]] = []
+    if "{session_id}" in route_path:
+        params.append({"name": "session_id", "in": "path", "required": True, "schema": _SESSION_ID})
+    for name, prop in props.items():
+        where = "path" if "{" + name + "}" in route_path else "query"
+        params.append(
+            {
+                "name": name,
+                "in": where,
+                "required": where == "path" or name in required,
+                "schema": _query_schema(prop),
+            }
+        )
+    undocumented = set(re.findall(r"{(\w+)}", route_path)) - {p["name"] for p in params if p["in"] == "path"}
+    if undocumented:
+        raise RuntimeError(f"{route_path}: no schema for path parameters {sorted(undocumented)}")
     return params
 
 
@@ -51,6 +93,7 @@ def document() -> dict[str, Any]:
         if r.body is not None:
             wanted.append((r.body, "validation"))
     refs, defs = models_json_schema(list(dict.fromkeys(wanted)), ref_template=_REF)
+    components: dict[str, Any] = defs.get("$defs", {})
     paths: dict[str, dict[str, Any]] = {}
     for r in ROUTES:
         responses: dict[str, Any] = {
@@ -67,9 +110,11 @@ def document() -> dict[str, Any]:
         op: dict[str, Any] = {
             "summary": r.summary,
             "operationId": r.handler.__name__,
-            "parameters": _parameters(r.path, r.query),
+            "parameters": _parameters(r.path, r.query, components),
             "responses": responses,
         }
+        if r.description:
+            op["description"] = r.description
         if r.body is not None:
             op["requestBody"] = {
                 "required": True,
@@ -80,7 +125,7 @@ def document() -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": "session_svc", "version": __version__},
         "paths": paths,
-        "components": {"schemas": defs.get("$defs", {})},
+        "components": {"schemas": components},
     }
 
 

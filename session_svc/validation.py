@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection
 from typing import Any, TypeVar
 
 import orjson
@@ -14,9 +15,14 @@ from session_svc.errors import SESSION_NOT_FOUND, BadRequest, NotFound
 M = TypeVar("M", bound=BaseModel)
 
 
-def _problems(exc: ValidationError, where: str) -> list[dict[str, Any]]:
+def _problems(exc: ValidationError, where: str, path: Collection[str] = ()) -> list[dict[str, Any]]:
+    """The guide's list shape; ``loc`` starts with ``path`` for the fields named in ``path``."""
     return [
-        {"type": e["type"], "loc": [where, *e["loc"]], "msg": e["msg"]}
+        {
+            "type": e["type"],
+            "loc": ["path" if e["loc"][:1] and e["loc"][0] in path else where, *e["loc"]],
+            "msg": e["msg"],
+        }
         for e in exc.errors(include_url=False, include_context=False, include_input=False)
     ]
 
@@ -40,11 +46,12 @@ async def parse_body(request: web.Request, model: type[M]) -> M:
 
 
 def parse_query(request: web.Request, model: type[M], **path: str) -> M:
-    """Query parameters (plus any path parameters given) into ``model``."""
+    """Query parameters (plus any path parameters given) into ``model``; a problem with a path parameter
+    is reported at ``["path", name]``."""
     try:
         return model.model_validate({**request.query, **path})
     except ValidationError as exc:
-        raise BadRequest(_problems(exc, "query")) from None
+        raise BadRequest(_problems(exc, "query", path)) from None
 
 
 def session_id(request: web.Request) -> str:

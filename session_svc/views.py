@@ -225,6 +225,7 @@ class Route:
     body: type[BaseModel] | None = None
     query: type[BaseModel] | None = None
     errors: tuple[int, ...] = field(default=())
+    description: str = ""
 
 
 _S = "/api/v1/sessions/{session_id}"
@@ -280,6 +281,12 @@ ROUTES: tuple[Route, ...] = (
         models.MessageText,
         query=models.OwnerQuery,
         errors=(400, 404, 409, 503),
+        description=(
+            "Ends the session: its status becomes `ended` and it takes no more messages or memories. "
+            "Nothing is deleted: the session, its messages and its memories stay readable, so a GET "
+            "afterwards answers 200 with `status: ended`, not 404. Ending an ended session again is 200; "
+            "a completed or archived session cannot be ended (409)."
+        ),
     ),
     Route(
         "GET",

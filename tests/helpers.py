@@ -128,5 +128,5 @@ async def validation_locs(resp: Any) -> list[list[str | int]]:
         assert set(item) == {"type", "loc", "msg"}, item
         assert isinstance(item["type"], str) and item["type"]
         assert isinstance(item["msg"], str) and item["msg"]
-        assert isinstance(item["loc"], list) and item["loc"][0] in ("body", "query"), item
+        assert isinstance(item["loc"], list) and item["loc"][0] in ("body", "query", "path"), item
     return [item["loc"] for item in detail]

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from yarl import URL
 
 from session_svc.keys import bucket_of
 from tests.helpers import (
@@ -438,3 +439,15 @@ async def test_default_limit_is_one_mebibyte(client: Any) -> None:
     )
     await error_json(resp, 413)
     assert await snapshot(client, sid, owner) == before
+
+
+@pytest.mark.parametrize(
+    "raw_user",
+    ["a%01b", "%20%20", "u" * 256, "a%2Fb", "%2E%2E", "%7F"],
+    ids=["control-char", "blank", "too-long", "slash", "dot-dot", "delete-char"],
+)
+async def test_bad_user_id_in_the_listing_path_is_named_as_a_path_parameter(
+    client: Any, raw_user: str
+) -> None:
+    resp = await client.get(URL(f"/api/v1/users/{raw_user}/sessions", encoded=True))
+    assert await validation_locs(resp) == [["path", "user_id"]]

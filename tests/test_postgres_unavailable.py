@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import uuid
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from session_svc import errors
 from tests.helpers import add_message, error_json, get_session, list_messages, make_session, new_user, ok_json
 from tests.support import free_port
+from workers import flush
 
 
 @pytest.mark.fault
@@ -30,3 +33,26 @@ async def test_hot_sessions_are_served_while_postgres_is_down(make_client: Any) 
     resp = await client.get(f"/api/v1/sessions/{uuid.uuid4()}", params={"user_id": user})
     detail = (await error_json(resp, 503))["detail"]
     assert isinstance(detail, str) and detail
+
+
+async def test_too_many_connections_is_503_as_in_the_worker(
+    make_client: Any, pg: Any, test_urls: Any
+) -> None:
+    """Postgres that takes no more connections is unavailable (503), not a server error (500): the API
+    and the worker share one definition of "PostgreSQL unavailable"."""
+    assert flush.PG_UNAVAILABLE is errors.PG_UNAVAILABLE
+    # A role whose CONNECTION LIMIT is 0: the real server answers every connection with SQLSTATE 53300.
+    role = "t_full_" + uuid.uuid4().hex[:10]
+    await pg.execute(f'CREATE ROLE "{role}" LOGIN CONNECTION LIMIT 0')
+    try:
+        url = urlsplit(test_urls.database_url)
+        netloc = f"{role}@{url.hostname}" + (f":{url.port}" if url.port else "")
+        client = await make_client(database_url=urlunsplit(url._replace(netloc=netloc)))
+        user = new_user()
+        # Unknown to Redis, so Postgres must be asked before the service can say "not found".
+        resp = await client.get(f"/api/v1/sessions/{uuid.uuid4()}", params={"user_id": user})
+        assert await error_json(resp, 503) == {"detail": "Session store unavailable (PostgreSQL)"}
+        sid = (await make_session(client, user))["session_id"]  # hot sessions still work
+        assert (await get_session(client, sid, user))["session_id"] == sid
+    finally:
+        await pg.execute(f'DROP ROLE IF EXISTS "{role}"')

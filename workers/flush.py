@@ -37,6 +37,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from session_svc import record
+from session_svc.errors import PG_UNAVAILABLE
 from session_svc.keys import Keys
 from session_svc.outbox import GROUP
 from session_svc.record import MICROS, Kind
@@ -59,14 +60,6 @@ BACKOFF_MIN_S, BACKOFF_MAX_S = 0.2, 5.0
 # A consumer name idle this long with nothing pending is forgotten (every worker start adds one).
 CONSUMER_IDLE_MS = 86_400_000
 
-# Errors that mean "Postgres is not reachable right now", as opposed to "this data cannot be written".
-PG_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    OSError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.InterfaceError,
-    asyncpg.TooManyConnectionsError,
-)
 UNAVAILABLE: tuple[type[BaseException], ...] = (*PG_UNAVAILABLE, RedisConnectionError, RedisTimeoutError)
 
 
