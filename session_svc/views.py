@@ -1,7 +1,10 @@
-"""HTTP handlers and the route table (which also feeds the OpenAPI document).
+"""HTTP handlers and the route table, which drives both the request parsing and the OpenAPI document.
 
-Each handler parses, calls one ``store`` function and shapes the response; errors are raised as domain
-exceptions and turned into HTTP answers by the middleware.
+A handler never reads the request itself. ``setup_routes`` wraps it in one adapter that parses exactly
+what its ``Route`` declares (the session id of the path, the query model, the body model) into a
+``Call``, so a handler cannot accept anything the OpenAPI document does not describe. The handler calls
+one ``store`` function and returns the JSON-ready answer (or a whole ``web.Response``); domain
+exceptions are turned into HTTP answers by the middleware.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel
@@ -25,17 +28,32 @@ from session_svc.validation import parse_body, parse_query, session_id
 
 SERVICE = "session_service"
 
+Q = TypeVar("Q")
+B = TypeVar("B")
 
-async def health(request: web.Request) -> web.Response:
-    return json_response(
-        {
-            "status": "healthy",
-            "service": SERVICE,
-            "port": request.app[SETTINGS].service_port,
-            "version": __version__,
-            "timestamp": iso(now_us()),
-        }
-    )
+
+@dataclass(frozen=True, slots=True)
+class Call(Generic[Q, B]):
+    """A request as its route declared it: parsed, validated, and nothing more."""
+
+    backend: Backend
+    settings: Settings
+    sid: str  # the session id of the path ("" for routes without one)
+    query: Q
+    body: B
+
+
+Empty = Call[None, None]
+
+
+async def health(c: Empty) -> dict[str, Any]:
+    return {
+        "status": "healthy",
+        "service": SERVICE,
+        "port": c.settings.service_port,
+        "version": __version__,
+        "timestamp": iso(now_us()),
+    }
 
 
 # Each dependency check of /health/detailed is capped at this many seconds, so a hung Redis or
@@ -68,10 +86,10 @@ async def _postgres_health(b: Backend) -> bool:
         return await b.pg.fetchval("SELECT true") is True
 
 
-async def health_detailed(request: web.Request) -> web.Response:
+async def health_detailed(c: Empty) -> web.Response:
     """Readiness: ``degraded`` with the reasons when anything is wrong; HTTP 503 only when the service
     cannot accept writes (Redis unreachable or out of memory), so a load balancer can act on it."""
-    b, settings = request.app[BACKEND], request.app[SETTINGS]
+    b, settings = c.backend, c.settings
     redis_state, db_state = await asyncio.gather(
         _redis_health(b, settings), _postgres_health(b), return_exceptions=True
     )
@@ -134,85 +152,61 @@ def _why(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-async def create_session(request: web.Request) -> web.Response:
-    body = await parse_body(request, models.SessionCreate)
-    return json_response(await store.create_session(request.app[BACKEND], body))
+async def create_session(c: Call[None, models.SessionCreate]) -> dict[str, Any]:
+    return await store.create_session(c.backend, c.body)
 
 
-async def get_session(request: web.Request) -> web.Response:
-    sid = session_id(request)
-    q = parse_query(request, models.OwnerQuery)
-    return json_response(await store.get_session(request.app[BACKEND], sid, q.user_id))
+async def get_session(c: Call[models.OwnerQuery, None]) -> dict[str, Any]:
+    return await store.get_session(c.backend, c.sid, c.query.user_id)
 
 
-async def update_session(request: web.Request) -> web.Response:
-    sid = session_id(request)
-    q = parse_query(request, models.OwnerQuery)
-    body = await parse_body(request, models.SessionUpdate)
-    return json_response(await store.update_session(request.app[BACKEND], sid, q.user_id, body))
+async def update_session(c: Call[models.OwnerQuery, models.SessionUpdate]) -> dict[str, Any]:
+    return await store.update_session(c.backend, c.sid, c.query.user_id, c.body)
 
 
-async def end_session(request: web.Request) -> web.Response:
-    sid = session_id(request)
-    q = parse_query(request, models.OwnerQuery)
-    await store.end_session(request.app[BACKEND], sid, q.user_id)
-    return json_response({"message": "Session ended successfully"})
+async def end_session(c: Call[models.OwnerQuery, None]) -> dict[str, Any]:
+    await store.end_session(c.backend, c.sid, c.query.user_id)
+    return {"message": "Session ended successfully"}
 
 
-async def get_summary(request: web.Request) -> web.Response:
-    sid = session_id(request)
-    q = parse_query(request, models.OwnerQuery)
-    return json_response(await store.get_summary(request.app[BACKEND], sid, q.user_id))
+async def get_summary(c: Call[models.OwnerQuery, None]) -> dict[str, Any]:
+    return await store.get_summary(c.backend, c.sid, c.query.user_id)
 
 
-async def list_user_sessions(request: web.Request) -> web.Response:
-    q = parse_query(request, models.UserSessionsQuery, user_id=request.match_info["user_id"])
-    return json_response(
-        await store.list_user_sessions(request.app[BACKEND], q.user_id, q.active_only, q.page, q.page_size)
-    )
+async def list_user_sessions(c: Call[models.UserSessionsQuery, None]) -> dict[str, Any]:
+    q = c.query
+    return await store.list_user_sessions(c.backend, q.user_id, q.active_only, q.page, q.page_size)
 
 
-async def stats(request: web.Request) -> web.Response:
-    return json_response(await store.stats(request.app[BACKEND]))
+async def stats(c: Empty) -> dict[str, Any]:
+    return await store.stats(c.backend)
 
 
-async def append_message(request: web.Request) -> web.Response:
-    sid = session_id(request)
-    q = parse_query(request, models.OwnerQuery)
-    body = await parse_body(request, models.MessageCreate)
-    return json_response(await store.append_message(request.app[BACKEND], sid, q.user_id, body))
+async def append_message(c: Call[models.OwnerQuery, models.MessageCreate]) -> dict[str, Any]:
+    return await store.append_message(c.backend, c.sid, c.query.user_id, c.body)
 
 
-async def list_messages(request: web.Request) -> web.Response:
-    sid = session_id(request)
-    q = parse_query(request, models.MessagePageQuery)
-    return json_response(await store.list_messages(request.app[BACKEND], sid, q.user_id, q.page, q.page_size))
+async def list_messages(c: Call[models.MessagePageQuery, None]) -> dict[str, Any]:
+    q = c.query
+    return await store.list_messages(c.backend, c.sid, q.user_id, q.page, q.page_size)
 
 
-async def create_memory(request: web.Request) -> web.Response:
-    sid = session_id(request)
-    q = parse_query(request, models.OwnerQuery)
-    body = await parse_body(request, models.MemoryCreate)
-    return json_response(await store.create_memory(request.app[BACKEND], sid, q.user_id, body))
+async def create_memory(c: Call[models.OwnerQuery, models.MemoryCreate]) -> dict[str, Any]:
+    return await store.create_memory(c.backend, c.sid, c.query.user_id, c.body)
 
 
-async def get_memory(request: web.Request) -> web.Response:
-    sid = session_id(request)
-    q = parse_query(request, models.MemoryQuery)
+async def get_memory(c: Call[models.MemoryQuery, None]) -> dict[str, Any]:
+    mtype = c.query.memory_type.value if c.query.memory_type else None
+    return await store.latest_memory(c.backend, c.sid, c.query.user_id, mtype)
+
+
+async def list_memories(c: Call[models.MemoryPageQuery, None]) -> dict[str, Any]:
+    q = c.query
     mtype = q.memory_type.value if q.memory_type else None
-    return json_response(await store.latest_memory(request.app[BACKEND], sid, q.user_id, mtype))
+    return await store.list_memories(c.backend, c.sid, q.user_id, mtype, q.page, q.page_size)
 
 
-async def list_memories(request: web.Request) -> web.Response:
-    sid = session_id(request)
-    q = parse_query(request, models.MemoryPageQuery)
-    mtype = q.memory_type.value if q.memory_type else None
-    return json_response(
-        await store.list_memories(request.app[BACKEND], sid, q.user_id, mtype, q.page, q.page_size)
-    )
-
-
-Handler = Callable[[web.Request], Awaitable[web.Response]]
+Handler = Callable[[Call[Any, Any]], Awaitable[dict[str, Any] | web.Response]]
 
 
 @dataclass(frozen=True)
@@ -356,7 +350,26 @@ ROUTES: tuple[Route, ...] = (
 )
 
 
+def _adapt(route: Route) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """The one place a request is read: what ``route`` declares, parsed into a ``Call``."""
+    has_sid = "{session_id}" in route.path
+
+    async def handle(request: web.Request) -> web.Response:
+        sid = session_id(request) if has_sid else ""
+        query = None
+        if route.query is not None:
+            path = {k: v for k, v in request.match_info.items() if k != "session_id"}
+            query = parse_query(request, route.query, **path)
+        body = await parse_body(request, route.body) if route.body is not None else None
+        call: Call[Any, Any] = Call(request.app[BACKEND], request.app[SETTINGS], sid, query, body)
+        answer = await route.handler(call)
+        return answer if isinstance(answer, web.Response) else json_response(answer)
+
+    handle.__name__ = route.handler.__name__
+    return handle
+
+
 def setup_routes(app: web.Application) -> None:
     for r in ROUTES:
         # aiohttp's default variable pattern excludes braces; a user id may contain them.
-        app.router.add_route(r.method, r.path.replace("{user_id}", "{user_id:[^/]+}"), r.handler)
+        app.router.add_route(r.method, r.path.replace("{user_id}", "{user_id:[^/]+}"), _adapt(r))

@@ -99,3 +99,20 @@ def test_the_worker_process_never_loads_the_http_layer() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_each_handler_takes_exactly_the_models_its_route_declares() -> None:
+    """The route table feeds the OpenAPI document and the one parsing adapter; a handler's ``Call[Q, B]``
+    must name the same query and body models, so it cannot expect what the document does not say."""
+    import typing
+
+    from session_svc import views
+
+    wrong = []
+    for route in views.ROUTES:
+        hint = typing.get_type_hints(route.handler)["c"]
+        query, body = typing.get_args(hint)
+        declared = (route.query or type(None), route.body or type(None))
+        if (query, body) != declared:
+            wrong.append(f"{route.method} {route.path}: handler {hint}, route {declared}")
+    assert wrong == []
