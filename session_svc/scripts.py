@@ -328,6 +328,9 @@ return 1
 
 # The workers' scripts ------------------------------------------------------------------------------------
 
+# How long the eviction marker ``g:<sid>`` outlives an eviction: longer than any request in flight.
+GONE_TTL_S = 86_400
+
 # Every memory index key of a session, from its prefix ``P:{bNN}:yi:<sid>:``.
 _INDEX_KEYS = ", ".join(f"yi .. '{t}'" for t in (MEMORY_ALL, *MemoryType))
 
@@ -357,7 +360,7 @@ for i = REST, #ARGV do
     redis.call('DEL', skey, bucket_prefix .. '{k.MESSAGES}:' .. sid, bucket_prefix .. '{k.MEMORIES}:' .. sid,
       {_INDEX_KEYS})
     redis.call('ZREM', hot, sid)
-    redis.call('SET', bucket_prefix .. '{k.GONE}:' .. sid, h[1], 'EX', 86400)
+    redis.call('SET', bucket_prefix .. '{k.GONE}:' .. sid, h[1], 'EX', {GONE_TTL_S})
     evicted = evicted + 1
   end
 end
