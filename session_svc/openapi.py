@@ -21,7 +21,8 @@ from session_svc.views import ROUTES
 
 _REF = "#/components/schemas/{model}"
 _ERROR_TEXT = {
-    400: "Validation error: detail is a list of {type, loc, msg}",
+    400: "Validation error: detail is a list of {type, loc, msg} (a string for an HTTP request that "
+    "cannot be parsed)",
     404: "Session not found (also for another user's session)",
     409: "The session's status forbids this change",
     413: "Request body too large",
