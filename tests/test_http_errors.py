@@ -108,6 +108,30 @@ async def test_unparsable_requests_get_a_json_400_logged_as_client_errors(
     assert any(r.levelno == logging.INFO and says in r.getMessage() for r in caplog.records)
 
 
+async def test_a_body_that_does_not_decode_is_a_400(
+    served: tuple[str, int], caplog: pytest.LogCaptureFixture
+) -> None:
+    status, headers, body = await exchange(
+        served, CREATE + b"Content-Encoding: gzip\r\nContent-Length: 5\r\n\r\n", b"abcde"
+    )
+    assert (status, headers["content-type"]) == (400, "application/json"), body
+    [problem] = orjson.loads(body)["detail"]
+    assert problem["loc"] == ["body"] and "content-encoding" in problem["msg"], problem
+    assert server_errors(caplog) == []
+
+
+async def test_a_client_leaving_mid_body_is_no_server_error(
+    served: tuple[str, int], caplog: pytest.LogCaptureFixture
+) -> None:
+    _, writer = await asyncio.open_connection(*served)
+    writer.write(CREATE + b"Content-Length: 100\r\n\r\n" + b'{"user_id": ')
+    await writer.drain()
+    await asyncio.sleep(0.1)  # the handler is waiting for the rest of the body
+    writer.close()
+    await asyncio.sleep(0.2)
+    assert server_errors(caplog) == []  # it was logged as "postgres unavailable"
+
+
 async def test_server_errors_are_json_and_still_logged_with_the_traceback(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
