@@ -357,4 +357,8 @@ ROUTES: tuple[Route, ...] = (
 def setup_routes(app: web.Application) -> None:
     for r in ROUTES:
         # aiohttp's default variable pattern excludes braces; a user id may contain them.
-        app.router.add_route(r.method, r.path.replace("{user_id}", "{user_id:[^/]+}"), r.handler)
+        path = r.path.replace("{user_id}", "{user_id:[^/]+}")
+        # "stats" is never a session id, whatever the method: PUT /api/v1/sessions/stats is a 405
+        # (Allow: GET), not a 404 for a session named "stats".
+        path = path.replace("{session_id}", "{session_id:(?!stats$)[^/]+}")
+        app.router.add_route(r.method, path, r.handler)

@@ -22,6 +22,9 @@ from tests.helpers import SESSIONS, error_json, session_url
     [
         ("PATCH", session_url(str(uuid.uuid4())), {"GET", "PUT", "DELETE"}),
         ("GET", SESSIONS, {"POST"}),
+        ("PUT", f"{SESSIONS}/stats", {"GET"}),
+        ("DELETE", f"{SESSIONS}/stats", {"GET"}),
+        ("PATCH", f"{SESSIONS}/stats", {"GET"}),
         ("POST", session_url(str(uuid.uuid4()), "/summary"), {"GET"}),
         ("DELETE", session_url(str(uuid.uuid4()), "/messages"), {"GET", "POST"}),
         ("PUT", "/api/v1/users/someone/sessions", {"GET"}),
