@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import orjson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic.config import JsonDict
 
 # Size limits (documented in README, "Limits").
 MAX_ID_CHARS = 255
@@ -67,10 +68,39 @@ _ID_CHAR = r"[^\x00-\x1f\x7f/]"
 USER_ID_PATTERN = rf"^{_ID_CHAR}*[^\x00-\x1f\x7f/{WHITESPACE}]{_ID_CHAR}*$"
 
 
-def _json_object_description(limit: int) -> str:
-    return (
-        f"A JSON object of at most {limit} bytes as compact UTF-8 JSON. No string or key in it may contain "
-        "a NUL character (\\u0000), and its integers must fit in 64 bits (-2^63 .. 2^64-1)."
+# The OpenAPI document's components; models refer to them (the JSON value schema is recursive).
+SCHEMA_REF = "#/components/schemas/{model}"
+INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1  # what orjson (so Redis and jsonb) takes
+_JSON_VALUE_REF: JsonDict = {"$ref": SCHEMA_REF.format(model="JsonValue")}
+_JSON_OBJECT_SCHEMA: JsonDict = {
+    "propertyNames": {"pattern": NO_NUL_PATTERN},
+    "additionalProperties": _JSON_VALUE_REF,
+}
+JSON_SCHEMAS: dict[str, Any] = {
+    "JsonValue": {
+        "description": "Any JSON value whose strings and keys have no NUL character and whose integers "
+        "fit in 64 bits. A number with a fraction or an exponent is a float and may be larger.",
+        "anyOf": [
+            {"type": "string", "pattern": NO_NUL_PATTERN},
+            {"type": "integer", "minimum": INT64_MIN, "maximum": UINT64_MAX},
+            {"type": "number", "not": {"type": "integer"}},
+            {"type": "boolean"},
+            {"type": "null"},
+            {"type": "array", "items": _JSON_VALUE_REF},
+            {"type": "object", **_JSON_OBJECT_SCHEMA},
+        ],
+    }
+}
+
+
+def _json_object_field(limit: int) -> Any:
+    return Field(
+        description=(
+            f"A JSON object of at most {limit} bytes as compact UTF-8 JSON (not expressible in JSON Schema). "
+            "No string or key in it may contain a NUL character (\\u0000), and its integers must fit in "
+            "64 bits (-2^63 .. 2^64-1)."
+        ),
+        json_schema_extra=_JSON_OBJECT_SCHEMA,
     )
 
 
@@ -141,15 +171,9 @@ Summary = Annotated[
     Field(max_length=MAX_SUMMARY_CHARS, description=_NO_NUL, json_schema_extra={"pattern": NO_NUL_PATTERN}),
     AfterValidator(_no_nul),
 ]
-Metadata = Annotated[
-    dict[str, Any],
-    Field(description=_json_object_description(MAX_METADATA_BYTES)),
-    _capped_json(MAX_METADATA_BYTES),
-]
+Metadata = Annotated[dict[str, Any], _json_object_field(MAX_METADATA_BYTES), _capped_json(MAX_METADATA_BYTES)]
 ConversationData = Annotated[
-    dict[str, Any],
-    Field(description=_json_object_description(MAX_CONVERSATION_BYTES)),
-    _capped_json(MAX_CONVERSATION_BYTES),
+    dict[str, Any], _json_object_field(MAX_CONVERSATION_BYTES), _capped_json(MAX_CONVERSATION_BYTES)
 ]
 
 
