@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from decimal import Decimal
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
-from pydantic.config import JsonDict
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from typing_extensions import TypeAliasType
 
 # Size limits (documented in README, "Limits").
 MAX_ID_CHARS = 255
@@ -68,39 +68,47 @@ _ID_CHAR = r"[^\x00-\x1f\x7f/]"
 USER_ID_PATTERN = rf"^{_ID_CHAR}*[^\x00-\x1f\x7f/{WHITESPACE}]{_ID_CHAR}*$"
 
 
-# The OpenAPI document's components; models refer to them (the JSON value schema is recursive).
-SCHEMA_REF = "#/components/schemas/{model}"
-INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1  # what orjson (so Redis and jsonb) takes
-_JSON_VALUE_REF: JsonDict = {"$ref": SCHEMA_REF.format(model="JsonValue")}
-_JSON_OBJECT_SCHEMA: JsonDict = {
-    "propertyNames": {"pattern": NO_NUL_PATTERN},
-    "additionalProperties": _JSON_VALUE_REF,
-}
-JSON_SCHEMAS: dict[str, Any] = {
-    "JsonValue": {
-        "description": "Any JSON value whose strings and keys have no NUL character and whose integers "
-        "fit in 64 bits. A number with a fraction or an exponent is a float and may be larger.",
-        "anyOf": [
-            {"type": "string", "pattern": NO_NUL_PATTERN},
-            {"type": "integer", "minimum": INT64_MIN, "maximum": UINT64_MAX},
-            {"type": "number", "not": {"type": "integer"}},
-            {"type": "boolean"},
-            {"type": "null"},
-            {"type": "array", "items": _JSON_VALUE_REF},
-            {"type": "object", **_JSON_OBJECT_SCHEMA},
+INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1  # the integers orjson (so Redis and jsonb) takes
+_NO_NUL_KEY = Annotated[str, WithJsonSchema({"type": "string", "not": {"pattern": "\\x00"}})]
+# What _capped_json accepts inside an object, as far as JSON Schema can say it. Only documents: the
+# objects are validated as dict[str, Any] and then by _capped_json.
+if TYPE_CHECKING:  # mypy cannot follow this recursive alias; pydantic does
+    JsonValue = Any
+else:
+    JsonValue = TypeAliasType(
+        "JsonValue",
+        Annotated[
+            Annotated[str, Field(pattern=NO_NUL_PATTERN)]
+            | Annotated[int, Field(ge=INT64_MIN, le=UINT64_MAX)]
+            | Annotated[float, WithJsonSchema({"type": "number", "not": {"type": "integer"}})]
+            | bool
+            | list["JsonValue"]
+            | dict[_NO_NUL_KEY, "JsonValue"]
+            | None,
+            Field(
+                description="Any JSON value whose strings and keys have no NUL character and whose "
+                "integers fit in 64 bits. A number written with a fraction or an exponent is a float, "
+                "which may be larger."
+            ),
         ],
-    }
-}
+    )
 
 
-def _json_object_field(limit: int) -> Any:
-    return Field(
-        description=(
-            f"A JSON object of at most {limit} bytes as compact UTF-8 JSON (not expressible in JSON Schema). "
-            "No string or key in it may contain a NUL character (\\u0000), and its integers must fit in "
-            "64 bits (-2^63 .. 2^64-1)."
+def _same(value: Any) -> Any:
+    return value
+
+
+def _json_object(limit: int) -> tuple[Any, ...]:
+    return (
+        BeforeValidator(_same, json_schema_input_type=dict[_NO_NUL_KEY, JsonValue]),
+        Field(
+            description=(
+                f"A JSON object of at most {limit} bytes as compact UTF-8 JSON (JSON Schema cannot say "
+                "this). No string or key in it may contain a NUL character (\\u0000), and its integers "
+                "must fit in 64 bits (-2^63 .. 2^64-1)."
+            )
         ),
-        json_schema_extra=_JSON_OBJECT_SCHEMA,
+        _capped_json(limit),
     )
 
 
@@ -171,10 +179,8 @@ Summary = Annotated[
     Field(max_length=MAX_SUMMARY_CHARS, description=_NO_NUL, json_schema_extra={"pattern": NO_NUL_PATTERN}),
     AfterValidator(_no_nul),
 ]
-Metadata = Annotated[dict[str, Any], _json_object_field(MAX_METADATA_BYTES), _capped_json(MAX_METADATA_BYTES)]
-ConversationData = Annotated[
-    dict[str, Any], _json_object_field(MAX_CONVERSATION_BYTES), _capped_json(MAX_CONVERSATION_BYTES)
-]
+Metadata = Annotated[dict[str, Any], *_json_object(MAX_METADATA_BYTES)]
+ConversationData = Annotated[dict[str, Any], *_json_object(MAX_CONVERSATION_BYTES)]
 
 
 def _content_field(max_chars: int) -> Any:

@@ -19,7 +19,7 @@ from session_svc import __version__, models
 from session_svc.middleware import json_response
 from session_svc.views import ROUTES
 
-_REF = models.SCHEMA_REF
+_REF = "#/components/schemas/{model}"
 _ERROR_TEXT = {
     400: "Validation error: detail is a list of {type, loc, msg} (a string for an HTTP request that "
     "cannot be parsed)",
@@ -94,7 +94,7 @@ def document() -> dict[str, Any]:
         if r.body is not None:
             wanted.append((r.body, "validation"))
     refs, defs = models_json_schema(list(dict.fromkeys(wanted)), ref_template=_REF)
-    components: dict[str, Any] = {**defs.get("$defs", {}), **models.JSON_SCHEMAS}
+    components: dict[str, Any] = defs.get("$defs", {})
     paths: dict[str, dict[str, Any]] = {}
     for r in ROUTES:
         responses: dict[str, Any] = {
