@@ -200,6 +200,17 @@ MemoryContent = Annotated[
 ]
 
 
+def _integral(value: Any) -> Any:
+    # JSON has one kind of number: 5.0 (or 5e0) is the integer 5, as JSON Schema's "integer" says and as
+    # Python's json.dumps writes a float. Fractions, strings ("5") and booleans stay refused (strict).
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+TokenCount = Annotated[int, Field(ge=0, le=MAX_TOKENS_PER_MESSAGE), BeforeValidator(_integral)]
+
+
 def to_micros(value: Decimal) -> int:
     micros = value * MICROS
     if micros != micros.to_integral_value():
@@ -251,7 +262,7 @@ class MessageCreate(Body):
     role: Role
     content: MessageContent
     message_type: MessageType = MessageType.chat
-    tokens_used: Annotated[int, Field(ge=0, le=MAX_TOKENS_PER_MESSAGE)] = 0
+    tokens_used: TokenCount = 0
     cost_usd: Cost = Field(default=0, validate_default=True)
     metadata: Metadata = Field(default_factory=dict)
 
