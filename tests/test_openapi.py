@@ -114,9 +114,18 @@ async def test_body_limits_are_documented(doc: dict[str, Any]) -> None:
     assert (cost["minimum"], cost["maximum"], cost["multipleOf"]) == (0, 1_000_000, 0.000001)
 
 
-async def test_delete_says_the_session_stays_readable(doc: dict[str, Any]) -> None:
+async def test_delete_says_the_session_stays_readable(doc: dict[str, Any], client: Any) -> None:
     op = doc["paths"][SESSION]["delete"]
     assert "ended" in op["description"] and "not 404" in op["description"]
+    assert "not 404" in await (await client.get("/docs")).text()
+
+
+async def test_request_bodies_state_the_size_limit(doc: dict[str, Any]) -> None:
+    bodies = [
+        op["requestBody"] for ops in doc["paths"].values() for op in ops.values() if "requestBody" in op
+    ]
+    assert len(bodies) == 4  # create, update, message, memory
+    assert all("MAX_BODY_BYTES" in b["description"] and "413" in b["description"] for b in bodies)
 
 
 # The patterns against the validators ------------------------------------------------------------------
