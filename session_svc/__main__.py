@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 
 import uvloop
-from aiohttp import web
 
 from session_svc.app import create_app
 from session_svc.process import configure_logging
+from session_svc.server import run_app
 from session_svc.settings import Settings
 
 
@@ -16,12 +16,11 @@ def main() -> None:
     settings = Settings.from_env()
     configure_logging(settings)
     uvloop.install()
-    web.run_app(
+    run_app(
         create_app(settings),
-        host=settings.service_host,
-        port=settings.service_port,
+        settings.service_host,
+        settings.service_port,
         access_log=logging.getLogger("aiohttp.access") if settings.debug else None,
-        reuse_port=True,
     )
 
 

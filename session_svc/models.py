@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from decimal import Decimal
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from typing_extensions import TypeAliasType
 
 from session_svc.record import MICROS, MemoryType
 
@@ -60,10 +61,47 @@ _ID_CHAR = r"[^\x00-\x1f\x7f/]"
 USER_ID_PATTERN = rf"^{_ID_CHAR}*[^\x00-\x1f\x7f/{WHITESPACE}]{_ID_CHAR}*$"
 
 
-def _json_object_description(limit: int) -> str:
+INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1  # the integers orjson (so Redis and jsonb) takes
+_NO_NUL_KEY = Annotated[str, WithJsonSchema({"type": "string", "not": {"pattern": "\\x00"}})]
+# What _capped_json accepts inside an object, as far as JSON Schema can say it. Only documents: the
+# objects are validated as dict[str, Any] and then by _capped_json.
+if TYPE_CHECKING:  # mypy cannot follow this recursive alias; pydantic does
+    JsonValue = Any
+else:
+    JsonValue = TypeAliasType(
+        "JsonValue",
+        Annotated[
+            Annotated[str, Field(pattern=NO_NUL_PATTERN)]
+            | Annotated[int, Field(ge=INT64_MIN, le=UINT64_MAX)]
+            | Annotated[float, WithJsonSchema({"type": "number", "not": {"type": "integer"}})]
+            | bool
+            | list["JsonValue"]
+            | dict[_NO_NUL_KEY, "JsonValue"]
+            | None,
+            Field(
+                description="Any JSON value whose strings and keys have no NUL character and whose "
+                "integers fit in 64 bits. A number written with a fraction or an exponent is a float, "
+                "which may be larger."
+            ),
+        ],
+    )
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _json_object(limit: int) -> tuple[Any, ...]:
     return (
-        f"A JSON object of at most {limit} bytes as compact UTF-8 JSON. No string or key in it may contain "
-        "a NUL character (\\u0000), and its integers must fit in 64 bits (-2^63 .. 2^64-1)."
+        BeforeValidator(_same, json_schema_input_type=dict[_NO_NUL_KEY, JsonValue]),
+        Field(
+            description=(
+                f"A JSON object of at most {limit} bytes as compact UTF-8 JSON (JSON Schema cannot say "
+                "this). No string or key in it may contain a NUL character (\\u0000), and its integers "
+                "must fit in 64 bits (-2^63 .. 2^64-1)."
+            )
+        ),
+        _capped_json(limit),
     )
 
 
@@ -134,16 +172,8 @@ Summary = Annotated[
     Field(max_length=MAX_SUMMARY_CHARS, description=_NO_NUL, json_schema_extra={"pattern": NO_NUL_PATTERN}),
     AfterValidator(_no_nul),
 ]
-Metadata = Annotated[
-    dict[str, Any],
-    Field(description=_json_object_description(MAX_METADATA_BYTES)),
-    _capped_json(MAX_METADATA_BYTES),
-]
-ConversationData = Annotated[
-    dict[str, Any],
-    Field(description=_json_object_description(MAX_CONVERSATION_BYTES)),
-    _capped_json(MAX_CONVERSATION_BYTES),
-]
+Metadata = Annotated[dict[str, Any], *_json_object(MAX_METADATA_BYTES)]
+ConversationData = Annotated[dict[str, Any], *_json_object(MAX_CONVERSATION_BYTES)]
 
 
 def _content_field(max_chars: int) -> Any:
@@ -161,6 +191,17 @@ MessageContent = Annotated[
 MemoryContent = Annotated[
     str, _content_field(MAX_MEMORY_CHARS), AfterValidator(_non_blank), AfterValidator(_no_nul)
 ]
+
+
+def _integral(value: Any) -> Any:
+    # JSON has one kind of number: 5.0 (or 5e0) is the integer 5, as JSON Schema's "integer" says and as
+    # Python's json.dumps writes a float. Fractions, strings ("5") and booleans stay refused (strict).
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+TokenCount = Annotated[int, Field(ge=0, le=MAX_TOKENS_PER_MESSAGE), BeforeValidator(_integral)]
 
 
 def to_micros(value: Decimal) -> int:
@@ -214,7 +255,7 @@ class MessageCreate(Body):
     role: Role
     content: MessageContent
     message_type: MessageType = MessageType.chat
-    tokens_used: Annotated[int, Field(ge=0, le=MAX_TOKENS_PER_MESSAGE)] = 0
+    tokens_used: TokenCount = 0
     cost_usd: Cost = Field(default=0, validate_default=True)
     metadata: Metadata = Field(default_factory=dict)
 

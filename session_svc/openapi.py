@@ -21,7 +21,8 @@ from session_svc.views import ROUTES
 
 _REF = "#/components/schemas/{model}"
 _ERROR_TEXT = {
-    400: "Validation error: detail is a list of {type, loc, msg}",
+    400: "Validation error: detail is a list of {type, loc, msg} (a string for an HTTP request that "
+    "cannot be parsed)",
     404: "Session not found (also for another user's session)",
     409: "The session's status forbids this change",
     413: "Request body too large",
@@ -117,6 +118,8 @@ def document() -> dict[str, Any]:
             op["description"] = r.description
         if r.body is not None:
             op["requestBody"] = {
+                "description": "A JSON object of at most MAX_BODY_BYTES bytes (1 MiB unless configured; "
+                "413 above). No NaN or Infinity (RFC 8259). Unknown fields are ignored.",
                 "required": True,
                 "content": {"application/json": {"schema": refs[(r.body, "validation")]}},
             }
@@ -143,6 +146,8 @@ def _page() -> str:
         for method, op in ops.items():
             parts.append(f"<h2><code>{method.upper()} {html.escape(path)}</code></h2>")
             parts.append(f"<p>{html.escape(op['summary'])}</p>")
+            if "description" in op:
+                parts.append(f"<p>{html.escape(op['description'])}</p>")
             if op["parameters"]:
                 parts.append("<table><tr><th>parameter</th><th>in</th><th>required</th></tr>")
                 for p in op["parameters"]:

@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import BaseModel, ValidationError
 
 from session_svc.errors import SESSION_NOT_FOUND, BadRequest, NotFound
@@ -28,7 +29,18 @@ def _problems(exc: ValidationError, where: str, path: Collection[str] = ()) -> l
 
 
 async def parse_body(request: web.Request, model: type[M]) -> M:
-    raw = await request.read()  # aiohttp raises 413 past client_max_size
+    try:
+        raw = await request.read()  # aiohttp raises 413 past client_max_size
+    except web.RequestPayloadError as exc:  # chunked framing or Content-Encoding that does not decode
+        cause = exc.__cause__
+        why = cause.message if isinstance(cause, HttpProcessingError) else str(exc)
+        detail = [{"type": "body_invalid", "loc": ["body"], "msg": f"Invalid request body: {why}"}]
+        raise BadRequest(detail) from None
+    except ConnectionResetError:
+        # The client left before sending the whole body. Nobody will read the answer, and this is not
+        # a failure of ours (nor of PostgreSQL, which an OSError escaping to the middleware would mean).
+        detail = [{"type": "body_incomplete", "loc": ["body"], "msg": "The connection closed mid-body"}]
+        raise BadRequest(detail) from None
     if b"NaN" in raw or b"Infinity" in raw:
         # pydantic's parser takes these non-JSON tokens (and orjson would write them back as null);
         # orjson's strict parser tells a real one from the same letters inside a string. Only then: the

@@ -372,4 +372,8 @@ def _adapt(route: Route) -> Callable[[web.Request], Awaitable[web.Response]]:
 def setup_routes(app: web.Application) -> None:
     for r in ROUTES:
         # aiohttp's default variable pattern excludes braces; a user id may contain them.
-        app.router.add_route(r.method, r.path.replace("{user_id}", "{user_id:[^/]+}"), _adapt(r))
+        path = r.path.replace("{user_id}", "{user_id:[^/]+}")
+        # "stats" is never a session id, whatever the method: PUT /api/v1/sessions/stats is a 405
+        # (Allow: GET), not a 404 for a session named "stats".
+        path = path.replace("{session_id}", "{session_id:(?!stats$)[^/]+}")
+        app.router.add_route(r.method, path, _adapt(r))

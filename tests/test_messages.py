@@ -17,6 +17,7 @@ from tests.helpers import (
     parse_iso_z,
     session_url,
     stats,
+    validation_locs,
 )
 
 
@@ -178,3 +179,20 @@ async def test_money_adds_up_exactly(client: Any) -> None:
         await add_message(client, other, user, cost_usd=cost)
     assert (await get_session(client, other, user))["total_cost"] == 6.934568
     assert (await stats(client))["total_cost"] == 7.234568
+
+
+async def test_token_counts_written_as_integral_floats_are_integers(client: Any) -> None:
+    """JSON has one number type: ``5.0`` and ``1e3`` are the integers JSON Schema's ``integer`` allows (and
+    what Python's json.dumps writes for a float). A fraction, a string or a boolean is still a 400."""
+    user = new_user()
+    sid = (await make_session(client, user))["session_id"]
+    url, params = session_url(sid, "/messages"), {"user_id": user}
+    for raw, tokens in ((b"5.0", 5), (b"1e3", 1000)):
+        body = b'{"role": "user", "content": "hi", "tokens_used": ' + raw + b"}"
+        resp = await client.post(url, params=params, data=body, headers={"Content-Type": "application/json"})
+        assert (await ok_json(resp))["tokens_used"] == tokens
+    for raw in (b"5.5", b'"5"', b"true"):
+        body = b'{"role": "user", "content": "hi", "tokens_used": ' + raw + b"}"
+        resp = await client.post(url, params=params, data=body, headers={"Content-Type": "application/json"})
+        assert await validation_locs(resp) == [["body", "tokens_used"]]
+    assert (await get_session(client, sid, user))["total_tokens"] == 1005

@@ -10,10 +10,14 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate
 from pydantic import TypeAdapter, ValidationError
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
 
-from session_svc import models
+from session_svc import models, openapi
+from session_svc.record import MemoryType
 from tests.helpers import SESSIONS, ok_json
 
 LISTING = "/api/v1/users/{user_id}/sessions"
@@ -59,7 +63,7 @@ async def test_memory_type_filters_name_the_enum(doc: dict[str, Any]) -> None:
     for _, _, p in found:
         assert (p["in"], p["required"]) == ("query", False)
         ref = p["schema"]["$ref"]
-        assert set(doc["components"]["schemas"][ref.rsplit("/", 1)[1]]["enum"]) == set(models.MemoryType)
+        assert set(doc["components"]["schemas"][ref.rsplit("/", 1)[1]]["enum"]) == set(MemoryType)
 
 
 def _user_id_rules(schema: dict[str, Any]) -> None:
@@ -111,9 +115,18 @@ async def test_body_limits_are_documented(doc: dict[str, Any]) -> None:
     assert (cost["minimum"], cost["maximum"], cost["multipleOf"]) == (0, 1_000_000, 0.000001)
 
 
-async def test_delete_says_the_session_stays_readable(doc: dict[str, Any]) -> None:
+async def test_delete_says_the_session_stays_readable(doc: dict[str, Any], client: Any) -> None:
     op = doc["paths"][SESSION]["delete"]
     assert "ended" in op["description"] and "not 404" in op["description"]
+    assert "not 404" in await (await client.get("/docs")).text()
+
+
+async def test_request_bodies_state_the_size_limit(doc: dict[str, Any]) -> None:
+    bodies = [
+        op["requestBody"] for ops in doc["paths"].values() for op in ops.values() if "requestBody" in op
+    ]
+    assert len(bodies) == 4  # create, update, message, memory
+    assert all("MAX_BODY_BYTES" in b["description"] and "413" in b["description"] for b in bodies)
 
 
 # The patterns against the validators ------------------------------------------------------------------
@@ -167,3 +180,47 @@ def test_patterns_agree_with_the_validators(value: str) -> None:
     assert content_schema_accepts(value) == accepts(CONTENT, value)
     no_nul = ecma_search(models.NO_NUL_PATTERN, value)
     assert no_nul == accepts(TypeAdapter(models.Title), value)
+
+
+def _json_objects() -> st.SearchStrategy[dict[str, Any]]:
+    keys = st.text(alphabet=st.sampled_from("ab\x00\n "), max_size=3)
+    scalars = st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(min_value=-(2**65), max_value=2**65),
+        st.sampled_from([models.INT64_MIN, models.INT64_MIN - 1, models.UINT64_MAX, models.UINT64_MAX + 1]),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.text(alphabet=st.sampled_from("x\x00\n\u2028é"), max_size=4),
+    )
+    values = st.recursive(
+        scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(keys, inner, max_size=3)
+    )
+    return st.dictionaries(keys, values, max_size=4)
+
+
+def _integral_float_beyond_64_bits(value: Any) -> bool:
+    if isinstance(value, float):
+        return value.is_integer() and not models.INT64_MIN <= value <= models.UINT64_MAX
+    if isinstance(value, dict):
+        return any(_integral_float_beyond_64_bits(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_integral_float_beyond_64_bits(v) for v in value)
+    return False
+
+
+METADATA = TypeAdapter(models.Metadata)
+# The served document's schema of a message's metadata, its references resolved within the document.
+METADATA_SCHEMA = Draft202012Validator(
+    {"$ref": "urn:doc#/components/schemas/MessageCreate/properties/metadata"},
+    registry=Registry().with_resource("urn:doc", Resource.from_contents(openapi.document(), DRAFT202012)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_json_objects())
+def test_json_object_schema_agrees_with_the_validator(value: dict[str, Any]) -> None:
+    """What the documented schema of ``metadata`` accepts, the service accepts, and the other way round
+    except for a float such as 1e20 (an integer to JSON Schema, a float to the service)."""
+    documented = METADATA_SCHEMA.is_valid(value)
+    if documented or not _integral_float_beyond_64_bits(value):
+        assert accepts(METADATA, value) == documented, value

@@ -1,0 +1,117 @@
+"""schemathesis against ``python -m session_svc``: every phase (examples, coverage, fuzzing, stateful)
+and every check, bounded by ``schemathesis.toml`` to about 20-30 s here. The intended behaviours it
+would report are dropped, each in its exact case, by ``tests/schemathesis_hooks.py``.
+
+The service runs as in production (its own runner, so aiohttp's own errors are JSON too), on a free
+port with its own key prefix and schema (migrated with ``python -m session_svc.migrate``, dropped after).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import support
+
+ROOT = Path(__file__).resolve().parent.parent
+ST = Path(sys.executable).with_name("st")
+
+
+@dataclass(frozen=True)
+class Service:
+    url: str
+    port: int
+    log: Path
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=1) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def service(test_urls: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    prefix, schema, port = support.new_name("st"), support.new_name("st_"), support.free_port()
+    env = {k: v for k, v in os.environ.items() if k not in support.SETTINGS_ENV}
+    env.update(
+        REDIS_URL=test_urls.redis_url,
+        DATABASE_URL=test_urls.database_url,
+        DB_SCHEMA=schema,
+        KEY_PREFIX=prefix,
+        SERVICE_HOST="127.0.0.1",
+        SERVICE_PORT=str(port),
+    )
+    log = tmp_path_factory.mktemp("schemathesis") / "service.log"
+    try:
+        subprocess.run(
+            [sys.executable, "-m", "session_svc.migrate"],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        with log.open("wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "session_svc"], env=env, stdout=out, stderr=out)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            support.wait_sync(lambda: proc.poll() is not None or _healthy(url), "the API", 30)
+            assert proc.poll() is None, log.read_text()
+            yield Service(url, port, log)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    finally:
+        support.delete_keys(test_urls.redis_url, prefix)
+        support.drop_schema(test_urls.database_url, schema)
+
+
+def server_errors(log: Path) -> list[str]:
+    return re.findall(r".* (?:ERROR|CRITICAL) .*|Traceback.*", log.read_text())
+
+
+def test_schemathesis_finds_nothing(service: Service) -> None:
+    command = [
+        str(ST),
+        "--config-file",
+        str(ROOT / "schemathesis.toml"),
+        "run",
+        f"{service.url}/openapi.json",
+    ]
+    command += ["--checks", "all", "--phases", "examples,coverage,fuzzing,stateful", "--no-color"]
+    # From the repository root: the config names its hooks file relative to it.
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    if result.returncode != 0:
+        pytest.fail(f"{' '.join(command)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
+    # Every answer was right, and nothing it sent was logged as a server error either.
+    assert server_errors(service.log) == []
+
+
+def test_the_entry_point_answers_unparsable_requests_as_json(service: Service) -> None:
+    with socket.create_connection(("127.0.0.1", service.port), timeout=5) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n")
+        raw = b""
+        while chunk := s.recv(65536):
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n")[0].split()[1] == b"400", raw
+    assert b"Content-Type: application/json" in head, raw
+    assert json.loads(body)["detail"].startswith("Bad request: ")
+    assert server_errors(service.log) == []
