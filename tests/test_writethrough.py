@@ -417,14 +417,34 @@ async def test_trim_forgets_idle_consumers_with_nothing_pending(
     client: Any, redis: Redis, keys: Keys, pool: asyncpg.Pool, settings: Settings
 ) -> None:
     """Each worker start adds a consumer name to the group; names that have been idle long enough with
-    nothing pending are dropped, those still holding entries are kept."""
+    nothing pending are dropped. Those still holding entries, those not idle long enough, and the
+    worker's own name are kept.
+
+    Every consumer here really exists in the group: on Redis 7.0 an XREADGROUP that delivers nothing
+    creates no consumer, so one that has nothing pending is made by XGROUP CREATECONSUMER or by a read
+    that delivered an entry which was then acknowledged."""
     user = new_user()
-    await make_session(client, user)
+    sid = (await make_session(client, user))["session_id"]
+    await add_message(client, sid, user)
     stream = keys.for_user(user).outbox
     await support.make_flusher(redis, pool, keys, settings.db_schema).ensure_groups()
-    await redis.xreadgroup(GROUP, "dead-holding", {stream: ">"}, count=1)  # keeps one pending entry
-    await redis.xreadgroup(GROUP, "dead-empty", {stream: ">"}, count=1)  # nothing left to read
+    [[_, [(held, _)]]] = await redis.xreadgroup(GROUP, "dead-holding", {stream: ">"}, count=1)
+    [[_, [(done, _)]]] = await redis.xreadgroup(GROUP, "dead-acked", {stream: ">"}, count=1)
+    assert await redis.xack(stream, GROUP, done) == 1
+    assert await redis.xgroup_createconsumer(stream, GROUP, "dead-empty") == 1
+
+    async def consumers() -> dict[str, int]:
+        return {c["name"]: int(c["pending"]) for c in await redis.xinfo_consumers(stream, GROUP)}
+
+    made = {"dead-holding": 1, "dead-acked": 0, "dead-empty": 0}
+    assert await consumers() == made
+
+    # Idle for less than the default day: nobody goes.
+    await support.make_flusher(redis, pool, keys, settings.db_schema).trim()
+    assert await consumers() == made
+
     pruner = support.make_flusher(redis, pool, keys, settings.db_schema, consumer_idle_ms=0)
+    assert await redis.xgroup_createconsumer(stream, GROUP, pruner.consumer) == 1  # its own name stays
     await pruner.trim()
-    names = {c["name"] for c in await redis.xinfo_consumers(stream, GROUP)}
-    assert names == {"dead-holding"}
+    assert await consumers() == {"dead-holding": 1, pruner.consumer: 0}
+    assert [r["message_id"] for r in await redis.xpending_range(stream, GROUP, "-", "+", 10)] == [held]
