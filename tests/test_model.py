@@ -781,17 +781,36 @@ def test_service_matches_the_model(make_settings: Any, test_urls: Any, prefix_re
         loop.close()
 
 
-@pytest.mark.parametrize("user_id", ["{team}", "a}b", ".", "..", "a/b"])
+@pytest.mark.parametrize("user_id", ["{team}", "a}b", "{", "...", ".a", "a.", "%2F", "a b"])
 async def test_a_user_id_accepted_at_creation_can_list_its_sessions(client: TestClient, user_id: str) -> None:
-    """Any user id that POST /sessions accepts must be able to read GET /users/{user_id}/sessions (or be
-    refused with a 400 up front). Braces do not match aiohttp's default pattern for a path variable
-    (``[^{}/]+``); "." and ".." are dot segments that every HTTP client removes from a path (RFC 3986,
-    5.2.4), so such an id could never reach its listing: it is refused at creation."""
+    """Any user id that POST /sessions accepts must be able to read GET /users/{user_id}/sessions. Braces
+    do not match aiohttp's default pattern for a path variable (``[^{}/]+``); dots other than the dot
+    segments themselves are ordinary characters."""
     resp = await client.post(SESSIONS, json={"user_id": user_id})
-    if resp.status == 400:
-        return
     assert resp.status == 200, await resp.text()
     sid = (await resp.json())["session_id"]
     listing = await client.get(f"/api/v1/users/{quote(user_id, safe='')}/sessions")
     assert listing.status == 200, (listing.url, listing.status, await listing.text())
     assert [s["session_id"] for s in (await listing.json())["sessions"]] == [sid]
+
+
+@pytest.mark.parametrize("user_id", [".", "..", "a/b", "/"])
+async def test_a_user_id_that_cannot_be_a_path_segment_is_refused_at_creation(
+    client: TestClient, user_id: str
+) -> None:
+    """ "." and ".." are dot segments that every HTTP client removes from a path (RFC 3986, 5.2.4), and a
+    "/" splits the segment: such an id could never reach its listing, so it is refused up front (400
+    naming ``user_id``) and no session is created."""
+    resp = await client.post(SESSIONS, json={"user_id": user_id})
+    assert resp.status == 400, await resp.text()
+    assert await resp.json() == {
+        "detail": [
+            {
+                "type": "value_error",
+                "loc": ["body", "user_id"],
+                "msg": 'Value error, must not contain "/" nor be "." or ".."',
+            }
+        ]
+    }
+    stats = await client.get(f"{SESSIONS}/stats")
+    assert (await stats.json())["total_sessions"] == 0
