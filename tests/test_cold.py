@@ -23,6 +23,7 @@ from tests.helpers import (
     add_memory,
     add_message,
     end_session,
+    error_json,
     get_session,
     list_messages,
     list_sessions,
@@ -211,7 +212,7 @@ async def test_another_user_gets_404_for_a_cold_session(
     p = {"user_id": other}
     for suffix in ("", "/summary", "/messages", "/memory", "/memories"):
         resp = await client.get(session_url(sid, suffix), params=p)
-        assert resp.status == 404, suffix
+        assert await error_json(resp, 404) == {"detail": "Session not found"}, suffix
     writes = [
         client.post(session_url(sid, "/messages"), params=p, json={"role": "user", "content": "x"}),
         client.post(session_url(sid, "/memory"), params=p, json={"memory_type": "custom", "content": "x"}),
@@ -219,7 +220,7 @@ async def test_another_user_gets_404_for_a_cold_session(
         client.delete(session_url(sid), params=p),
     ]
     for request in writes:
-        assert (await request).status == 404
+        assert await error_json(await request, 404) == {"detail": "Session not found"}
     assert await session_keys_left(redis, keys, owner, sid) == []  # nothing was brought back
     assert (await get_session(client, sid, owner))["title"] == ""
     assert (await list_sessions(client, other))["total"] == 0

@@ -443,7 +443,8 @@ class ServiceMachine(RuleBasedStateMachine):
                 wire["cost_usd"] = int(cost) if cost == cost.to_integral_value() else float(cost)
             path = session_url(sid, "/messages")
             if s.status != "active":
-                assert isinstance(self.error(409, "POST", path, wire, user_id=s.user), str)
+                detail = self.error(409, "POST", path, wire, user_id=s.user)
+                assert detail == f"Session is {s.status}: only an active session takes new messages"
                 self.assert_session(s)
                 continue
             got = norm_message(self.ok("POST", path, wire, user_id=s.user))
@@ -486,7 +487,8 @@ class ServiceMachine(RuleBasedStateMachine):
             sent["metadata"] = metadata
         path = session_url(sid, "/memory")
         if s.status in ("archived", "ended"):
-            assert isinstance(self.error(409, "POST", path, sent, user_id=s.user), str)
+            detail = self.error(409, "POST", path, sent, user_id=s.user)
+            assert detail == f"Session is {s.status}: it no longer takes memories"
             self.assert_session(s)
             return
         got = self.ok("POST", path, sent, user_id=s.user)
@@ -548,7 +550,8 @@ class ServiceMachine(RuleBasedStateMachine):
         self.owner_write(s)
         new_status = fields.get("status", s.status)
         if new_status != s.status and (s.status, new_status) not in ALLOWED:
-            assert isinstance(self.error(409, "PUT", session_url(s.sid), fields, user_id=s.user), str)
+            detail = self.error(409, "PUT", session_url(s.sid), fields, user_id=s.user)
+            assert detail == f"Session is {s.status}: it cannot become {new_status}"
             self.assert_session(s)
             return
         body = self.ok("PUT", session_url(s.sid), fields, user_id=s.user)
@@ -573,7 +576,8 @@ class ServiceMachine(RuleBasedStateMachine):
         for _ in range(times):
             self.owner_write(s)
             if s.status in ("completed", "archived"):
-                assert isinstance(self.error(409, "DELETE", session_url(sid), user_id=s.user), str)
+                detail = self.error(409, "DELETE", session_url(sid), user_id=s.user)
+                assert detail == f"Session is {s.status}: it cannot become ended"
                 self.assert_session(s)
                 continue
             body = self.ok("DELETE", session_url(sid), user_id=s.user)
