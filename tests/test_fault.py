@@ -166,10 +166,11 @@ async def rig(
     try:
         yield rig
     finally:
-        for worker in rig.workers:
-            worker.kill()
-        await redis.aclose()
-        await rig.pg.close(timeout=5)
+        try:
+            await asyncio.to_thread(support.stop_workers, rig.workers)  # SIGTERM: must exit cleanly
+        finally:
+            await redis.aclose()
+            await rig.pg.close(timeout=5)
 
 
 # Writes through the API, recorded in the model -------------------------------------------------------
