@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
 import re
+import socket
 import uuid
 from dataclasses import fields
 from pathlib import Path
@@ -17,6 +20,7 @@ from session_svc import migrate
 from session_svc.keys import MEMORY_ALL, Keys, bucket_of
 from session_svc.settings import Settings, every_schedule
 from tests.helpers import add_memory, add_message, make_session, new_user
+from workers.main import consumer_name
 
 
 def test_from_env_reads_typed_values() -> None:
@@ -182,6 +186,52 @@ def test_every_setting_is_documented_in_the_env_example_and_the_readme() -> None
     names = [f.name.upper() for f in fields(Settings)]
     assert [n for n in names if not re.search(rf"^{n}=", example, re.M)] == []
     assert [n for n in names if f"`{n}`" not in readme] == []
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _readme_defaults() -> dict[str, str]:
+    """The README's configuration table: variable -> default, where the default is a literal value."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("| variable | default | meaning |") :].split("\n\n")[0]
+    out: dict[str, str] = {}
+    for row in table.splitlines()[2:]:
+        _, names, default, *_ = row.split("|")
+        if not default.strip().startswith("`"):  # "(= `REDIS_URL`)", "host-pid": said in words
+            continue
+        values = re.findall(r"`([^`]*)`", default)
+        out.update(zip(re.findall(r"`([A-Z_]+)`", names), values, strict=True))
+    return out
+
+
+def test_documented_defaults_are_the_defaults() -> None:
+    """The env example ("every variable with its default") and the README's table say what a setting
+    is when it is not set; read the way the service reads its environment, each is the code's default."""
+    defaults = Settings()
+    example = dict(
+        re.findall(r"^([A-Z_]+)=(.*)$", (ROOT / "config" / "session_svc.env.example").read_text(), re.M)
+    )
+    readme = _readme_defaults()
+    assert {"END_IDLE_AFTER_DAYS", "WORKER_METRICS_PORT", "SERVICE_PORT", "DEBUG"} <= set(readme)
+    for f in fields(Settings):
+        name = f.name.upper()
+        for where, documented in (("env example", example), ("README", readme)):
+            if name in documented:
+                value = getattr(Settings.from_env({name: documented[name]}), f.name)
+                assert value == getattr(defaults, f.name), (where, name, documented[name])
+
+
+def test_settings_that_are_off_by_default() -> None:
+    """What is off (or derived) unless set. That 0 really means off is tested where it acts: the
+    housekeeping job (test_housekeeping) and the worker's metrics endpoint (test_worker_process)."""
+    d = Settings()
+    assert (d.end_idle_after_days, d.archive_completed_after_days, d.worker_metrics_port) == (0, 0, 0)
+    assert d.debug is False
+    # Empty means "derived": arq's queue on REDIS_URL, the consumer named after host and pid.
+    assert d.arq_redis_url == "" and d.arq_url == d.redis_url
+    assert d.worker_name == "" and consumer_name(d) == f"{socket.gethostname()}-{os.getpid()}"
+    assert consumer_name(dataclasses.replace(d, worker_name="w7")) == "w7"
 
 
 def test_job_periods_become_cron_fields_or_are_refused() -> None:
