@@ -4,12 +4,17 @@ anything was sent say that nothing was written; readiness answers 503 with the r
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from session_svc.redis_client import REDIS_DOWN_DETAIL, REDIS_READ_DETAIL
 from session_svc.typedefs import SETTINGS
+from tests import support
 from tests.helpers import (
     SESSIONS,
     add_message,
@@ -96,3 +101,48 @@ async def test_the_api_starts_while_redis_is_down_and_serves_once_it_is_back(
         await eventually(checked, "the deferred layout check", within=5, interval=0.1)
     finally:
         r.close()
+
+
+@pytest.mark.fault
+def test_the_api_started_while_redis_is_down_stops_on_a_wrong_bucket_count_once_it_is_back(
+    private_redis: Any, test_urls: Any, tmp_path: Path
+) -> None:
+    """The layout check the API could not run at start runs once Redis answers; data written with
+    another REDIS_BUCKETS then stops the process, as it would have at start (a real process: it stops
+    itself with SIGTERM)."""
+    server = private_redis("--appendonly", "yes", "--appendfsync", "always")
+    prefix = support.new_name("lay")
+    with server.client() as r:
+        r.hset(f"{prefix}:meta", "buckets", "8")  # on disk before the reply (appendfsync always)
+    server.kill()
+    port = support.free_port()
+    env = {k: v for k, v in os.environ.items() if k not in support.SETTINGS_ENV}
+    env.update(
+        REDIS_URL=server.url,
+        DATABASE_URL=test_urls.database_url,
+        KEY_PREFIX=prefix,
+        SERVICE_HOST="127.0.0.1",
+        SERVICE_PORT=str(port),
+    )
+    log = tmp_path / "api.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "session_svc"],
+            cwd=support.ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        support.wait_sync(lambda: b"answering 503 until it is back" in log.read_bytes(), "the API up", 30)
+        assert proc.poll() is None
+        server.restart()  # the data comes back from the AOF, written with 8 buckets
+        status = proc.wait(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text(errors="replace")
+    assert "stopping: wrong key layout" in text, text[-3000:]
+    assert f"REDIS_BUCKETS=16, but the data under prefix '{prefix}' was written with 8" in text, text[-3000:]
+    assert status == 0, text[-3000:]  # a clean stop (SIGTERM to itself), not a crash
