@@ -241,11 +241,12 @@ def pg_server() -> Iterator[PgServer]:
 
 @pytest.fixture
 def private_redis() -> Iterator[Callable[[], RedisServer]]:
-    """``private_redis()`` starts a private redis-server (tests.support); all are removed afterwards."""
+    """``private_redis(*args)`` starts a private redis-server (tests.support) with extra command-line
+    ``args`` (e.g. persistence); all are removed afterwards."""
     started: list[RedisServer] = []
 
-    def start() -> RedisServer:
-        server = start_redis()
+    def start(*args: str) -> RedisServer:
+        server = start_redis(*args)
         started.append(server)
         return server
 

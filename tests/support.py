@@ -513,25 +513,46 @@ def start_postgres() -> PgServer:
 # The real worker as a subprocess -----------------------------------------------------------------------
 
 
+# A worker given SIGTERM finishes the batch in hand (at most 10 s, see ``workers.main.serve``), then
+# stops its tasks and closes its connections; past this it is taken as hung.
+WORKER_STOP_TIMEOUT_S = 20.0
+
+
 @dataclass
 class WorkerProcess:
     name: str
     proc: subprocess.Popen[bytes]
     log: Path
+    killed: bool = False  # by a test, on purpose: its exit status says nothing
 
     def kill(self) -> None:
         """SIGKILL: no shutdown hook runs, nothing is acknowledged on the way out."""
+        self.killed = True
         if self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=10)
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill()
+    def stop(self, timeout: float = WORKER_STOP_TIMEOUT_S) -> float:
+        """SIGTERM, the way an operator or a supervisor stops it, and the graceful path must hold: the
+        worker exits by itself, with status 0, within ``timeout`` s. Returns how long it took. A worker
+        that hangs is SIGKILLed; one that exited before (a crash) or exits non-zero fails too."""
+        if self.proc.poll() is not None:
+            raise AssertionError(
+                f"worker {self.name} had already exited with status {self.proc.returncode} before "
+                f"SIGTERM\n{self.tail()}"
+            )
+        t0 = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            status = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(
+                f"worker {self.name} still running {timeout:.0f}s after SIGTERM\n{self.tail()}"
+            ) from None
+        took = time.monotonic() - t0
+        assert status == 0, f"worker {self.name} exited with status {status} on SIGTERM\n{self.tail()}"
+        return took
 
     @property
     def alive(self) -> bool:
@@ -539,6 +560,23 @@ class WorkerProcess:
 
     def tail(self, chars: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+
+
+def stop_workers(workers: Sequence[WorkerProcess]) -> dict[str, float]:
+    """Teardown: SIGTERM every worker the test did not kill on purpose, all of them even when one fails;
+    then fail with what went wrong (a hang, a crash, a non-zero exit). Returns seconds taken by name."""
+    problems: list[str] = []
+    took: dict[str, float] = {}
+    for worker in workers:
+        if worker.killed:
+            continue
+        try:
+            took[worker.name] = worker.stop()
+        except AssertionError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise AssertionError("\n\n".join(problems))
+    return took
 
 
 def start_worker(settings: Settings, name: str, log_dir: Path, **extra_env: str) -> WorkerProcess:

@@ -23,6 +23,7 @@ from tests.helpers import (
     add_memory,
     add_message,
     end_session,
+    error_json,
     get_session,
     list_messages,
     list_sessions,
@@ -211,7 +212,7 @@ async def test_another_user_gets_404_for_a_cold_session(
     p = {"user_id": other}
     for suffix in ("", "/summary", "/messages", "/memory", "/memories"):
         resp = await client.get(session_url(sid, suffix), params=p)
-        assert resp.status == 404, suffix
+        assert await error_json(resp, 404) == {"detail": "Session not found"}, suffix
     writes = [
         client.post(session_url(sid, "/messages"), params=p, json={"role": "user", "content": "x"}),
         client.post(session_url(sid, "/memory"), params=p, json={"memory_type": "custom", "content": "x"}),
@@ -219,7 +220,7 @@ async def test_another_user_gets_404_for_a_cold_session(
         client.delete(session_url(sid), params=p),
     ]
     for request in writes:
-        assert (await request).status == 404
+        assert await error_json(await request, 404) == {"detail": "Session not found"}
     assert await session_keys_left(redis, keys, owner, sid) == []  # nothing was brought back
     assert (await get_session(client, sid, owner))["title"] == ""
     assert (await list_sessions(client, other))["total"] == 0
@@ -396,3 +397,53 @@ async def test_a_stale_rehydration_does_not_reuse_a_sequence_number(
     stored = await support.pg_messages(pg, db_schema, sid)
     assert [m["content"] for m in stored] == ["one", "B", "A"]
     assert (await list_messages(client, sid, user))["messages"] == [m1, others[0], a]
+
+
+async def test_rehydration_gives_up_after_its_retries_with_a_503(
+    client: Any, pg: Any, flusher: Flusher, backend: Backend, db_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, but the session keeps changing: every time request A has read Postgres, another
+    rehydrate-append-flush-evict cycle has happened. A reads again, a bounded number of times, then
+    answers 503 "changing too fast" and writes nothing; the other writes all stand, and A's retry lands
+    after them."""
+    user = new_user()
+    sid = (await make_session(client, user))["session_id"]
+    m1 = await add_message(client, sid, user, content="one")
+    await support.drain(flusher)
+    assert await sweep(backend, 0) == 1
+
+    load_memory_docs = cold.load_memory_docs
+    others: list[dict[str, Any]] = []
+    busy = False
+
+    async def always_stale(*args: Any) -> Any:
+        nonlocal busy
+        docs = await load_memory_docs(*args)
+        # A's reads (the other request's own rehydration goes straight through), and at most 10: a
+        # service that retried without end would then succeed, and fail this test rather than hang it.
+        if not busy and len(others) < 10:
+            busy = True
+            try:
+                others.append(await add_message(client, sid, user, content=f"B{len(others)}"))
+                await support.drain(flusher)
+                assert await sweep(backend, 0) == 1
+            finally:
+                busy = False
+        return docs
+
+    monkeypatch.setattr(cold, "load_memory_docs", always_stale)
+    resp = await client.post(
+        session_url(sid, "/messages"), params={"user_id": user}, json={"role": "user", "content": "A"}
+    )
+    assert await error_json(resp, 503) == {"detail": "Session is changing too fast to load; retry"}
+    monkeypatch.undo()
+    assert len(others) == store._ATTEMPTS == 3  # one Postgres read per attempt, then it gave up
+    assert [m["sequence"] for m in others] == [2, 3, 4]
+    assert (await get_session(client, sid, user))["message_count"] == 4  # A wrote nothing
+
+    retry = await add_message(client, sid, user, content="A")
+    assert retry["sequence"] == 5
+    await support.drain(flusher)
+    stored = await support.pg_messages(pg, db_schema, sid)
+    assert [m["content"] for m in stored] == ["one", "B0", "B1", "B2", "A"]
+    assert (await list_messages(client, sid, user))["messages"] == [m1, *others, retry]

@@ -112,8 +112,7 @@ async def test_unknown_routes_and_methods_answer_json(client: Any) -> None:
     assert await error_json(await client.get("/api/v1/nothing-here"), 404) == {"detail": "Not Found"}
     sid = str(uuid.uuid4())
     resp = await client.patch(session_url(sid), params={"user_id": "u"}, json={})
-    body = await error_json(resp, 405)
-    assert isinstance(body["detail"], str)
+    assert await error_json(resp, 405) == {"detail": "Method Not Allowed"}
 
 
 # 400 -------------------------------------------------------------------------------------------------
@@ -384,11 +383,15 @@ async def test_nan_is_not_json(client: Any) -> None:
     user = new_user()
     raw = b'{"user_id": "%s", "metadata": {"score": NaN}}' % user.encode()
     resp = await client.post(SESSIONS, data=raw, headers={"Content-Type": "application/json"})
-    assert resp.status == 400, await resp.text()
+    (problem,) = (await error_json(resp, 400))["detail"]
+    assert (problem["type"], problem["loc"]) == ("json_invalid", ["body"]), problem
+    assert problem["msg"].startswith("Invalid JSON: "), problem
     assert (await list_sessions(client, user))["total"] == 0
 
 
 # 413 -------------------------------------------------------------------------------------------------
+
+TOO_LARGE_2048 = {"detail": "Request body too large (limit 2048 bytes)"}
 
 
 async def test_body_over_the_configured_limit_is_413(make_client: Any) -> None:
@@ -409,8 +412,7 @@ async def test_body_over_the_configured_limit_is_413(make_client: Any) -> None:
     ]
     for method, url, body in attempts:
         resp = await client.request(method, url, params={"user_id": owner}, json=body)
-        detail = (await error_json(resp, 413))["detail"]
-        assert isinstance(detail, str) and detail, (method, url)
+        assert await error_json(resp, 413) == TOO_LARGE_2048, (method, url)
 
     # Without a Content-Length (chunked upload) the limit holds too.
     async def chunks() -> Any:
@@ -423,7 +425,7 @@ async def test_body_over_the_configured_limit_is_413(make_client: Any) -> None:
         data=chunks(),
         headers={"Content-Type": "application/json"},
     )
-    await error_json(resp, 413)
+    assert await error_json(resp, 413) == TOO_LARGE_2048
 
     assert await snapshot(client, sid, owner) == before
 
@@ -437,7 +439,7 @@ async def test_default_limit_is_one_mebibyte(client: Any) -> None:
         params={"user_id": owner},
         json={"role": "user", "content": "c" * (1 << 20)},
     )
-    await error_json(resp, 413)
+    assert await error_json(resp, 413) == {"detail": "Request body too large (limit 1048576 bytes)"}
     assert await snapshot(client, sid, owner) == before
 
 

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
+from redis.asyncio import Redis
+
+from session_svc.keys import Keys
 from tests.helpers import (
     MESSAGE_FIELDS,
     add_message,
@@ -129,30 +134,60 @@ async def test_counters_are_exact_under_200_concurrent_appends(client: Any) -> N
     assert body["average_messages_per_session"] == 200.0
 
 
-async def test_appends_racing_the_end_of_the_session_are_all_or_nothing(client: Any) -> None:
-    """Each append either lands (200, counted, listed) or is refused (409, no trace): never half."""
+ENDED = "Session is ended: only an active session takes new messages"
+
+
+@dataclass(frozen=True)
+class Race:
+    """One round: appends accepted in all, and of those in flight while the DELETE was, how many ran
+    before the end (won) and after it (lost)."""
+
+    accepted: int
+    won: int
+    lost: int
+
+
+async def race_appends_with_the_end(client: Any, redis: Redis, keys: Keys) -> Race:
+    """One round on a fresh session: 8 writers append in a loop; after 20 acknowledged appends the
+    session is ended while they go on; each writer stops at its first refusal. Asserts that every
+    outcome is consistent, and returns what happened to the appends that overlapped the DELETE."""
     user = new_user()
     sid = (await make_session(client, user))["session_id"]
     url = session_url(sid, "/messages")
     body = {"role": "user", "content": "x", "tokens_used": 2, "cost_usd": 0.000003}
+    appends: list[tuple[float, float, int, Any]] = []  # sent, answered, status, answer
+    enough = asyncio.Event()
 
-    async def post() -> Any:
-        return await client.post(url, params={"user_id": user}, json=body)
+    async def writer() -> None:
+        while len(appends) < 400:  # a bound, should the end never be seen
+            sent = time.monotonic()
+            resp = await client.post(url, params={"user_id": user}, json=body)
+            appends.append((sent, time.monotonic(), resp.status, await resp.json()))
+            if resp.status != 200:
+                return
+            if len(appends) >= 20:
+                enough.set()
 
-    async def end_later() -> Any:
-        await asyncio.sleep(0)
-        return await client.delete(session_url(sid), params={"user_id": user})
+    async def end() -> tuple[float, float]:
+        await enough.wait()
+        sent = time.monotonic()
+        resp = await client.delete(session_url(sid), params={"user_id": user})
+        assert (resp.status, await resp.json()) == (200, {"message": "Session ended successfully"})
+        return sent, time.monotonic()
 
-    results = await asyncio.gather(*(post() for _ in range(60)), end_later(), *(post() for _ in range(60)))
-    appends = results[:60] + results[61:]
-    assert results[60].status == 200
-    accepted = [await r.json() for r in appends if r.status == 200]
-    assert all(r.status in (200, 409) for r in appends)
+    *_, (end_sent, end_answered) = await asyncio.gather(*(writer() for _ in range(8)), end())
+    accepted = [answer for _s, _a, status, answer in appends if status == 200]
+    refused = [(status, answer) for _s, _a, status, answer in appends if status != 200]
+    # A refused append is a 409 saying why, and leaves no trace (the counts below).
+    assert refused == [(409, {"detail": ENDED})] * 8  # each writer's last
+    # Answered before the end was sent: landed. Sent after the end was answered: refused.
+    assert all(status == 200 for _s, answered, status, _ in appends if answered < end_sent)
+    assert all(status == 409 for sent, _a, status, _ in appends if sent > end_answered)
     n = len(accepted)
     assert sorted(m["sequence"] for m in accepted) == list(range(1, n + 1))
 
     s = await get_session(client, sid, user)
-    assert s["status"] == "ended"
+    assert (s["status"], s["is_active"]) == ("ended", False)
     assert (s["message_count"], s["total_tokens"]) == (n, 2 * n)
     assert s["total_cost"] == n * 3 / 1_000_000  # exact: 3 micro-dollars each
     listed = await list_messages(client, sid, user, page_size=200)
@@ -160,8 +195,40 @@ async def test_appends_racing_the_end_of_the_session_are_all_or_nothing(client: 
     assert [m["message_id"] for m in listed["messages"]] == [
         m["message_id"] for m in sorted(accepted, key=lambda m: m["sequence"])
     ]
+    # The order Redis ran them in, as the outbox recorded it: the creation, every accepted append (and
+    # only those) in sequence order, then the end, with versions counting up one per write.
+    entries = [f for _id, f in await redis.xrange(keys.for_user(user).outbox) if f["sid"] == sid]
+    assert [(f["k"], f.get("seq"), int(f["v"])) for f in entries] == [
+        ("s", None, 1),
+        *[("m", str(i), i + 1) for i in range(1, n + 1)],
+        ("s", None, n + 2),
+    ]
+    assert [f["id"] for f in entries if f["k"] == "m"] == [
+        m["message_id"] for m in sorted(accepted, key=lambda m: m["sequence"])
+    ]
+    racing = [status for sent, answered, status, _ in appends if sent < end_answered and answered > end_sent]
+    return Race(accepted=n, won=racing.count(200), lost=racing.count(409))
+
+
+async def test_appends_racing_the_end_of_the_session_are_all_or_nothing(
+    client: Any, redis: Redis, keys: Keys
+) -> None:
+    """Each append either lands (200, counted, listed, in the outbox before the end) or is refused (409,
+    no trace): never half. Among the appends in flight while the DELETE was, both orders must have been
+    seen: some ran before the end and some after. At least 5 rounds, more (up to 20) until both were.
+    (Here every round sees both, a few of each.)"""
+    rounds: list[Race] = []
+    while len(rounds) < 20:
+        if len(rounds) >= 5 and any(r.won for r in rounds) and any(r.lost for r in rounds):
+            break
+        rounds.append(await race_appends_with_the_end(client, redis, keys))
+    print(f"\nappend/end race rounds: {rounds}")
+    won, lost = sum(r.won for r in rounds), sum(r.lost for r in rounds)
+    assert won > 0 and lost > 0, f"only one order was observed in {len(rounds)} rounds: {rounds}"
     st = await stats(client)
-    assert (st["total_messages"], st["total_tokens"], st["active_sessions"]) == (n, 2 * n, 0)
+    assert (st["total_sessions"], st["active_sessions"]) == (len(rounds), 0)
+    n = sum(r.accepted for r in rounds)
+    assert (st["total_messages"], st["total_tokens"]) == (n, 2 * n)
 
 
 async def test_money_adds_up_exactly(client: Any) -> None:

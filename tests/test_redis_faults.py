@@ -214,14 +214,19 @@ async def make_rig(pg_server: PgServer, aiohttp_client: Any, tmp_path: Path) -> 
         return rig
 
     yield make
-    for rig in made:
-        for worker in rig.workers:
-            worker.kill()
-        await rig.redis.aclose()
-        await rig.pg.close(timeout=5)
-        rig.redis_server.destroy()
-    for schema in schemas:
-        await asyncio.to_thread(support.drop_schema, pg_server.url, schema)
+    try:
+        for rig in made:  # SIGTERM while their Redis still runs: each must exit cleanly
+            await asyncio.to_thread(support.stop_workers, rig.workers)
+    finally:
+        for rig in made:
+            for worker in rig.workers:
+                if worker.alive:
+                    worker.kill()
+            await rig.redis.aclose()
+            await rig.pg.close(timeout=5)
+            rig.redis_server.destroy()
+        for schema in schemas:
+            await asyncio.to_thread(support.drop_schema, pg_server.url, schema)
 
 
 class Load:

@@ -4,11 +4,17 @@ anything was sent say that nothing was written; readiness answers 503 with the r
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from session_svc.redis_client import REDIS_DOWN_DETAIL, REDIS_READ_DETAIL
 from session_svc.typedefs import SETTINGS
+from tests import support
 from tests.helpers import (
     SESSIONS,
     add_message,
@@ -49,10 +55,9 @@ async def test_requests_answer_503_when_redis_is_gone(make_client: Any, private_
     ]
     for method, url, query, body in attempts:
         resp = await client.request(method, url, params=query, json=body)
-        detail = (await error_json(resp, 503))["detail"]
-        assert isinstance(detail, str) and "redis" in detail.lower(), (method, url, detail)
-        if method != "GET":  # connection refused: the command never left, so this is known
-            assert "nothing was written" in detail, (method, url, detail)
+        # A write: connection refused, the command never left, so "nothing was written" is known.
+        expected = REDIS_READ_DETAIL if method == "GET" else REDIS_DOWN_DETAIL
+        assert await error_json(resp, 503) == {"detail": expected}, (method, url)
 
     # Liveness still answers; readiness tells which store is down, with 503 for a load balancer.
     assert (await ok_json(await client.get("/health")))["status"] == "healthy"
@@ -76,7 +81,7 @@ async def test_the_api_starts_while_redis_is_down_and_serves_once_it_is_back(
     assert (await client.get("/health/detailed")).status == 503
     user = new_user()
     resp = await client.post(SESSIONS, json={"user_id": user})
-    assert "nothing was written" in (await error_json(resp, 503))["detail"]
+    assert await error_json(resp, 503) == {"detail": REDIS_DOWN_DETAIL}
 
     await asyncio.to_thread(server.restart)
 
@@ -96,3 +101,49 @@ async def test_the_api_starts_while_redis_is_down_and_serves_once_it_is_back(
         await eventually(checked, "the deferred layout check", within=5, interval=0.1)
     finally:
         r.close()
+
+
+@pytest.mark.fault
+def test_the_api_started_while_redis_is_down_stops_on_a_wrong_bucket_count_once_it_is_back(
+    private_redis: Any, test_urls: Any, tmp_path: Path
+) -> None:
+    """The layout check the API could not run at start runs once Redis answers; data written with
+    another REDIS_BUCKETS then stops the process, as it would have at start (a real process: it stops
+    itself with SIGTERM)."""
+    server = private_redis("--appendonly", "yes", "--appendfsync", "always")
+    prefix = support.new_name("lay")
+    with server.client() as r:
+        r.hset(f"{prefix}:meta", "buckets", "8")  # on disk before the reply (appendfsync always)
+    server.kill()
+    port = support.free_port()
+    env = {k: v for k, v in os.environ.items() if k not in support.SETTINGS_ENV}
+    env.update(
+        REDIS_URL=server.url,
+        DATABASE_URL=test_urls.database_url,
+        KEY_PREFIX=prefix,
+        SERVICE_HOST="127.0.0.1",
+        SERVICE_PORT=str(port),
+    )
+    log = tmp_path / "api.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "session_svc"],
+            cwd=support.ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        waiting = b"the layout is checked once it answers"
+        support.wait_sync(lambda: waiting in log.read_bytes(), "the API up", 30)
+        assert proc.poll() is None
+        server.restart()  # the data comes back from the AOF, written with 8 buckets
+        status = proc.wait(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text(errors="replace")
+    assert "stopping: wrong key layout" in text, text[-3000:]
+    assert f"REDIS_BUCKETS=16, but the data under prefix '{prefix}' was written with 8" in text, text[-3000:]
+    assert status == 0, text[-3000:]  # a clean stop (SIGTERM to itself), not a crash

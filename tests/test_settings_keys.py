@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
 import re
+import socket
+import subprocess
+import sys
 import uuid
 from dataclasses import fields
 from pathlib import Path
@@ -11,13 +16,19 @@ from typing import Any
 
 import asyncpg
 import pytest
+import redis as redis_sync
 from redis.crc import key_slot
 
 from session_svc import migrate
+from session_svc.app import create_app
 from session_svc.keys import Keys, bucket_of
 from session_svc.record import MEMORY_ALL
 from session_svc.settings import Settings, every_schedule
 from tests.helpers import add_memory, add_message, make_session, new_user
+from tests.support import SETTINGS_ENV, free_port
+from workers.main import consumer_name
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_from_env_reads_typed_values() -> None:
@@ -150,6 +161,51 @@ async def test_keys_written_by_the_service_share_the_users_slot(
         assert {key_slot(k.encode()) for k in mine} == {key_slot(tag.encode())}
 
 
+async def test_the_api_refuses_to_start_on_data_written_with_another_bucket_count(
+    aiohttp_client: Any, make_settings: Any, redis: Any, key_prefix: str
+) -> None:
+    """Every key's bucket is crc32(user_id) mod REDIS_BUCKETS: with another count, every user's data
+    would be looked for under other keys. The first start records the count; a start with another one
+    fails (and records nothing), a start with the same one goes on."""
+    meta = f"{key_prefix}:meta"
+    assert await redis.hget(meta, "buckets") is None
+    await aiohttp_client(create_app(make_settings()))
+    assert await redis.hget(meta, "buckets") == "16"
+
+    wrong = f"REDIS_BUCKETS=8, but the data under prefix '{key_prefix}' was written with 16"
+    with pytest.raises(RuntimeError, match=re.escape(wrong)):
+        await aiohttp_client(create_app(make_settings(redis_buckets=8)))
+    assert await redis.hget(meta, "buckets") == "16"
+    client = await aiohttp_client(create_app(make_settings()))
+    assert (await client.get("/health")).status == 200
+
+
+def test_the_api_process_exits_on_data_written_with_another_bucket_count(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The same as the process an operator starts (``python -m session_svc``): it stops at once with the
+    reason, and never serves."""
+    with redis_sync.Redis.from_url(settings.redis_url) as r:
+        r.hset(f"{settings.key_prefix}:meta", "buckets", "16")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in SETTINGS_ENV}
+    env.update(
+        REDIS_URL=settings.redis_url,
+        DATABASE_URL=settings.database_url,
+        DB_SCHEMA=settings.db_schema,
+        KEY_PREFIX=settings.key_prefix,
+        REDIS_BUCKETS="8",
+        SERVICE_HOST="127.0.0.1",
+        SERVICE_PORT=str(port),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "session_svc"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode != 0, proc.stderr[-2000:]
+    wrong = f"REDIS_BUCKETS=8, but the data under prefix '{settings.key_prefix}' was written with 16"
+    assert wrong in proc.stderr, proc.stderr[-2000:]
+
+
 # The run's Postgres schema ------------------------------------------------------------------------------
 
 
@@ -183,6 +239,49 @@ def test_every_setting_is_documented_in_the_env_example_and_the_readme() -> None
     names = [f.name.upper() for f in fields(Settings)]
     assert [n for n in names if not re.search(rf"^{n}=", example, re.M)] == []
     assert [n for n in names if f"`{n}`" not in readme] == []
+
+
+def _readme_defaults() -> dict[str, str]:
+    """The README's configuration table: variable -> default, where the default is a literal value."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("| variable | default | meaning |") :].split("\n\n")[0]
+    out: dict[str, str] = {}
+    for row in table.splitlines()[2:]:
+        _, names, default, *_ = row.split("|")
+        if not default.strip().startswith("`"):  # "(= `REDIS_URL`)", "host-pid": said in words
+            continue
+        values = re.findall(r"`([^`]*)`", default)
+        out.update(zip(re.findall(r"`([A-Z_]+)`", names), values, strict=True))
+    return out
+
+
+def test_documented_defaults_are_the_defaults() -> None:
+    """The env example ("every variable with its default") and the README's table say what a setting
+    is when it is not set; read the way the service reads its environment, each is the code's default."""
+    defaults = Settings()
+    example = dict(
+        re.findall(r"^([A-Z_]+)=(.*)$", (ROOT / "config" / "session_svc.env.example").read_text(), re.M)
+    )
+    readme = _readme_defaults()
+    assert {"END_IDLE_AFTER_DAYS", "WORKER_METRICS_PORT", "SERVICE_PORT", "DEBUG"} <= set(readme)
+    for f in fields(Settings):
+        name = f.name.upper()
+        for where, documented in (("env example", example), ("README", readme)):
+            if name in documented:
+                value = getattr(Settings.from_env({name: documented[name]}), f.name)
+                assert value == getattr(defaults, f.name), (where, name, documented[name])
+
+
+def test_settings_that_are_off_by_default() -> None:
+    """What is off (or derived) unless set. That 0 really means off is tested where it acts: the
+    housekeeping job (test_housekeeping) and the worker's metrics endpoint (test_worker_process)."""
+    d = Settings()
+    assert (d.end_idle_after_days, d.archive_completed_after_days, d.worker_metrics_port) == (0, 0, 0)
+    assert d.debug is False
+    # Empty means "derived": arq's queue on REDIS_URL, the consumer named after host and pid.
+    assert d.arq_redis_url == "" and d.arq_url == d.redis_url
+    assert d.worker_name == "" and consumer_name(d) == f"{socket.gethostname()}-{os.getpid()}"
+    assert consumer_name(dataclasses.replace(d, worker_name="w7")) == "w7"
 
 
 def test_job_periods_become_cron_fields_or_are_refused() -> None:

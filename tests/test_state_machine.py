@@ -70,7 +70,7 @@ async def test_status_changes_follow_the_arrows(client: Any, start: str, target:
         assert in_active_listing is (target == "active")
     else:
         body = await error_json(resp, 409)
-        assert isinstance(body["detail"], str) and body["detail"]
+        assert body == {"detail": f"Session is {start}: it cannot become {target}"}
         # Neither the status nor the other fields of the refused request were applied.
         assert await observe(client, sid, user) == before
 
@@ -81,7 +81,7 @@ async def test_delete_of_a_completed_or_archived_session_is_409(client: Any, sta
     sid = await session_in(client, user, start)
     before = await observe(client, sid, user)
     resp = await client.delete(session_url(sid), params={"user_id": user})
-    await error_json(resp, 409)
+    assert await error_json(resp, 409) == {"detail": f"Session is {start}: it cannot become ended"}
     assert await observe(client, sid, user) == before
 
 
@@ -114,7 +114,8 @@ async def test_only_an_active_session_takes_messages(client: Any, status: str) -
         params={"user_id": user},
         json={"role": "user", "content": "late", "tokens_used": 5, "cost_usd": 1},
     )
-    await error_json(resp, 409)
+    detail = f"Session is {status}: only an active session takes new messages"
+    assert await error_json(resp, 409) == {"detail": detail}
     after = await observe(client, sid, user)
     assert after == before
     assert (after["session"]["message_count"], after["session"]["total_cost"]) == (1, 0.5)
@@ -137,7 +138,7 @@ async def test_memories_are_taken_until_archived_or_ended(client: Any, status: s
         assert await ok_json(latest) == made
         assert (await get_session(client, sid, user))["status"] == status
     else:
-        await error_json(resp, 409)
+        assert await error_json(resp, 409) == {"detail": f"Session is {status}: it no longer takes memories"}
         assert await error_json(latest, 404) == {"detail": "Memory not found"}
 
 
@@ -154,17 +155,22 @@ async def test_racing_complete_and_end_exactly_one_wins(client: Any) -> None:
     user = new_user()
     sids = [(await make_session(client, user))["session_id"] for _ in range(15)]
 
-    async def race(sid: str) -> tuple[int, int]:
+    async def race(sid: str) -> tuple[tuple[int, Any], tuple[int, Any]]:
         put, delete = await asyncio.gather(
             client.put(session_url(sid), params={"user_id": user}, json={"status": "completed"}),
             client.delete(session_url(sid), params={"user_id": user}),
         )
-        return put.status, delete.status
+        return (put.status, await put.json()), (delete.status, await delete.json())
 
     outcomes = await asyncio.gather(*(race(sid) for sid in sids))
     for sid, (put, delete) in zip(sids, outcomes, strict=True):
-        assert sorted((put, delete)) == [200, 409], (put, delete)
-        expected = "completed" if put == 200 else "ended"
+        if put[0] == 200:  # completed first: the end is refused
+            assert delete == (409, {"detail": "Session is completed: it cannot become ended"})
+            expected = "completed"
+        else:  # ended first: completing is refused
+            assert put == (409, {"detail": "Session is ended: it cannot become completed"})
+            assert delete == (200, {"message": "Session ended successfully"})
+            expected = "ended"
         assert (await get_session(client, sid, user))["status"] == expected
     body = await stats(client)
     assert (body["total_sessions"], body["active_sessions"]) == (15, 0)

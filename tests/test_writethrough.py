@@ -14,6 +14,7 @@ from decimal import Decimal
 from typing import Any
 
 import asyncpg
+import orjson
 import pytest
 from redis.asyncio import Redis
 
@@ -33,6 +34,7 @@ from tests.helpers import (
     session_url,
     update_session,
 )
+from workers.expiry import sweep
 from workers.flush import Flusher
 
 
@@ -341,40 +343,150 @@ async def test_worker_loop_survives_an_unwritable_entry(
         await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), timeout=10)
 
 
-@pytest.mark.parametrize("where", ["message content", "message metadata", "memory content", "session title"])
-async def test_acknowledged_write_with_a_nul_character_reaches_postgres(
-    client: Any, redis: Redis, pg: Any, keys: Keys, flusher: Flusher, db_schema: str, where: str
+NUL = "before\x00after"
+NUL_REFUSED = "Value error, must not contain NUL characters (PostgreSQL cannot store them)"
+
+
+@pytest.mark.parametrize(
+    ("method", "suffix", "body", "field"),
+    [
+        pytest.param("POST", "/messages", {"role": "user", "content": NUL}, "content", id="message-content"),
+        pytest.param(
+            "POST",
+            "/messages",
+            {"role": "user", "content": "x", "metadata": {"k": [NUL]}},
+            "metadata",
+            id="message-metadata-value",
+        ),
+        pytest.param(
+            "POST",
+            "/messages",
+            {"role": "user", "content": "x", "metadata": {NUL: 1}},
+            "metadata",
+            id="message-metadata-key",
+        ),
+        pytest.param(
+            "POST", "/memory", {"memory_type": "custom", "content": NUL}, "content", id="memory-content"
+        ),
+        pytest.param(
+            "POST",
+            "/memory",
+            {"memory_type": "custom", "content": "x", "metadata": {"k": NUL}},
+            "metadata",
+            id="memory-metadata",
+        ),
+        pytest.param("PUT", "", {"title": NUL}, "title", id="session-title"),
+        pytest.param("PUT", "", {"session_summary": NUL}, "session_summary", id="session-summary"),
+        pytest.param(
+            "PUT", "", {"conversation_data": {"a": {"b": NUL}}}, "conversation_data", id="conversation-data"
+        ),
+        pytest.param("POST", "create", {"title": NUL}, "title", id="create-title"),
+    ],
+)
+async def test_a_nul_character_is_refused_up_front_and_nothing_is_written(
+    client: Any, redis: Redis, keys: Keys, method: str, suffix: str, body: dict[str, Any], field: str
 ) -> None:
-    """Every acknowledged write reaches Postgres. PostgreSQL text and jsonb cannot hold U+0000, so the
-    service must either refuse such a value up front (400) or store it in a form Postgres accepts; it
-    must not answer 200 and then dead-letter the write."""
+    """PostgreSQL text and jsonb cannot hold U+0000, so a write carrying one could never reach Postgres:
+    it is a 400 naming the field, and nothing reaches Redis or the outbox."""
+    user = new_user()
+    sid = (await make_session(client, user, title="kept"))["session_id"]
+    params = {"user_id": user}
+
+    async def observed() -> dict[str, Any]:
+        return {
+            "session": await get_session(client, sid, user),
+            "messages": await ok_json(await client.get(session_url(sid, "/messages"), params=params)),
+            "memories": await ok_json(await client.get(session_url(sid, "/memories"), params=params)),
+            "listing": await ok_json(await client.get(f"/api/v1/users/{user}/sessions")),
+            "outbox": await outbox.backlog(redis, keys),
+        }
+
+    before = await observed()
+    assert before["outbox"].entries == 1  # the creation, not yet flushed
+    if suffix == "create":
+        resp = await client.post("/api/v1/sessions", json={"user_id": user, **body})
+    else:
+        resp = await client.request(method, session_url(sid, suffix), params=params, json=body)
+    assert resp.status == 400, await resp.text()
+    assert await resp.json() == {
+        "detail": [{"type": "value_error", "loc": ["body", field], "msg": NUL_REFUSED}]
+    }
+    after = await observed()
+    assert after["outbox"].entries == before["outbox"].entries
+    assert {k: v for k, v in after.items() if k != "outbox"} == {
+        k: v for k, v in before.items() if k != "outbox"
+    }
+
+
+@pytest.mark.parametrize("where", ["message content", "message metadata", "memory content", "session title"])
+async def test_an_outbox_entry_with_a_nul_character_is_dead_lettered_and_blocks_nothing(
+    client: Any,
+    backend: Any,
+    redis: Redis,
+    pg: Any,
+    keys: Keys,
+    flusher: Flusher,
+    db_schema: str,
+    where: str,
+) -> None:
+    """The API refuses NUL (above), but the outbox may still hold one (written by an older version, or
+    by hand into the session's hash). Postgres refuses it: that entry alone fails, is redelivered, and
+    after ``max_deliveries`` goes to the dead-letter stream with Postgres' error; its session is marked
+    ``stuck`` so the sweep keeps it in Redis, and the writes around it all reach Postgres."""
     user = new_user()
     sid = (await make_session(client, user))["session_id"]
-    nul = "before\x00after"
-    params = {"user_id": user}
+    m1 = await add_message(client, sid, user, content="before")
+    uk = keys.for_user(user)
+    bad_sid = sid
     if where == "message content":
-        resp = await client.post(
-            session_url(sid, "/messages"), params=params, json={"role": "user", "content": nul}
-        )
+        bad_id = await redis.xadd(uk.outbox, message_entry(sid, user, seq="1000", content=NUL))
     elif where == "message metadata":
-        body = {"role": "user", "content": "x", "metadata": {"k": nul}}
-        resp = await client.post(session_url(sid, "/messages"), params=params, json=body)
+        meta = orjson.dumps({"k": NUL}).decode()
+        bad_id = await redis.xadd(uk.outbox, message_entry(sid, user, seq="1000", meta=meta))
     elif where == "memory content":
-        body = {"memory_type": "custom", "content": nul}
-        resp = await client.post(session_url(sid, "/memory"), params=params, json=body)
-    else:
-        resp = await client.put(session_url(sid), params=params, json={"title": nul})
-    if resp.status == 400:
-        return  # refused up front: nothing was acknowledged
-    answered = await ok_json(resp)
+        doc = {
+            "memory_id": str(uuid.uuid4()),
+            "memory_type": "custom",
+            "content": NUL,
+            "metadata": {},
+            "created_at": "2026-01-01T00:00:00.000000Z",
+        }
+        entry = {
+            "k": "y",
+            "sid": sid,
+            "uid": user,
+            "v": "3",
+            "seq": "1000",
+            "doc": orjson.dumps(doc).decode(),
+        }
+        bad_id = await redis.xadd(uk.outbox, entry)
+    else:  # the session's own hash holds it: its creation entry cannot be flushed
+        bad_sid = (await make_session(client, user))["session_id"]
+        [(bad_id, _)] = await redis.xrevrange(uk.outbox, count=1)
+        await redis.hset(uk.session(bad_sid), "title", NUL)
+    m2 = await add_message(client, sid, user, content="after")
+
     await support.drain(flusher)
-    assert await support.dead_letters(redis, keys) == [], f"acknowledged {where} was dead-lettered"
-    if where.startswith("message"):
-        assert await support.pg_messages(pg, db_schema, sid) == [support.api_message(answered)]
-    elif where == "memory content":
-        assert await support.pg_memories(pg, db_schema, sid) == [support.api_memory(answered, 1)]
-    else:
-        assert (await support.pg_sessions(pg, db_schema, [sid]))[sid]["title"] == nul
+
+    dead = await support.dead_letters(redis, keys)
+    assert [(d["outbox_id"], d["sid"]) for d in dead] == [(bad_id, bad_sid)]
+    # Postgres' own refusal: text cannot hold the byte 0x00, jsonb cannot hold the escape \u0000.
+    refusal = (
+        "UntranslatableCharacterError(" if where == "message metadata" else "CharacterNotInRepertoireError("
+    )
+    assert dead[0]["error"].startswith(refusal), dead[0]["error"]
+    assert await support.pg_messages(pg, db_schema, sid) == [support.api_message(m) for m in (m1, m2)]
+    assert await support.pg_memories(pg, db_schema, sid) == []
+    assert await redis.hget(uk.session(bad_sid), "stuck") == bad_id
+    h = await health(client)
+    assert (h["dead_letters"], h["outbox_backlog"]) == (1, 0)
+    # The sweep keeps the stuck session in Redis (its write is nowhere else); the others may go.
+    await sweep(backend, 0)
+    assert await redis.exists(uk.session(bad_sid)) == 1
+    if bad_sid != sid:
+        assert await redis.exists(uk.session(sid)) == 0
+    if where == "session title":
+        assert await support.pg_sessions(pg, db_schema, [bad_sid]) == {}
 
 
 async def test_trim_drops_only_acknowledged_entries(
@@ -417,14 +529,34 @@ async def test_trim_forgets_idle_consumers_with_nothing_pending(
     client: Any, redis: Redis, keys: Keys, pool: asyncpg.Pool, settings: Settings
 ) -> None:
     """Each worker start adds a consumer name to the group; names that have been idle long enough with
-    nothing pending are dropped, those still holding entries are kept."""
+    nothing pending are dropped. Those still holding entries, those not idle long enough, and the
+    worker's own name are kept.
+
+    Every consumer here really exists in the group: on Redis 7.0 an XREADGROUP that delivers nothing
+    creates no consumer, so one that has nothing pending is made by XGROUP CREATECONSUMER or by a read
+    that delivered an entry which was then acknowledged."""
     user = new_user()
-    await make_session(client, user)
+    sid = (await make_session(client, user))["session_id"]
+    await add_message(client, sid, user)
     stream = keys.for_user(user).outbox
     await support.make_flusher(redis, pool, keys, settings.db_schema).ensure_groups()
-    await redis.xreadgroup(GROUP, "dead-holding", {stream: ">"}, count=1)  # keeps one pending entry
-    await redis.xreadgroup(GROUP, "dead-empty", {stream: ">"}, count=1)  # nothing left to read
+    [[_, [(held, _)]]] = await redis.xreadgroup(GROUP, "dead-holding", {stream: ">"}, count=1)
+    [[_, [(done, _)]]] = await redis.xreadgroup(GROUP, "dead-acked", {stream: ">"}, count=1)
+    assert await redis.xack(stream, GROUP, done) == 1
+    assert await redis.xgroup_createconsumer(stream, GROUP, "dead-empty") == 1
+
+    async def consumers() -> dict[str, int]:
+        return {c["name"]: int(c["pending"]) for c in await redis.xinfo_consumers(stream, GROUP)}
+
+    made = {"dead-holding": 1, "dead-acked": 0, "dead-empty": 0}
+    assert await consumers() == made
+
+    # Idle for less than the default day: nobody goes.
+    await support.make_flusher(redis, pool, keys, settings.db_schema).trim()
+    assert await consumers() == made
+
     pruner = support.make_flusher(redis, pool, keys, settings.db_schema, consumer_idle_ms=0)
+    assert await redis.xgroup_createconsumer(stream, GROUP, pruner.consumer) == 1  # its own name stays
     await pruner.trim()
-    names = {c["name"] for c in await redis.xinfo_consumers(stream, GROUP)}
-    assert names == {"dead-holding"}
+    assert await consumers() == {"dead-holding": 1, pruner.consumer: 0}
+    assert [r["message_id"] for r in await redis.xpending_range(stream, GROUP, "-", "+", 10)] == [held]
