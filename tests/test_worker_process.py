@@ -93,3 +93,30 @@ async def test_metrics_are_off_by_default_on_at_a_port_and_sigterm_stops_the_wor
     print(f"\nworkers stopped by SIGTERM in {sorted(round(t, 2) for t in took.values())} s")
     for w in workers:  # the shutdown path ran (not a kill)
         assert f"worker {w.name} stopping" in w.tail(), w.tail()
+
+
+async def test_the_worker_refuses_data_written_with_another_bucket_count(
+    redis: Redis, settings: Settings, tmp_path: Path
+) -> None:
+    """A worker started with another REDIS_BUCKETS would drain the wrong outbox streams: it checks the
+    layout at start, like the API, and exits with the reason."""
+    await redis.hset(Keys(settings.key_prefix, 16).meta, "buckets", "8")  # type: ignore[misc]
+    worker = support.start_worker(settings, f"{settings.key_prefix}-wrong", tmp_path)
+    try:
+        status = await asyncio.to_thread(worker.proc.wait, 30)
+    finally:
+        worker.kill()
+    assert status != 0
+    assert f"REDIS_BUCKETS=16, but the data under prefix '{settings.key_prefix}' was written with 8" in (
+        worker.tail()
+    )
+
+
+def test_cron_ticks_of_two_deployments_never_share_a_job_id() -> None:
+    """arq runs a cron tick once per job id ``<name>:<time>``: the names carry the key prefix, so two
+    deployments (or test runs) on one arq Redis do not swallow each other's sweeps."""
+    from workers.main import cron_jobs
+
+    a = {job.name for job in cron_jobs(Settings(key_prefix="a"))}
+    b = {job.name for job in cron_jobs(Settings(key_prefix="b"))}
+    assert len(a) == 3 and not a & b

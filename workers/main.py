@@ -52,6 +52,8 @@ Ctx = dict[str, Any]
 SHUTDOWN_DRAIN_S = 10
 ARQ_SOCKET_TIMEOUT_S, ARQ_CONNECT_TIMEOUT_S = 5, 1
 RELIEF_EVERY_S = 1.0
+# arq cancels a cron job running longer than this.
+JOB_TIMEOUT_S = 300
 
 ARQ_RESTARTS = Counter("session_worker_arq_restarts_total", "Times the arq loop was restarted after an error")
 DRAIN_PAUSED = Gauge(
@@ -112,11 +114,17 @@ def cron_jobs(settings: Settings) -> list[Any]:
     rec_min, rec_sec = every_schedule(settings.reconcile_every_seconds)
     # Reconciliation runs 15 s after the sweep's ticks (when its period allows), never at the same time.
     rec_sec = {(s + 15) % 60 for s in rec_sec} if rec_min is not None else rec_sec
+    # A cron tick is one arq job id, ``<name>:<time>``, so that the workers of one deployment run it once.
+    # The name carries the key prefix: deployments (or test runs) sharing an arq Redis keep their own ticks.
+    prefix = f"cron:{settings.key_prefix}:"
     return [
-        cron(sweep_job, minute=sweep_min, second=sweep_sec, run_at_startup=True, timeout=300),
-        cron(reconcile_job, minute=rec_min, second=rec_sec, timeout=300),
-        cron(housekeeping_job, minute={7}, second={0}, timeout=600),
-    ]
+        cron(sweep_job, name=prefix + "sweep", minute=sweep_min, second=sweep_sec, run_at_startup=True,
+             timeout=JOB_TIMEOUT_S),
+        cron(reconcile_job, name=prefix + "reconcile", minute=rec_min, second=rec_sec,
+             timeout=JOB_TIMEOUT_S),
+        cron(housekeeping_job, name=prefix + "housekeeping", minute={7}, second={0},
+             timeout=2 * JOB_TIMEOUT_S),
+    ]  # fmt: skip
 
 
 # The supervised parts ------------------------------------------------------------------------------------
