@@ -13,7 +13,6 @@ Fixtures meant for every test module (API, workers, faults): ``test_urls``, ``db
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 import uuid
@@ -23,18 +22,19 @@ from typing import Any
 
 import asyncpg
 import pytest
-import redis as redis_sync
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
-from session_svc import heartbeat, migrate
+from session_svc import heartbeat
 from session_svc.app import create_app
 from session_svc.keys import Keys
 from session_svc.resources import Backend
 from session_svc.settings import Settings
 from session_svc.typedefs import BACKEND
-from tests.support import PgServer, RedisServer, make_flusher, start_postgres, start_redis
+from tests.outbox_drain import make_flusher
+from tests.servers import PgServer, RedisServer, start_postgres, start_redis
+from tests.support import create_schema, delete_prefix, drop_schema
 from workers.flush import Flusher
 
 
@@ -58,35 +58,11 @@ def db_schema(test_urls: ServerUrls) -> Iterator[str]:
 
     Synchronous on purpose: ``migrate.upgrade`` runs its own event loop (``asyncio.run``).
     """
-    schema = "t_" + uuid.uuid4().hex[:10]
-    migrate.upgrade(Settings(database_url=test_urls.database_url, db_schema=schema))
+    schema = create_schema(test_urls.database_url, "t_")
     try:
         yield schema
     finally:
-
-        async def drop() -> None:
-            conn = await asyncpg.connect(test_urls.database_url)
-            try:
-                await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-            finally:
-                await conn.close()
-
-        asyncio.run(drop())
-
-
-def delete_prefix(redis_url: str, prefix: str) -> int:
-    """Delete every key under ``prefix:`` (SCAN MATCH + DEL); returns how many were deleted."""
-    deleted = 0
-    with redis_sync.Redis.from_url(redis_url) as r:
-        batch: list[bytes] = []
-        for key in r.scan_iter(match=f"{prefix}:*", count=1000):
-            batch.append(key)
-            if len(batch) >= 500:
-                deleted += r.delete(*batch)
-                batch = []
-        if batch:
-            deleted += r.delete(*batch)
-    return deleted
+        drop_schema(test_urls.database_url, schema)
 
 
 @dataclass
@@ -208,7 +184,7 @@ def keys(settings: Settings) -> Keys:
 
 @pytest.fixture
 def flusher(redis: Redis, pool: asyncpg.Pool, keys: Keys, settings: Settings) -> Flusher:
-    """An in-process outbox drain over this test's prefix and schema (``tests.support.drain`` runs it)."""
+    """An in-process outbox drain over this test's prefix and schema (``outbox_drain.drain`` runs it)."""
     return make_flusher(redis, pool, keys, settings.db_schema)
 
 

@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from session_svc import cold, store
 from session_svc.keys import Keys, bucket_of
 from session_svc.resources import Backend
-from tests import support
+from tests import outbox_drain, pg_rows, support
 from tests.helpers import (
     SESSIONS,
     add_memory,
@@ -128,7 +128,7 @@ async def test_evicted_sessions_answer_exactly_as_before(
     before = await every_read(client, user, list(sids.values()))
     assert before["listing"][1]["total"] == 4 and before["stats"][1]["total_sessions"] == 4
 
-    await support.drain(flusher)
+    await outbox_drain.drain(flusher)
     assert await sweep(backend, 0) == 4
     uk = keys.for_user(user)
     for sid in sids.values():
@@ -151,7 +151,7 @@ async def test_append_to_a_cold_session_continues_its_sequence(
     sent = [await add_message(client, sid, user, content=f"m{i}", cost_usd=0.1) for i in range(1, 4)]
     mem = await add_memory(client, sid, user, memory_type="entity", content="Ada")
     newer = (await make_session(client, user, title="newer"))["session_id"]
-    await support.drain(flusher)
+    await outbox_drain.drain(flusher)
     assert await sweep(backend, 0) == 2
     assert [s["session_id"] for s in (await list_sessions(client, user))["sessions"]] == [newer, sid]
 
@@ -170,12 +170,12 @@ async def test_append_to_a_cold_session_continues_its_sequence(
     m5 = await add_message(client, sid, user, content="m5")
     assert m5["sequence"] == 5
 
-    await support.drain(flusher)
-    stored = await support.pg_messages(pg, db_schema, sid)
-    assert stored == [support.api_message(m) for m in [*sent, m4, m5]]
+    await outbox_drain.drain(flusher)
+    stored = await pg_rows.pg_messages(pg, db_schema, sid)
+    assert stored == [pg_rows.api_message(m) for m in [*sent, m4, m5]]
     final = await get_session(client, sid, user)
     v = int(await redis.hget(keys.for_user(user).session(sid), "v"))
-    assert (await support.pg_sessions(pg, db_schema, [sid]))[sid] == support.api_session(final, 1, v)
+    assert (await pg_rows.pg_sessions(pg, db_schema, [sid]))[sid] == pg_rows.api_session(final, 1, v)
 
 
 async def test_a_session_created_a_moment_ago_is_listed_among_cold_ones(
@@ -183,7 +183,7 @@ async def test_a_session_created_a_moment_ago_is_listed_among_cold_ones(
 ) -> None:
     user = new_user()
     old = [(await make_session(client, user, title=f"old {i}"))["session_id"] for i in range(3)]
-    await support.drain(flusher)
+    await outbox_drain.drain(flusher)
     assert await sweep(backend, 0) == 3
     fresh = await make_session(client, user, title="fresh")
     listing = await list_sessions(client, user)
@@ -206,7 +206,7 @@ async def test_another_user_gets_404_for_a_cold_session(
     sid = (await make_session(client, owner))["session_id"]
     await add_message(client, sid, owner, content="private")
     await add_memory(client, sid, owner, memory_type="custom", content="secret")
-    await support.drain(flusher)
+    await outbox_drain.drain(flusher)
     assert await sweep(backend, 0) == 1
 
     p = {"user_id": other}
@@ -232,14 +232,14 @@ async def test_sweep_keeps_a_session_with_an_unflushed_write(
     user = new_user()
     flushed = (await make_session(client, user))["session_id"]
     dirty = (await make_session(client, user))["session_id"]
-    await support.drain(flusher)
+    await outbox_drain.drain(flusher)
     m = await add_message(client, dirty, user, content="not yet in Postgres")  # v > fv now
     assert await sweep(backend, 0) == 1
     assert await session_keys_left(redis, keys, user, flushed) == []
     assert await redis.exists(keys.for_user(user).session(dirty))
     assert (await list_messages(client, dirty, user))["messages"] == [m]
 
-    await support.drain(flusher)
+    await outbox_drain.drain(flusher)
     assert await sweep(backend, 0) == 1
     assert await session_keys_left(redis, keys, user, dirty) == []
     assert (await list_messages(client, dirty, user))["messages"] == [m]
@@ -252,7 +252,7 @@ async def test_a_write_landing_between_candidate_selection_and_eviction_wins(
     written in between (and even flushed already, so v == fv again) is no longer idle: it stays."""
     user = new_user()
     sid = (await make_session(client, user))["session_id"]
-    await support.drain(flusher)
+    await outbox_drain.drain(flusher)
 
     candidates = backend.redis.zrangebyscore
     raced: list[dict[str, Any]] = []
@@ -261,7 +261,7 @@ async def test_a_write_landing_between_candidate_selection_and_eviction_wins(
         sids = await candidates(*args, **kw)
         if sid in sids and not raced:
             raced.append(await add_message(client, sid, user, content="raced the sweep"))
-            await support.drain(flusher)
+            await outbox_drain.drain(flusher)
         return sids
 
     monkeypatch.setattr(backend.redis, "zrangebyscore", candidates_then_a_write)
@@ -284,7 +284,7 @@ async def test_keys_deleted_by_hand_are_read_back_from_postgres(
     p = {"user_id": user}
     paths = [session_url(sid, x) for x in ("", "/summary", "/messages", "/memory", "/memories")]
     before = [await answer(client, path, **p) for path in paths]
-    await support.drain(flusher)
+    await outbox_drain.drain(flusher)
 
     uk = keys.for_user(user)
     await redis.delete(uk.session(sid), uk.messages(sid), uk.memories(sid))
@@ -319,8 +319,8 @@ async def test_a_session_with_a_dead_lettered_write_stays_in_redis(
         "content": "x", "type": "chat", "tokens": "0", "cost": "0", "meta": "{}", "ts": "1",
     }  # fmt: skip
     await redis.xadd(keys.outbox(bucket_of(user, keys.buckets)), poison)
-    await support.drain(flusher)
-    assert len(await support.dead_letters(redis, keys)) == 1
+    await outbox_drain.drain(flusher)
+    assert len(await outbox_drain.dead_letters(redis, keys)) == 1
     h = await redis.hgetall(skey)
     assert h["fv"] == h["v"] and h.get("stuck")
     assert await sweep(backend, 0) == 0
@@ -336,7 +336,7 @@ async def test_append_to_a_cold_session_survives_a_sweep_right_after_rehydration
     user = new_user()
     sid = (await make_session(client, user))["session_id"]
     m1 = await add_message(client, sid, user, content="one")
-    await support.drain(flusher)
+    await outbox_drain.drain(flusher)
     assert await sweep(backend, 0) == 1
 
     rehydrate = store._rehydrate
@@ -368,7 +368,7 @@ async def test_a_stale_rehydration_does_not_reuse_a_sequence_number(
     user = new_user()
     sid = (await make_session(client, user))["session_id"]
     m1 = await add_message(client, sid, user, content="one")
-    await support.drain(flusher)
+    await outbox_drain.drain(flusher)
     assert await sweep(backend, 0) == 1
 
     load_memory_docs = cold.load_memory_docs
@@ -380,7 +380,7 @@ async def test_a_stale_rehydration_does_not_reuse_a_sequence_number(
         if not interfered:  # A only: B's own rehydration goes straight through
             interfered.append(True)
             others.append(await add_message(client, sid, user, content="B"))
-            await support.drain(flusher)
+            await outbox_drain.drain(flusher)
             assert await sweep(backend, 0) == 1
         return docs
 
@@ -393,8 +393,8 @@ async def test_a_stale_rehydration_does_not_reuse_a_sequence_number(
     monkeypatch.undo()
     assert others and others[0]["sequence"] == 2
     assert a["sequence"] == 3
-    await support.drain(flusher)
-    stored = await support.pg_messages(pg, db_schema, sid)
+    await outbox_drain.drain(flusher)
+    stored = await pg_rows.pg_messages(pg, db_schema, sid)
     assert [m["content"] for m in stored] == ["one", "B", "A"]
     assert (await list_messages(client, sid, user))["messages"] == [m1, others[0], a]
 
@@ -409,7 +409,7 @@ async def test_rehydration_gives_up_after_its_retries_with_a_503(
     user = new_user()
     sid = (await make_session(client, user))["session_id"]
     m1 = await add_message(client, sid, user, content="one")
-    await support.drain(flusher)
+    await outbox_drain.drain(flusher)
     assert await sweep(backend, 0) == 1
 
     load_memory_docs = cold.load_memory_docs
@@ -425,7 +425,7 @@ async def test_rehydration_gives_up_after_its_retries_with_a_503(
             busy = True
             try:
                 others.append(await add_message(client, sid, user, content=f"B{len(others)}"))
-                await support.drain(flusher)
+                await outbox_drain.drain(flusher)
                 assert await sweep(backend, 0) == 1
             finally:
                 busy = False
@@ -443,7 +443,7 @@ async def test_rehydration_gives_up_after_its_retries_with_a_503(
 
     retry = await add_message(client, sid, user, content="A")
     assert retry["sequence"] == 5
-    await support.drain(flusher)
-    stored = await support.pg_messages(pg, db_schema, sid)
+    await outbox_drain.drain(flusher)
+    stored = await pg_rows.pg_messages(pg, db_schema, sid)
     assert [m["content"] for m in stored] == ["one", "B0", "B1", "B2", "A"]
     assert (await list_messages(client, sid, user))["messages"] == [m1, *others, retry]

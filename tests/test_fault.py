@@ -25,9 +25,11 @@ from session_svc.app import create_app
 from session_svc.keys import Keys
 from session_svc.settings import Settings
 from session_svc.typedefs import BACKEND
-from tests import support
+from tests import outbox_drain, pg_rows, servers, support
 from tests.helpers import new_user, session_url
-from tests.support import Model, PgServer, RedisServer, WorkerProcess, eventually
+from tests.pg_rows import Model
+from tests.servers import PgServer, RedisServer, WorkerProcess
+from tests.support import eventually
 from workers.expiry import sweep
 
 pytestmark = pytest.mark.fault
@@ -37,7 +39,7 @@ MEMORY_TYPES = ("preference", "conversation", "entity", "summary", "custom")
 
 @pytest.fixture(scope="module")
 def redis_server() -> Iterator[RedisServer]:
-    server = support.start_redis()
+    server = servers.start_redis()
     try:
         yield server
     finally:
@@ -86,7 +88,7 @@ class Rig:
         return self.settings.db_schema
 
     def start_worker(self, tag: str) -> WorkerProcess:
-        worker = support.start_worker(self.settings, f"{self.settings.key_prefix}-{tag}", self.log_dir)
+        worker = servers.start_worker(self.settings, f"{self.settings.key_prefix}-{tag}", self.log_dir)
         self.workers.append(worker)
         return worker
 
@@ -94,7 +96,7 @@ class Rig:
         return "\n".join(f"--- worker {w.name} (alive={w.alive}):\n{w.tail()}" for w in self.workers)
 
     async def pending(self, worker: WorkerProcess) -> int:
-        return (await support.pending_per_consumer(self.redis, self.keys)).get(worker.name, 0)
+        return (await outbox_drain.pending_per_consumer(self.redis, self.keys)).get(worker.name, 0)
 
     async def wait_claimable(self, dead: WorkerProcess) -> None:
         """Until every entry the dead worker left pending has been idle past FLUSH_CLAIM_IDLE_MS, so the
@@ -117,7 +119,7 @@ class Rig:
 
         async def drained() -> bool:
             backlog = await outbox.backlog(self.redis, self.keys)
-            pending = await support.pending_per_consumer(self.redis, self.keys)
+            pending = await outbox_drain.pending_per_consumer(self.redis, self.keys)
             return backlog.entries == 0 and not any(pending.values()) and bool(pending)
 
         try:
@@ -138,10 +140,10 @@ class Rig:
         return int(await (await self.db()).fetchval(f'SELECT count(*) FROM "{self.schema}".{table}'))
 
     async def check(self, model: Model) -> None:
-        await support.assert_postgres_equals_model(
+        await pg_rows.assert_postgres_equals_model(
             self.client, self.redis, self.keys, await self.db(), self.schema, model
         )
-        assert await support.dead_letters(self.redis, self.keys) == []
+        assert await outbox_drain.dead_letters(self.redis, self.keys) == []
         for sid, uid in model.users.items():  # nothing failed for good: no session is pinned in Redis
             assert not await self.redis.hexists(self.keys.for_user(uid).session(sid), "stuck"), sid
 
@@ -167,7 +169,7 @@ async def rig(
         yield rig
     finally:
         try:
-            await asyncio.to_thread(support.stop_workers, rig.workers)  # SIGTERM: must exit cleanly
+            await asyncio.to_thread(servers.stop_workers, rig.workers)  # SIGTERM: must exit cleanly
         finally:
             await redis.aclose()
             await rig.pg.close(timeout=5)
@@ -254,7 +256,7 @@ async def wait_blocked(rig: Rig, worker: WorkerProcess) -> list[int]:
         activity = await conn.fetch(
             "SELECT pid, state, wait_event_type, wait_event, query FROM pg_stat_activity"
         )
-        pending = await support.pending_per_consumer(rig.redis, rig.keys)
+        pending = await outbox_drain.pending_per_consumer(rig.redis, rig.keys)
         raise AssertionError(
             f"{exc}\npending={pending}\n{[dict(r) for r in activity]}\n{rig.logs()}"
         ) from None
@@ -467,8 +469,8 @@ async def test_interrupted_database_work_is_transient_not_a_poison_entry(rig: Ri
     model = Model()
     sids = [(await create(rig, model, f"s{i}"))[0] for i in range(2)]
     pool = await asyncpg.create_pool(rig.pg_server.url, min_size=1, max_size=2)
-    flusher = support.make_flusher(rig.redis, pool, rig.keys, rig.schema)
-    await support.drain(flusher)
+    flusher = outbox_drain.make_flusher(rig.redis, pool, rig.keys, rig.schema)
+    await outbox_drain.drain(flusher)
     for sid in sids:
         await message(rig, model, sid, "one")
         await message(rig, model, sid, "two")
@@ -513,7 +515,7 @@ async def test_postgres_down_cold_sessions_answer_503_hot_ones_200(rig: Rig) -> 
     hot_sid, _hot_user = await create(rig, model, "hot")
     pool = await asyncpg.create_pool(rig.pg_server.url, min_size=0, max_size=2)
     try:
-        await support.drain(support.make_flusher(rig.redis, pool, rig.keys, rig.schema))
+        await outbox_drain.drain(outbox_drain.make_flusher(rig.redis, pool, rig.keys, rig.schema))
     finally:
         await pool.close()
     backend = rig.client.app[BACKEND]

@@ -24,7 +24,7 @@ from session_svc.settings import Settings
 from session_svc.shapes import now_us
 from tests import support
 from tests.helpers import add_message, get_session, list_sessions, make_session, new_user, update_session
-from tests.support import drain
+from tests.outbox_drain import drain
 from workers import expiry
 from workers.flush import Flusher
 from workers.main import housekeeping_job

@@ -73,7 +73,7 @@ from session_svc.keys import bucket_of
 from session_svc.resources import Backend
 from session_svc.settings import Settings
 from session_svc.typedefs import BACKEND
-from tests import support
+from tests import outbox_drain, pg_rows, support
 from tests.helpers import ISO_Z, MEMORY_FIELDS, MESSAGE_FIELDS, SESSION_FIELDS, SESSIONS, session_url
 from workers.expiry import sweep
 
@@ -327,7 +327,7 @@ class ServiceMachine(RuleBasedStateMachine):
         self.client = self.run(self._start())
         self.backend: Backend = self.client.app[BACKEND]
         assert self.backend.pg is not None
-        self.flusher = support.make_flusher(
+        self.flusher = outbox_drain.make_flusher(
             self.backend.redis, self.backend.pg, self.backend.keys, self.schema
         )
 
@@ -361,7 +361,7 @@ class ServiceMachine(RuleBasedStateMachine):
             if self.client is not None:
                 self.run(self.client.close())
         finally:
-            support.delete_keys(self.env.redis_url, self.prefix)
+            support.delete_prefix(self.env.redis_url, self.prefix)
             self.env.prefixes.discard(self.prefix)
 
     # Plumbing ------------------------------------------------------------------------------------------
@@ -680,7 +680,7 @@ class ServiceMachine(RuleBasedStateMachine):
     def flush(self, then_sweep: bool) -> None:
         """Drain the outbox: one entry per acknowledged write, and Postgres then equals the model."""
         self.unswept = True
-        flushed = self.run(support.drain(self.flusher))
+        flushed = self.run(outbox_drain.drain(self.flusher))
         assert flushed == self.unflushed
         self.unflushed = 0
         for s in self.model.values():
@@ -713,13 +713,13 @@ class ServiceMachine(RuleBasedStateMachine):
             sum(len(s.memories) for s in self.model.values()),
         ]
         assert counts == expected_counts
-        rows = canon(await support.pg_sessions(pg, self.schema, list(self.model)))
+        rows = canon(await pg_rows.pg_sessions(pg, self.schema, list(self.model)))
         for sid, s in self.model.items():
             row = rows[sid]
             s.learn_updated_at(row["updated_at"])
             assert row == {**s.api(), "memory_count": len(s.memories), "version": s.version}, sid
-            assert canon(await support.pg_messages(pg, self.schema, sid)) == s.messages, sid
-            stored = canon(await support.pg_memories(pg, self.schema, sid))
+            assert canon(await pg_rows.pg_messages(pg, self.schema, sid)) == s.messages, sid
+            stored = canon(await pg_rows.pg_memories(pg, self.schema, sid))
             expected = [{**m, "seq": i} for i, m in enumerate(s.memories, start=1)]
             assert stored == expected, sid
 

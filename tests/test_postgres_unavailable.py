@@ -10,7 +10,7 @@ import pytest
 
 from session_svc import errors
 from tests.helpers import add_message, error_json, get_session, list_messages, make_session, new_user, ok_json
-from tests.support import free_port
+from tests.servers import free_port
 from workers import flush
 
 

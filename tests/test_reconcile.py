@@ -10,7 +10,8 @@ from redis.asyncio import Redis
 
 from session_svc.resources import Backend
 from tests.helpers import add_memory, add_message, make_session, new_user
-from tests.support import drain, pg_messages
+from tests.outbox_drain import drain
+from tests.pg_rows import pg_messages
 from workers import expiry
 from workers.flush import Flusher
 

@@ -36,9 +36,10 @@ from session_svc.keys import Keys
 from session_svc.redis_client import REDIS_DOWN_DETAIL, REDIS_OOM_DETAIL, REDIS_UNKNOWN_DETAIL
 from session_svc.settings import Settings
 from session_svc.typedefs import BACKEND
-from tests import support
+from tests import outbox_drain, pg_rows, servers, support
 from tests.helpers import new_user, session_url
-from tests.support import PgServer, RedisServer, WorkerProcess, eventually
+from tests.servers import PgServer, RedisServer, WorkerProcess
+from tests.support import eventually
 from workers import expiry
 
 pytestmark = pytest.mark.fault
@@ -87,7 +88,7 @@ class Rig:
         return Keys(self.settings.key_prefix, self.settings.redis_buckets)
 
     def start_worker(self, tag: str) -> WorkerProcess:
-        worker = support.start_worker(self.settings, f"{self.settings.key_prefix}-{tag}", self.log_dir)
+        worker = servers.start_worker(self.settings, f"{self.settings.key_prefix}-{tag}", self.log_dir)
         self.workers.append(worker)
         return worker
 
@@ -134,7 +135,7 @@ class Rig:
     async def quiescent(self, within: float = 60.0) -> None:
         async def drained() -> bool:
             backlog = await outbox.backlog(self.redis, self.keys)
-            pending = await support.pending_per_consumer(self.redis, self.keys)
+            pending = await outbox_drain.pending_per_consumer(self.redis, self.keys)
             return backlog.entries == 0 and not any(pending.values())
 
         try:
@@ -149,11 +150,11 @@ class Rig:
         conn = self.pg  # Postgres is never restarted here
         schema = self.settings.db_schema
         for sid, uid in ledger.users.items():
-            rows = await support.pg_messages(conn, schema, sid)
+            rows = await pg_rows.pg_messages(conn, schema, sid)
             assert [r["sequence"] for r in rows] == list(range(1, len(rows) + 1)), sid
             by_id = {r["message_id"]: r for r in rows}
             for m in ledger.acked[sid]:
-                assert by_id.get(m["message_id"]) == support.api_message(m), (sid, m)
+                assert by_id.get(m["message_id"]) == pg_rows.api_message(m), (sid, m)
             acked_ids = {m["message_id"] for m in ledger.acked[sid]}
             extra = {r["content"] for r in rows if r["message_id"] not in acked_ids}
             assert extra <= ledger.unknown, (sid, extra - ledger.unknown)
@@ -163,11 +164,11 @@ class Rig:
             assert resp.status == 200, body
             assert body["message_count"] == len(rows), sid
             h = await self.redis.hgetall(self.keys.for_user(uid).session(sid))
-            row = (await support.pg_sessions(conn, schema, [sid]))[sid]
+            row = (await pg_rows.pg_sessions(conn, schema, [sid]))[sid]
             if h:  # still hot: fully flushed and not pinned
                 assert (h["fv"], h.get("stuck")) == (h["v"], None), (sid, h)
-            assert row == support.api_session(body, 0, int(h["v"]) if h else row["version"]), sid
-        assert await support.dead_letters(self.redis, self.keys) == []
+            assert row == pg_rows.api_session(body, 0, int(h["v"]) if h else row["version"]), sid
+        assert await outbox_drain.dead_letters(self.redis, self.keys) == []
 
 
 def fault_settings(redis: RedisServer, pg: PgServer, schema: str, **over: Any) -> Settings:
@@ -196,7 +197,7 @@ async def make_rig(pg_server: PgServer, aiohttp_client: Any, tmp_path: Path) -> 
     schemas: list[str] = []
 
     async def make(redis_args: tuple[str, ...], **over: Any) -> Rig:
-        server = support.start_redis(*redis_args)
+        server = servers.start_redis(*redis_args)
         schema = await asyncio.to_thread(support.create_schema, pg_server.url)  # runs its own loop
         schemas.append(schema)
         settings = fault_settings(server, pg_server, schema, **over)
@@ -216,7 +217,7 @@ async def make_rig(pg_server: PgServer, aiohttp_client: Any, tmp_path: Path) -> 
     yield make
     try:
         for rig in made:  # SIGTERM while their Redis still runs: each must exit cleanly
-            await asyncio.to_thread(support.stop_workers, rig.workers)
+            await asyncio.to_thread(servers.stop_workers, rig.workers)
     finally:
         for rig in made:
             for worker in rig.workers:
@@ -574,7 +575,7 @@ async def test_reconciliation_resends_in_bounded_chunks_and_stops_above_the_high
     assert max(chunks) <= 4 and sum(chunks) == 25 + 1, chunks  # messages, then the snapshot
     pool = await asyncpg.create_pool(rig.pg_server.url, min_size=0, max_size=2)
     try:
-        await support.drain(support.make_flusher(rig.redis, pool, rig.keys, rig.settings.db_schema))
+        await outbox_drain.drain(outbox_drain.make_flusher(rig.redis, pool, rig.keys, rig.settings.db_schema))
     finally:
         await pool.close()
     await rig.check()

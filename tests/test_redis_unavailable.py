@@ -14,7 +14,7 @@ import pytest
 
 from session_svc.redis_client import REDIS_DOWN_DETAIL, REDIS_READ_DETAIL
 from session_svc.typedefs import SETTINGS
-from tests import support
+from tests import servers, support
 from tests.helpers import (
     SESSIONS,
     add_message,
@@ -115,7 +115,7 @@ def test_the_api_started_while_redis_is_down_stops_on_a_wrong_bucket_count_once_
     with server.client() as r:
         r.hset(f"{prefix}:meta", "buckets", "8")  # on disk before the reply (appendfsync always)
     server.kill()
-    port = support.free_port()
+    port = servers.free_port()
     env = {k: v for k, v in os.environ.items() if k not in support.SETTINGS_ENV}
     env.update(
         REDIS_URL=server.url,

@@ -19,7 +19,7 @@ import pytest
 import redis as redis_sync
 
 from session_svc.keys import Keys
-from tests import support
+from tests import servers, support
 
 pytestmark = pytest.mark.fault
 
@@ -46,7 +46,7 @@ def test_run_sh_restarts_a_killed_worker_and_stops_on_sigterm(
 ) -> None:
     prefix = prefix_registry.new()
     schema = support.create_schema(test_urls.database_url)
-    port = support.free_port()
+    port = servers.free_port()
     env = {k: v for k, v in os.environ.items() if k not in support.SETTINGS_ENV}
     env.update(
         REDIS_URL=test_urls.redis_url,

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests import support
+from tests import servers, support
 
 ROOT = Path(__file__).resolve().parent.parent
 ST = Path(sys.executable).with_name("st")
@@ -45,7 +45,7 @@ def _healthy(url: str) -> bool:
 
 @pytest.fixture(scope="module")
 def service(test_urls: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    prefix, schema, port = support.new_name("st"), support.new_name("st_"), support.free_port()
+    prefix, schema, port = support.new_name("st"), support.new_name("st_"), servers.free_port()
     env = {k: v for k, v in os.environ.items() if k not in support.SETTINGS_ENV}
     env.update(
         REDIS_URL=test_urls.redis_url,
@@ -79,7 +79,7 @@ def service(test_urls: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                 proc.kill()
                 proc.wait()
     finally:
-        support.delete_keys(test_urls.redis_url, prefix)
+        support.delete_prefix(test_urls.redis_url, prefix)
         support.drop_schema(test_urls.database_url, schema)
 
 

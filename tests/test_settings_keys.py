@@ -25,7 +25,8 @@ from session_svc.keys import Keys, bucket_of
 from session_svc.record import MEMORY_ALL
 from session_svc.settings import Settings, every_schedule
 from tests.helpers import add_memory, add_message, make_session, new_user
-from tests.support import SETTINGS_ENV, free_port
+from tests.servers import free_port
+from tests.support import SETTINGS_ENV
 from workers.main import consumer_name
 
 ROOT = Path(__file__).resolve().parent.parent

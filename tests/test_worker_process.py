@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from session_svc import heartbeat
 from session_svc.keys import Keys
 from session_svc.settings import Settings
-from tests import support
+from tests import pg_rows, servers
 from tests.helpers import add_message, make_session, new_user
 from tests.support import eventually
 
@@ -51,9 +51,9 @@ async def test_metrics_are_off_by_default_on_at_a_port_and_sigterm_stops_the_wor
     client: Any, redis: Redis, keys: Keys, pg: Any, db_schema: str, settings: Settings, tmp_path: Path
 ) -> None:
     assert Settings().worker_metrics_port == 0 and settings.worker_metrics_port == 0
-    port = support.free_port()
-    off = support.start_worker(settings, f"{settings.key_prefix}-off", tmp_path)
-    on = support.start_worker(
+    port = servers.free_port()
+    off = servers.start_worker(settings, f"{settings.key_prefix}-off", tmp_path)
+    on = servers.start_worker(
         dataclasses.replace(settings, worker_metrics_port=port), f"{settings.key_prefix}-on", tmp_path
     )
     workers = [off, on]
@@ -73,7 +73,7 @@ async def test_metrics_are_off_by_default_on_at_a_port_and_sigterm_stops_the_wor
         sent = await add_message(client, sid, user, content="through a real worker")
 
         async def written() -> bool:
-            return await support.pg_messages(pg, db_schema, sid) == [support.api_message(sent)]
+            return await pg_rows.pg_messages(pg, db_schema, sid) == [pg_rows.api_message(sent)]
 
         await eventually(written, "the message written through to Postgres", within=30)
 
@@ -89,7 +89,7 @@ async def test_metrics_are_off_by_default_on_at_a_port_and_sigterm_stops_the_wor
         ):
             assert name in metrics, name
     finally:
-        took = await asyncio.to_thread(support.stop_workers, workers)  # SIGTERM: exit 0, in time
+        took = await asyncio.to_thread(servers.stop_workers, workers)  # SIGTERM: exit 0, in time
     print(f"\nworkers stopped by SIGTERM in {sorted(round(t, 2) for t in took.values())} s")
     for w in workers:  # the shutdown path ran (not a kill)
         assert f"worker {w.name} stopping" in w.tail(), w.tail()
@@ -101,7 +101,7 @@ async def test_the_worker_refuses_data_written_with_another_bucket_count(
     """A worker started with another REDIS_BUCKETS would drain the wrong outbox streams: it checks the
     layout at start, like the API, and exits with the reason."""
     await redis.hset(Keys(settings.key_prefix, 16).meta, "buckets", "8")  # type: ignore[misc]
-    worker = support.start_worker(settings, f"{settings.key_prefix}-wrong", tmp_path)
+    worker = servers.start_worker(settings, f"{settings.key_prefix}-wrong", tmp_path)
     try:
         status = await asyncio.to_thread(worker.proc.wait, 30)
     finally:

@@ -22,7 +22,7 @@ from session_svc import outbox
 from session_svc.keys import Keys, bucket_of
 from session_svc.outbox import GROUP
 from session_svc.settings import Settings
-from tests import support
+from tests import outbox_drain, pg_rows, support
 from tests.helpers import (
     add_memory,
     add_message,
@@ -138,7 +138,7 @@ async def test_http_writes_reach_postgres_as_the_api_answered(
 
     final = {x: await get_session(client, x, user) for x in (sid, ended, done)}
     assert final[sid]["total_cost"] == 12.645679  # exact: 0.1 + 0.2 summed as micro-dollars
-    assert await support.drain(flusher) == writes
+    assert await outbox_drain.drain(flusher) == writes
 
     h = await health(client)
     assert (h["outbox_backlog"], h["outbox_lag_seconds"], h["dead_letters"]) == (0, 0, 0)
@@ -149,26 +149,26 @@ async def test_http_writes_reach_postgres_as_the_api_answered(
         stored = await redis.hgetall(keys.for_user(user).session(x))
         assert stored["fv"] == stored["v"]
         versions[x] = int(stored["v"])
-    rows = await support.pg_sessions(pg, db_schema, list(final))
+    rows = await pg_rows.pg_sessions(pg, db_schema, list(final))
     memory_counts = {sid: len(mems), ended: 0, done: 1}
-    assert rows == {x: support.api_session(final[x], memory_counts[x], versions[x]) for x in final}
+    assert rows == {x: pg_rows.api_session(final[x], memory_counts[x], versions[x]) for x in final}
     assert rows[sid]["total_cost"] == Decimal("12.645679")
     assert (rows[ended]["status"], rows[ended]["is_active"]) == ("ended", False)
     assert (rows[done]["status"], rows[done]["is_active"]) == ("completed", False)
     assert rows[sid]["title"] == "Renamed"
 
-    stored_msgs = await support.pg_messages(pg, db_schema, sid)
-    assert stored_msgs == [support.api_message(m) for m in msgs]
+    stored_msgs = await pg_rows.pg_messages(pg, db_schema, sid)
+    assert stored_msgs == [pg_rows.api_message(m) for m in msgs]
     assert [m["sequence"] for m in stored_msgs] == [1, 2, 3, 4, 5]
     assert [m["cost_usd"] for m in stored_msgs] == [
         Decimal(x) for x in ("0.1", "0.2", "0", "0.000001", "12.345678")
     ]
-    assert await support.pg_messages(pg, db_schema, ended) == [support.api_message(ended_msg)]
+    assert await pg_rows.pg_messages(pg, db_schema, ended) == [pg_rows.api_message(ended_msg)]
 
-    stored_mems = await support.pg_memories(pg, db_schema, sid)
-    assert stored_mems == [support.api_memory(m, i) for i, m in enumerate(mems, 1)]
+    stored_mems = await pg_rows.pg_memories(pg, db_schema, sid)
+    assert stored_mems == [pg_rows.api_memory(m, i) for i, m in enumerate(mems, 1)]
     assert [m["memory_type"] for m in stored_mems] == list(mtypes)
-    assert await support.pg_memories(pg, db_schema, done) == [support.api_memory(done_mem, 1)]
+    assert await pg_rows.pg_memories(pg, db_schema, done) == [pg_rows.api_memory(done_mem, 1)]
 
 
 async def test_replayed_and_reordered_batches_leave_the_same_rows(
@@ -199,14 +199,14 @@ async def test_replayed_and_reordered_batches_leave_the_same_rows(
     second = await flusher.read()
     assert len(second) == 3
     await flusher.flush(second)
-    want = await support.pg_snapshot(pg, db_schema)
+    want = await pg_rows.pg_snapshot(pg, db_schema)
     current = await get_session(client, sid, user)
 
     # Replays (a worker killed between COMMIT and XACK) and reordering (newest batch first).
     await flusher.flush(second)
     await flusher.flush(first)
     await flusher.flush(list(reversed(first + second)))
-    assert await support.pg_snapshot(pg, db_schema) == want
+    assert await pg_rows.pg_snapshot(pg, db_schema) == want
 
     # An older version of the session written after a newer one: the version guard keeps the newer.
     async def stale_snapshots(versions: Any) -> list[dict[str, str]]:
@@ -214,14 +214,14 @@ async def test_replayed_and_reordered_batches_leave_the_same_rows(
 
     monkeypatch.setattr(flusher, "_snapshots", stale_snapshots)
     await flusher.flush(first)
-    assert await support.pg_snapshot(pg, db_schema) == want
+    assert await pg_rows.pg_snapshot(pg, db_schema) == want
 
-    row = (await support.pg_sessions(pg, db_schema, [sid]))[sid]
+    row = (await pg_rows.pg_sessions(pg, db_schema, [sid]))[sid]
     v = int(await redis.hget(skey, "v"))
-    assert row == support.api_session(current, 2, v)
+    assert row == pg_rows.api_session(current, 2, v)
     assert row["title"] == "v2" and row["total_cost"] == Decimal("1")
-    assert [m["sequence"] for m in await support.pg_messages(pg, db_schema, sid)] == [1, 2, 3]
-    assert [m["seq"] for m in await support.pg_memories(pg, db_schema, sid)] == [1, 2]
+    assert [m["sequence"] for m in await pg_rows.pg_messages(pg, db_schema, sid)] == [1, 2, 3]
+    assert [m["seq"] for m in await pg_rows.pg_memories(pg, db_schema, sid)] == [1, 2]
     assert await redis.hget(skey, "fv") == str(v)  # a replay of older entries never lowers fv
     assert (await outbox.backlog(redis, keys)).entries == 0
 
@@ -235,11 +235,11 @@ async def test_malformed_entry_is_dead_lettered_and_the_rest_is_written(
     bad_id = await redis.xadd(keys.outbox(bucket_of(user, keys.buckets)), {"k": "m", "sid": sid})
     m2 = await add_message(client, sid, user, content="after")
 
-    await support.drain(flusher)
+    await outbox_drain.drain(flusher)
 
-    dead = await support.dead_letters(redis, keys)
+    dead = await outbox_drain.dead_letters(redis, keys)
     assert [d["outbox_id"] for d in dead] == [bad_id]
-    assert await support.pg_messages(pg, db_schema, sid) == [support.api_message(m) for m in (m1, m2)]
+    assert await pg_rows.pg_messages(pg, db_schema, sid) == [pg_rows.api_message(m) for m in (m1, m2)]
     h = await health(client)
     assert (h["dead_letters"], h["outbox_backlog"]) == (1, 0)
 
@@ -264,10 +264,10 @@ async def test_entry_with_unparsable_values_is_dead_lettered_not_fatal(
     bad_id = await redis.xadd(keys.outbox(bucket_of(user, keys.buckets)), message_entry(sid, user, **bad))
     m2 = await add_message(client, sid, user, content="after")
 
-    await support.drain(flusher)
+    await outbox_drain.drain(flusher)
 
-    assert [d["outbox_id"] for d in await support.dead_letters(redis, keys)] == [bad_id]
-    assert await support.pg_messages(pg, db_schema, sid) == [support.api_message(m) for m in (m1, m2)]
+    assert [d["outbox_id"] for d in await outbox_drain.dead_letters(redis, keys)] == [bad_id]
+    assert await pg_rows.pg_messages(pg, db_schema, sid) == [pg_rows.api_message(m) for m in (m1, m2)]
     assert (await health(client))["outbox_backlog"] == 0
 
 
@@ -293,10 +293,10 @@ async def test_unwritable_entry_is_dead_lettered_after_max_deliveries(
         rounds += 1
     assert rounds == flusher.max_deliveries  # first delivery, then one redelivery per failure
 
-    dead = await support.dead_letters(redis, keys)
+    dead = await outbox_drain.dead_letters(redis, keys)
     assert [(d["outbox_id"], d["sid"]) for d in dead] == [(ghost_id, ghost)]
     assert dead[0]["error"]
-    assert await support.pg_messages(pg, db_schema, sid) == [support.api_message(m) for m in (m1, m2)]
+    assert await pg_rows.pg_messages(pg, db_schema, sid) == [pg_rows.api_message(m) for m in (m1, m2)]
     h = await health(client)
     assert h["dead_letters"] >= 1 and h["outbox_backlog"] == 0
     # Dead-lettering must leave no trace of the unknown session in Redis (no half-made session hash).
@@ -308,7 +308,7 @@ async def test_worker_loop_survives_an_unwritable_entry(
 ) -> None:
     """``Flusher.run`` (the worker's loop): a poison entry ends up dead-lettered, the loop keeps going
     and writes what comes after it."""
-    flusher = support.make_flusher(redis, pool, keys, db_schema)
+    flusher = outbox_drain.make_flusher(redis, pool, keys, db_schema)
     stop = asyncio.Event()
     task = asyncio.create_task(flusher.run(stop, maintenance_every=0.3))
     try:
@@ -330,13 +330,13 @@ async def test_worker_loop_survives_an_unwritable_entry(
         more = await add_message(client, sid, user, content="later")
 
         async def flushed() -> bool:
-            return len(await support.pg_messages(pg, db_schema, sid)) == 4 or task.done()
+            return len(await pg_rows.pg_messages(pg, db_schema, sid)) == 4 or task.done()
 
         await support.eventually(flushed, "the message after the poison entry flushed")
         assert not task.done(), f"the flush loop died: {task.exception()!r}"
-        assert [d["outbox_id"] for d in await support.dead_letters(redis, keys)] == [ghost_id]
-        assert await support.pg_messages(pg, db_schema, sid) == [
-            support.api_message(m) for m in [*msgs, more]
+        assert [d["outbox_id"] for d in await outbox_drain.dead_letters(redis, keys)] == [ghost_id]
+        assert await pg_rows.pg_messages(pg, db_schema, sid) == [
+            pg_rows.api_message(m) for m in [*msgs, more]
         ]
     finally:
         stop.set()
@@ -466,17 +466,17 @@ async def test_an_outbox_entry_with_a_nul_character_is_dead_lettered_and_blocks_
         await redis.hset(uk.session(bad_sid), "title", NUL)
     m2 = await add_message(client, sid, user, content="after")
 
-    await support.drain(flusher)
+    await outbox_drain.drain(flusher)
 
-    dead = await support.dead_letters(redis, keys)
+    dead = await outbox_drain.dead_letters(redis, keys)
     assert [(d["outbox_id"], d["sid"]) for d in dead] == [(bad_id, bad_sid)]
     # Postgres' own refusal: text cannot hold the byte 0x00, jsonb cannot hold the escape \u0000.
     refusal = (
         "UntranslatableCharacterError(" if where == "message metadata" else "CharacterNotInRepertoireError("
     )
     assert dead[0]["error"].startswith(refusal), dead[0]["error"]
-    assert await support.pg_messages(pg, db_schema, sid) == [support.api_message(m) for m in (m1, m2)]
-    assert await support.pg_memories(pg, db_schema, sid) == []
+    assert await pg_rows.pg_messages(pg, db_schema, sid) == [pg_rows.api_message(m) for m in (m1, m2)]
+    assert await pg_rows.pg_memories(pg, db_schema, sid) == []
     assert await redis.hget(uk.session(bad_sid), "stuck") == bad_id
     h = await health(client)
     assert (h["dead_letters"], h["outbox_backlog"]) == (1, 0)
@@ -486,7 +486,7 @@ async def test_an_outbox_entry_with_a_nul_character_is_dead_lettered_and_blocks_
     if bad_sid != sid:
         assert await redis.exists(uk.session(sid)) == 0
     if where == "session title":
-        assert await support.pg_sessions(pg, db_schema, [bad_sid]) == {}
+        assert await pg_rows.pg_sessions(pg, db_schema, [bad_sid]) == {}
 
 
 async def test_trim_drops_only_acknowledged_entries(
@@ -495,7 +495,7 @@ async def test_trim_drops_only_acknowledged_entries(
     """Never by length: pending (delivered, not acknowledged) and undelivered entries stay, even when
     the oldest pending entry is younger than acknowledged ones that may go. (Trimming is approximate:
     whole stream nodes below the floor go, so a few acknowledged entries may stay a while.)"""
-    flusher = support.make_flusher(redis, pool, keys, db_schema)
+    flusher = outbox_drain.make_flusher(redis, pool, keys, db_schema)
     user = new_user()
     sid = (await make_session(client, user))["session_id"]
     for i in range(80):
@@ -517,12 +517,12 @@ async def test_trim_drops_only_acknowledged_entries(
     assert len(kept) < len(ids)  # acknowledged entries below the floor did go
     assert (await outbox.backlog(redis, keys)).entries == 3  # 1 pending + 2 undelivered
 
-    await support.drain(flusher)
+    await outbox_drain.drain(flusher)
     await flusher.trim()
     left = [eid for eid, _ in await redis.xrange(stream)]
     assert left == ids[len(ids) - len(left) :] and len(left) < len(kept)
     assert (await outbox.backlog(redis, keys)).entries == 0
-    assert len(await support.pg_messages(pool, db_schema, sid)) == 82
+    assert len(await pg_rows.pg_messages(pool, db_schema, sid)) == 82
 
 
 async def test_trim_forgets_idle_consumers_with_nothing_pending(
@@ -539,7 +539,7 @@ async def test_trim_forgets_idle_consumers_with_nothing_pending(
     sid = (await make_session(client, user))["session_id"]
     await add_message(client, sid, user)
     stream = keys.for_user(user).outbox
-    await support.make_flusher(redis, pool, keys, settings.db_schema).ensure_groups()
+    await outbox_drain.make_flusher(redis, pool, keys, settings.db_schema).ensure_groups()
     [[_, [(held, _)]]] = await redis.xreadgroup(GROUP, "dead-holding", {stream: ">"}, count=1)
     [[_, [(done, _)]]] = await redis.xreadgroup(GROUP, "dead-acked", {stream: ">"}, count=1)
     assert await redis.xack(stream, GROUP, done) == 1
@@ -552,10 +552,10 @@ async def test_trim_forgets_idle_consumers_with_nothing_pending(
     assert await consumers() == made
 
     # Idle for less than the default day: nobody goes.
-    await support.make_flusher(redis, pool, keys, settings.db_schema).trim()
+    await outbox_drain.make_flusher(redis, pool, keys, settings.db_schema).trim()
     assert await consumers() == made
 
-    pruner = support.make_flusher(redis, pool, keys, settings.db_schema, consumer_idle_ms=0)
+    pruner = outbox_drain.make_flusher(redis, pool, keys, settings.db_schema, consumer_idle_ms=0)
     assert await redis.xgroup_createconsumer(stream, GROUP, pruner.consumer) == 1  # its own name stays
     await pruner.trim()
     assert await consumers() == {"dead-holding": 1, pruner.consumer: 0}
