@@ -18,4 +18,6 @@ step "ruff check" ruff check session_svc workers tests
 # ruff is pinned, so its formatting is deterministic: run `ruff format session_svc workers tests` to fix.
 step "ruff format" ruff format --check session_svc workers tests
 step mypy mypy --strict session_svc workers
+# The tests too: helpers and fixtures strictly, test bodies with the relaxations in pyproject.toml.
+step "mypy tests" mypy tests
 step pytest pytest -q "$@"

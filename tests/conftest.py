@@ -23,7 +23,6 @@ from typing import Any
 import asyncpg
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from session_svc import heartbeat
@@ -32,6 +31,7 @@ from session_svc.keys import Keys
 from session_svc.resources import Backend
 from session_svc.settings import Settings
 from session_svc.typedefs import BACKEND
+from tests.helpers import Client
 from tests.outbox_drain import make_flusher
 from tests.servers import PgServer, RedisServer, start_postgres, start_redis
 from tests.support import create_schema, delete_prefix, drop_schema
@@ -130,19 +130,21 @@ def app(settings: Settings) -> web.Application:
 
 
 @pytest.fixture
-async def client(aiohttp_client: Any, app: web.Application) -> TestClient:
-    return await aiohttp_client(app)
+async def client(aiohttp_client: Any, app: web.Application) -> Client:
+    got: Client = await aiohttp_client(app)
+    return got
 
 
-MakeClient = Callable[..., Awaitable[TestClient]]
+MakeClient = Callable[..., Awaitable[Client]]
 
 
 @pytest.fixture
 def make_client(aiohttp_client: Any, make_settings: MakeSettings) -> MakeClient:
     """``await make_client(**settings_overrides)``: another app (and server) built with other settings."""
 
-    async def make(**overrides: Any) -> TestClient:
-        return await aiohttp_client(create_app(make_settings(**overrides)))
+    async def make(**overrides: Any) -> Client:
+        got: Client = await aiohttp_client(create_app(make_settings(**overrides)))
+        return got
 
     return make
 
@@ -189,8 +191,8 @@ def flusher(redis: Redis, pool: asyncpg.Pool, keys: Keys, settings: Settings) ->
 
 
 @pytest.fixture
-def backend(client: TestClient) -> Backend:
-    return client.app[BACKEND]  # type: ignore[no-any-return]
+def backend(client: Client) -> Backend:
+    return client.app[BACKEND]
 
 
 @pytest.fixture

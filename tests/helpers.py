@@ -7,7 +7,10 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+from aiohttp import web
 from aiohttp.test_utils import TestClient
+
+Client = TestClient[web.Request, web.Application]
 
 SESSIONS = "/api/v1/sessions"
 ISO_Z = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z$")
@@ -54,7 +57,7 @@ def session_url(sid: str, suffix: str = "") -> str:
 
 def parse_iso_z(value: str) -> datetime:
     """Asserts ISO 8601 UTC with a trailing Z and returns the aware datetime."""
-    assert isinstance(value, str) and ISO_Z.match(value), value
+    assert ISO_Z.match(value), value
     parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     assert parsed.tzinfo is not None and parsed.utcoffset() == UTC.utcoffset(parsed)
     return parsed
@@ -67,47 +70,54 @@ async def ok_json(resp: Any) -> Any:
     return body
 
 
-async def make_session(client: TestClient, user_id: str, **fields: Any) -> dict[str, Any]:
-    return await ok_json(await client.post(SESSIONS, json={"user_id": user_id, **fields}))
+async def ok_object(resp: Any) -> dict[str, Any]:
+    """``ok_json`` of an answer that is a JSON object (all of the API's are)."""
+    body = await ok_json(resp)
+    assert isinstance(body, dict), body
+    return body
 
 
-async def get_session(client: TestClient, sid: str, user_id: str) -> dict[str, Any]:
-    return await ok_json(await client.get(session_url(sid), params={"user_id": user_id}))
+async def make_session(client: Client, user_id: str, **fields: Any) -> dict[str, Any]:
+    return await ok_object(await client.post(SESSIONS, json={"user_id": user_id, **fields}))
 
 
-async def update_session(client: TestClient, sid: str, user_id: str, **fields: Any) -> dict[str, Any]:
+async def get_session(client: Client, sid: str, user_id: str) -> dict[str, Any]:
+    return await ok_object(await client.get(session_url(sid), params={"user_id": user_id}))
+
+
+async def update_session(client: Client, sid: str, user_id: str, **fields: Any) -> dict[str, Any]:
     resp = await client.put(session_url(sid), params={"user_id": user_id}, json=fields)
-    return await ok_json(resp)
+    return await ok_object(resp)
 
 
-async def end_session(client: TestClient, sid: str, user_id: str) -> dict[str, Any]:
-    return await ok_json(await client.delete(session_url(sid), params={"user_id": user_id}))
+async def end_session(client: Client, sid: str, user_id: str) -> dict[str, Any]:
+    return await ok_object(await client.delete(session_url(sid), params={"user_id": user_id}))
 
 
-async def add_message(client: TestClient, sid: str, user_id: str, **fields: Any) -> dict[str, Any]:
+async def add_message(client: Client, sid: str, user_id: str, **fields: Any) -> dict[str, Any]:
     body = {"role": "user", "content": "hello", **fields}
     resp = await client.post(session_url(sid, "/messages"), params={"user_id": user_id}, json=body)
-    return await ok_json(resp)
+    return await ok_object(resp)
 
 
-async def list_messages(client: TestClient, sid: str, user_id: str, **params: Any) -> dict[str, Any]:
+async def list_messages(client: Client, sid: str, user_id: str, **params: Any) -> dict[str, Any]:
     resp = await client.get(session_url(sid, "/messages"), params={"user_id": user_id, **params})
-    return await ok_json(resp)
+    return await ok_object(resp)
 
 
-async def add_memory(client: TestClient, sid: str, user_id: str, **fields: Any) -> dict[str, Any]:
+async def add_memory(client: Client, sid: str, user_id: str, **fields: Any) -> dict[str, Any]:
     body = {"memory_type": "preference", "content": "likes tea", **fields}
     resp = await client.post(session_url(sid, "/memory"), params={"user_id": user_id}, json=body)
-    return await ok_json(resp)
+    return await ok_object(resp)
 
 
-async def list_sessions(client: TestClient, user_id: str, **params: Any) -> dict[str, Any]:
+async def list_sessions(client: Client, user_id: str, **params: Any) -> dict[str, Any]:
     resp = await client.get(f"/api/v1/users/{user_id}/sessions", params=params)
-    return await ok_json(resp)
+    return await ok_object(resp)
 
 
-async def stats(client: TestClient) -> dict[str, Any]:
-    return await ok_json(await client.get(f"{SESSIONS}/stats"))
+async def stats(client: Client) -> dict[str, Any]:
+    return await ok_object(await client.get(f"{SESSIONS}/stats"))
 
 
 async def error_json(resp: Any, status: int) -> Any:

@@ -153,7 +153,7 @@ class Model:
     failures: list[str] = field(default_factory=list)  # non-200 answers to writes that should succeed
 
     def session(self, body: dict[str, Any]) -> str:
-        sid = body["session_id"]
+        sid: str = body["session_id"]
         self.users[sid] = body["user_id"]
         self.messages[sid] = []
         self.memories[sid] = []
@@ -181,7 +181,7 @@ async def assert_postgres_equals_model(
         resp = await client.get(f"/api/v1/sessions/{sid}", params={"user_id": uid})
         body = await resp.json()
         assert resp.status == 200, body
-        h = await redis.hgetall(keys.for_user(uid).session(sid))
+        h: dict[str, str] = await redis.hgetall(keys.for_user(uid).session(sid))  # type: ignore[misc]
         version = int(h["v"]) if h else rows[sid]["version"]
         if h:
             assert h["fv"] == h["v"], (sid, h)

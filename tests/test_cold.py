@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 
 from session_svc import cold, store
 from session_svc.keys import Keys, bucket_of
+from session_svc.record import MemoryType
 from session_svc.resources import Backend
 from tests import outbox_drain, pg_rows, support
 from tests.helpers import (
@@ -35,7 +36,7 @@ from tests.helpers import (
 from workers.expiry import sweep
 from workers.flush import Flusher
 
-MEMORY_TYPES = ("preference", "conversation", "entity", "summary", "custom")
+MEMORY_TYPES = tuple(MemoryType)
 
 
 @pytest.fixture(scope="module")
@@ -318,7 +319,7 @@ async def test_a_session_with_a_dead_lettered_write_stays_in_redis(
         "role": "r" * 60,  # longer than the column: Postgres refuses it
         "content": "x", "type": "chat", "tokens": "0", "cost": "0", "meta": "{}", "ts": "1",
     }  # fmt: skip
-    await redis.xadd(keys.outbox(bucket_of(user, keys.buckets)), poison)
+    await redis.xadd(keys.outbox(bucket_of(user, keys.buckets)), poison)  # type: ignore[arg-type]  # redis-py: invariant dict
     await outbox_drain.drain(flusher)
     assert len(await outbox_drain.dead_letters(redis, keys)) == 1
     h = await redis.hgetall(skey)

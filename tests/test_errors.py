@@ -61,7 +61,7 @@ async def seeded_session(client: Any, user: str) -> str:
     sid = (await make_session(client, user, title="orig", metadata={"k": "v"}))["session_id"]
     await add_message(client, sid, user, tokens_used=2, cost_usd=0.01)
     await add_memory(client, sid, user, memory_type="preference", content="tea")
-    return sid  # type: ignore[no-any-return]
+    return sid
 
 
 # 404 -------------------------------------------------------------------------------------------------

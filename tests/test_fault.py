@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 from session_svc import outbox
 from session_svc.app import create_app
 from session_svc.keys import Keys
+from session_svc.record import MemoryType
 from session_svc.settings import Settings
 from session_svc.typedefs import BACKEND
 from tests import outbox_drain, pg_rows, servers, support
@@ -34,7 +35,7 @@ from workers.expiry import sweep
 
 pytestmark = pytest.mark.fault
 
-MEMORY_TYPES = ("preference", "conversation", "entity", "summary", "custom")
+MEMORY_TYPES = tuple(MemoryType)
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +151,7 @@ class Rig:
     async def health(self) -> dict[str, Any]:
         resp = await self.client.get("/health/detailed")
         assert resp.status == 200
-        return await resp.json()  # type: ignore[no-any-return]
+        return await resp.json()
 
 
 @pytest.fixture
@@ -442,7 +443,7 @@ async def test_sweep_racing_new_messages_loses_and_duplicates_nothing(rig: Rig) 
         )
         body = await resp.json()
         assert resp.status == 200, body
-        return body["messages"]  # type: ignore[no-any-return]
+        return body["messages"]
 
     def in_order(sid: str) -> list[dict[str, Any]]:
         return sorted(model.messages[sid], key=lambda m: m["sequence"])

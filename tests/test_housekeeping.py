@@ -147,7 +147,7 @@ async def test_housekeeping_reaches_cold_sessions(
     await age(backend, redis, pg, uid, sid, days=10)
     # Untouched for 10 days, as the sweep sees it (the hash and the bucket's hot set).
     uk = backend.keys.for_user(uid)
-    await redis.hset(uk.session(sid), "updated_at", now_us() - 10 * DAY_US)
+    await redis.hset(uk.session(sid), "updated_at", str(now_us() - 10 * DAY_US))
     await redis.zadd(uk.hot, {sid: now_us() - 10 * DAY_US})
     assert await expiry.sweep(backend, hot_ttl_s=3600) == 1
     assert not await redis.exists(backend.keys.for_user(uid).session(sid))

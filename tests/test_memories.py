@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from session_svc.record import MemoryType
 from tests.helpers import (
     MEMORY_FIELDS,
     add_memory,
@@ -43,7 +44,7 @@ async def test_create_memory_keeps_the_type_as_sent(client: Any) -> None:
 async def test_every_memory_type_round_trips(client: Any) -> None:
     user = new_user()
     sid = (await make_session(client, user))["session_id"]
-    for mtype in ("preference", "conversation", "entity", "summary", "custom"):
+    for mtype in MemoryType:
         m = await add_memory(client, sid, user, memory_type=mtype, content=f"about {mtype}")
         got = await ok_json(
             await client.get(session_url(sid, "/memory"), params={"user_id": user, "memory_type": mtype})

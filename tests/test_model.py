@@ -421,7 +421,7 @@ class ServiceMachine(RuleBasedStateMachine):
         self.users = self._new_users(names)
         sids = [self.create_session(user, {}) for user in owners]
         for sid, history in zip(sids, histories, strict=False):
-            self.append(sid, history)
+            self.append(sid, history)  # type: ignore[arg-type]  # a rule, typed by hypothesis as its results
         return multiple(*sids)
 
     @precondition(lambda self: len(self.model) < MAX_SESSIONS)
@@ -596,11 +596,12 @@ class ServiceMachine(RuleBasedStateMachine):
         nothing changes), the current one (allowed), or none."""
         s = self.model[sid]
         for fields, how, pick in updates:
-            choices = {
+            options: dict[str, list[str | None]] = {
                 "next": [new for new in STATUSES if (s.status, new) in ALLOWED],
                 "forbidden": [new for new in STATUSES if new != s.status and (s.status, new) not in ALLOWED],
                 "same": [s.status],
-            }.get(how) or [None]
+            }
+            choices = options.get(how) or [None]
             status = choices[pick % len(choices)]
             if s.status == "active" and status == "completed" and self.grown < GROW_BEFORE_END:
                 status = None  # not yet: let it grow (GROW_BEFORE_END)

@@ -39,7 +39,7 @@ async def test_too_many_connections_is_503_as_in_the_worker(
 ) -> None:
     """Postgres that takes no more connections is unavailable (503), not a server error (500): the API
     and the worker share one definition of "PostgreSQL unavailable"."""
-    assert flush.PG_UNAVAILABLE is errors.PG_UNAVAILABLE
+    assert flush.PG_UNAVAILABLE is errors.PG_UNAVAILABLE  # type: ignore[attr-defined]
     # A role whose CONNECTION LIMIT is 0: the real server answers every connection with SQLSTATE 53300.
     role = "t_full_" + uuid.uuid4().hex[:10]
     await pg.execute(f'CREATE ROLE "{role}" LOGIN CONNECTION LIMIT 0')

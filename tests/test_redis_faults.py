@@ -466,6 +466,7 @@ async def test_health_reports_a_killed_worker_within_the_heartbeat_timeout(make_
 
     body = await eventually(reported, "health to report the worker gone", within=10, interval=0.1)
     took = time.monotonic() - killed
+    assert body is not None
     print(f"\nworker killed: health reported it after {took:.2f} s")
     assert body["status"] == "degraded" and body["accepting_writes"] is True
     assert took <= rig.settings.worker_heartbeat_timeout + 1

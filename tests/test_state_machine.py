@@ -36,7 +36,7 @@ async def session_in(client: Any, user: str, status: str) -> str:
     if status == "ended":
         await end_session(client, sid, user)
     assert (await get_session(client, sid, user))["status"] == status
-    return sid  # type: ignore[no-any-return]
+    return sid
 
 
 async def observe(client: Any, sid: str, user: str) -> dict[str, Any]:

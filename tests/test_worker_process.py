@@ -100,7 +100,7 @@ async def test_the_worker_refuses_data_written_with_another_bucket_count(
 ) -> None:
     """A worker started with another REDIS_BUCKETS would drain the wrong outbox streams: it checks the
     layout at start, like the API, and exits with the reason."""
-    await redis.hset(Keys(settings.key_prefix, 16).meta, "buckets", "8")  # type: ignore[misc]
+    await redis.hset(Keys(settings.key_prefix, 16).meta, "buckets", "8")
     worker = servers.start_worker(settings, f"{settings.key_prefix}-wrong", tmp_path)
     try:
         status = await asyncio.to_thread(worker.proc.wait, 30)
