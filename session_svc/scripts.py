@@ -114,6 +114,7 @@ end
 # The message's stream fields, each from the argument ``msg_<field>``; generated from record.py.
 _MESSAGE_ARGS = tuple(f"msg_{f}" for f in MESSAGE_FIELDS)
 _MESSAGE_PAIRS = ", ".join(f"'{f}', msg_{f}" for f in MESSAGE_FIELDS)
+_MESSAGE_ARG_OF = tuple(zip(_MESSAGE_ARGS, MESSAGE_FIELDS, strict=True))
 assert ENTRY_FIELDS[Kind.message][-len(MESSAGE_FIELDS) :] == MESSAGE_FIELDS
 
 
@@ -558,7 +559,7 @@ class Scripts:
         return self._append_message(
             {"session": uk.session(sid), "messages": uk.messages(sid), "user_index": uk.sessions,
              "active_index": uk.active, "stats": uk.stats, "outbox": uk.outbox, "hot": uk.hot},
-            {"sid": sid, "uid": uk.user_id, **{f"msg_{f}": message[f] for f in MESSAGE_FIELDS}},
+            {"sid": sid, "uid": uk.user_id, **{arg: message[f] for arg, f in _MESSAGE_ARG_OF}},
         )  # fmt: skip
 
     def list_messages(self, uk: UserKeys, sid: str, lo: int, hi: int) -> Awaitable[Any]:

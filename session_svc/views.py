@@ -10,6 +10,7 @@ exceptions are turned into HTTP answers by the middleware.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -353,12 +354,14 @@ ROUTES: tuple[Route, ...] = (
 def _adapt(route: Route) -> Callable[[web.Request], Awaitable[web.Response]]:
     """The one place a request is read: what ``route`` declares, parsed into a ``Call``."""
     has_sid = "{session_id}" in route.path
+    # Path parameters other than the session id are validated with the query model (the user id).
+    in_query = tuple(n for n in re.findall(r"{(\w+)", route.path) if n != "session_id")
 
     async def handle(request: web.Request) -> web.Response:
         sid = session_id(request) if has_sid else ""
         query = None
         if route.query is not None:
-            path = {k: v for k, v in request.match_info.items() if k != "session_id"}
+            path = {n: request.match_info[n] for n in in_query}
             query = parse_query(request, route.query, **path)
         body = await parse_body(request, route.body) if route.body is not None else None
         call: Call[Any, Any] = Call(request.app[BACKEND], request.app[SETTINGS], sid, query, body)
