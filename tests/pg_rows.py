@@ -14,6 +14,7 @@ import orjson
 from redis.asyncio import Redis
 
 from session_svc.keys import Keys
+from tests.helpers import SESSION_FIELDS
 
 
 def iso(dt: datetime) -> str:
@@ -30,30 +31,12 @@ def _json(text: str) -> Any:
 
 
 def api_session(body: dict[str, Any], memory_count: int, version: int | None = None) -> dict[str, Any]:
-    out = {k: body[k] for k in _SESSION_KEYS}
+    out = {k: body[k] for k in SESSION_FIELDS}
     out["total_cost"] = money(body["total_cost"])
     out["memory_count"] = memory_count
     if version is not None:
         out["version"] = version
     return out
-
-
-_SESSION_KEYS = (
-    "session_id",
-    "user_id",
-    "title",
-    "status",
-    "is_active",
-    "conversation_data",
-    "metadata",
-    "message_count",
-    "total_tokens",
-    "total_cost",
-    "session_summary",
-    "created_at",
-    "updated_at",
-    "last_activity",
-)
 
 
 def api_message(m: dict[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ the shared servers beyond the schema and key prefix a test owns.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -52,6 +53,14 @@ def wait_sync(check: Callable[[], bool], what: str, timeout: float = 20.0) -> No
 
 
 # Schemas and key prefixes ------------------------------------------------------------------------------
+
+
+def service_env(**settings: str) -> dict[str, str]:
+    """The environment of a service subprocess: this process's, less every setting of the service (so a
+    developer's exported REDIS_URL cannot leak into a test), plus ``settings`` (``REDIS_URL=...``)."""
+    env = {k: v for k, v in os.environ.items() if k not in SETTINGS_ENV}
+    env.update(settings)
+    return env
 
 
 def new_name(stem: str) -> str:

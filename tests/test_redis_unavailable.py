@@ -4,7 +4,6 @@ anything was sent say that nothing was written; readiness answers 503 with the r
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -116,8 +115,7 @@ def test_the_api_started_while_redis_is_down_stops_on_a_wrong_bucket_count_once_
         r.hset(f"{prefix}:meta", "buckets", "8")  # on disk before the reply (appendfsync always)
     server.kill()
     port = servers.free_port()
-    env = {k: v for k, v in os.environ.items() if k not in support.SETTINGS_ENV}
-    env.update(
+    env = support.service_env(
         REDIS_URL=server.url,
         DATABASE_URL=test_urls.database_url,
         KEY_PREFIX=prefix,

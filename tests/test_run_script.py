@@ -47,8 +47,7 @@ def test_run_sh_restarts_a_killed_worker_and_stops_on_sigterm(
     prefix = prefix_registry.new()
     schema = support.create_schema(test_urls.database_url)
     port = servers.free_port()
-    env = {k: v for k, v in os.environ.items() if k not in support.SETTINGS_ENV}
-    env.update(
+    env = support.service_env(
         REDIS_URL=test_urls.redis_url,
         DATABASE_URL=test_urls.database_url,
         DB_SCHEMA=schema,

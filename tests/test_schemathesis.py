@@ -9,7 +9,6 @@ port with its own key prefix and schema (migrated with ``python -m session_svc.m
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import subprocess
@@ -46,8 +45,7 @@ def _healthy(url: str) -> bool:
 @pytest.fixture(scope="module")
 def service(test_urls: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     prefix, schema, port = support.new_name("st"), support.new_name("st_"), servers.free_port()
-    env = {k: v for k, v in os.environ.items() if k not in support.SETTINGS_ENV}
-    env.update(
+    env = support.service_env(
         REDIS_URL=test_urls.redis_url,
         DATABASE_URL=test_urls.database_url,
         DB_SCHEMA=schema,
