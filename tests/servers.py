@@ -24,7 +24,7 @@ from pathlib import Path
 import redis as redis_sync
 
 from session_svc.settings import Settings
-from tests.support import ROOT, SETTINGS_ENV
+from tests.support import ROOT, service_env
 
 
 @functools.cache
@@ -264,7 +264,7 @@ def stop_workers(workers: Sequence[WorkerProcess]) -> dict[str, float]:
 
 def start_worker(settings: Settings, name: str, log_dir: Path, **extra_env: str) -> WorkerProcess:
     """``python -m workers`` with its settings in the environment (and nothing else of ours)."""
-    env = {k: v for k, v in os.environ.items() if k not in SETTINGS_ENV}
+    env = service_env()
     for f in fields(settings):  # every setting, so the worker runs exactly as configured
         value = getattr(settings, f.name)
         env[f.name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)

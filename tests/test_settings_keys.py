@@ -26,7 +26,7 @@ from session_svc.record import MEMORY_ALL
 from session_svc.settings import Settings, every_schedule
 from tests.helpers import add_memory, add_message, make_session, new_user
 from tests.servers import free_port
-from tests.support import SETTINGS_ENV
+from tests.support import service_env
 from workers.main import consumer_name
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -189,8 +189,7 @@ def test_the_api_process_exits_on_data_written_with_another_bucket_count(
     with redis_sync.Redis.from_url(settings.redis_url) as r:
         r.hset(f"{settings.key_prefix}:meta", "buckets", "16")
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in SETTINGS_ENV}
-    env.update(
+    env = service_env(
         REDIS_URL=settings.redis_url,
         DATABASE_URL=settings.database_url,
         DB_SCHEMA=settings.db_schema,
