@@ -130,9 +130,25 @@ pg_trust_loopback() {
     sed -i '1i host all all 127.0.0.1/32 trust\nhost all all ::1/128 trust' "$hba"
 }
 
-pg_start_private() {  # HOST PORT USER -> initdb (once) and start a cluster under var/
-    local host=$1 port=$2 user=${3:-postgres} dir="$VAR_DIR/postgres-$2" bin
+# Where our private cluster for PORT keeps its data: under var/, unless PostgreSQL (which refuses to
+# run as root, so it runs as the postgres user) cannot reach var/ because the clone sits in a directory
+# only root may enter (root's home and anything mktemp -d makes are 0700). Then under the postgres
+# user's home, in a directory named after this clone, so two clones never share a cluster.
+pg_data_dir() {  # PORT
     mkdir -p "$VAR_DIR"
+    if [[ $EUID -eq 0 ]] && id postgres >/dev/null 2>&1 && ! as_pg test -x "$VAR_DIR"; then
+        local home clone
+        home=$(getent passwd postgres | cut -d: -f6)
+        clone=$(printf '%s' "$ROOT" | sha256sum | cut -c1-12)
+        echo "$home/session_svc-$clone/postgres-$1"
+    else
+        echo "$VAR_DIR/postgres-$1"
+    fi
+}
+
+pg_start_private() {  # HOST PORT USER -> initdb (once) and start a cluster (see pg_data_dir)
+    local host=$1 port=$2 user=${3:-postgres} dir bin
+    dir=$(pg_data_dir "$port")
     if [[ ! -f $dir/PG_VERSION ]]; then
         bin=$(pg_bin)
         mkdir -p "$dir"
@@ -193,7 +209,7 @@ ensure_postgres() {
         state="started (cluster ${cluster[*]})"
     else
         pg_start_private "$host" "$port" "${U_USER:-postgres}"
-        state="started (data: $VAR_DIR/postgres-$port)"
+        state="started (data: $(pg_data_dir "$port"))"
     fi
     wait_for "postgres at $host:$port" pg_up "$host" "$port"
     note=$(pg_ensure_db "$1")
@@ -236,7 +252,7 @@ stop() {
         echo "redis at $U_HOST:$U_PORT: stopped (data kept in $dir)"
     done
     parse_url "${DATABASE_URL:-postgresql://postgres@127.0.0.1:5432/test}" 5432
-    dir="$VAR_DIR/postgres-$U_PORT"
+    dir=$(pg_data_dir "$U_PORT")
     if [[ -f $dir/postmaster.pid ]] && as_pg "$(pg_bin)/pg_ctl" -D "$dir" status >/dev/null; then
         as_pg "/usr/lib/postgresql/$(cat "$dir/PG_VERSION")/bin/pg_ctl" -D "$dir" -m fast -w stop >/dev/null
         echo "postgres at $U_HOST:$U_PORT: stopped (data kept in $dir)"

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -88,3 +91,37 @@ def test_run_sh_restarts_a_killed_worker_and_stops_on_sigterm(
         r.close()
         support.drop_schema(test_urls.database_url, schema)
         print((tmp_path / "run.log").read_text(errors="replace")[-3000:])
+
+
+def test_services_sh_starts_postgres_from_a_clone_only_root_can_enter(test_urls: Any, tmp_path: Path) -> None:
+    """A fresh machine, as root, with the clone in a 0700 directory (root's home, anything mktemp -d
+    makes): PostgreSQL runs as the postgres user, who cannot enter the clone's var/. The private cluster
+    must still start (its data then lives where that user can reach it), answer, and stop again."""
+    home = tmp_path / "private"
+    home.mkdir(mode=0o700)
+    clone = home / "clone"
+    for part in ("scripts", "config"):
+        shutil.copytree(support.ROOT / part, clone / part)
+    port = servers.free_port()
+    env = support.service_env(
+        REDIS_URL=test_urls.redis_url,  # already running: only asked whether it answers
+        DATABASE_URL=f"postgresql://postgres@127.0.0.1:{port}/test",
+    )
+    services = ["bash", str(clone / "scripts" / "services.sh")]
+    up = subprocess.run([*services, "ensure"], env=env, capture_output=True, text=True, timeout=120)
+    data = re.search(r"started \(data: ([^)]+)\)", up.stdout)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert data is not None, up.stdout
+        ready = subprocess.run(["pg_isready", "-h", "127.0.0.1", "-p", str(port)], capture_output=True)
+        assert ready.returncode == 0
+        if os.geteuid() == 0:  # the postgres user cannot enter the clone: the data is elsewhere
+            assert not data.group(1).startswith(str(home)), data.group(1)
+        down = subprocess.run([*services, "stop"], env=env, capture_output=True, text=True, timeout=60)
+        assert down.returncode == 0 and "stopped" in down.stdout, down.stdout + down.stderr
+        gone = subprocess.run(["pg_isready", "-h", "127.0.0.1", "-p", str(port)], capture_output=True)
+        assert gone.returncode != 0
+    finally:
+        subprocess.run([*services, "stop"], env=env, capture_output=True, timeout=60)
+        if data is not None:
+            shutil.rmtree(Path(data.group(1)).parent, ignore_errors=True)
