@@ -1,6 +1,6 @@
 # session_svc API image. The same image runs the other entry points:
-#   docker run IMAGE python -m session_svc.migrate   (apply DB migrations; run before the API)
-#   docker run --restart unless-stopped IMAGE python -m workers
+#   docker run IMAGE session-svc migrate             (apply DB migrations; run before the API)
+#   docker run --restart unless-stopped IMAGE session-svc worker
 #                                                    (write-through worker; run alongside. It survives
 #                                                    Redis/Postgres outages by itself; the restart
 #                                                    policy covers a crash or the OOM killer)
@@ -27,4 +27,6 @@ WORKDIR /home/app
 ENV SERVICE_HOST=0.0.0.0 \
     SERVICE_PORT=8205
 EXPOSE 8205
-CMD ["python", "-m", "session_svc"]
+# Liveness for the container runtime; the same command is tested (tests/test_cli.py).
+HEALTHCHECK --interval=10s --timeout=5s --retries=3 CMD ["session-svc", "health"]
+CMD ["session-svc", "api"]

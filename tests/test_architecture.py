@@ -25,7 +25,7 @@ LAYERS: dict[str, int] = {
     "store": 2,
     # HTTP
     "validation": 3, "middleware": 3, "openapi": 3, "typedefs": 3, "views": 3, "app": 3, "server": 3,
-    "__main__": 3,
+    "cli": 3, "__main__": 3,
 }  # fmt: skip
 HTTP = 3
 
