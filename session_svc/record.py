@@ -39,8 +39,9 @@ SESSION_FIELDS = (
 )  # fmt: skip
 # Bookkeeping beside them, Redis only: version ``v`` (bumped by every write), flushed version ``fv``
 # (the highest version committed to Postgres), ``mfirst`` (the first message sequence held in Redis;
-# earlier ones are only in Postgres after a rehydration) and ``stuck`` (the outbox entry id that failed).
-VERSION, FLUSHED, MESSAGES_FROM, STUCK = "v", "fv", "mfirst", "stuck"
+# earlier ones are only in Postgres after a rehydration); and, only while an outbox entry of the session
+# keeps failing, ``stuck`` (that entry's id).
+BOOKKEEPING = ("v", "fv", "mfirst")
 # The fields a listing needs (the two large JSON objects stay out).
 LIST_FIELDS = (
     "user_id", "title", "status", "message_count", "total_tokens", "cost_micros", "created_at",

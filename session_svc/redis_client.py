@@ -68,10 +68,6 @@ class Breaker:
         self.opened_at: float | None = None
         self.probe_started: float | None = None
 
-    @property
-    def is_open(self) -> bool:
-        return self.opened_at is not None
-
     def check(self) -> None:
         """Raise ``CircuitOpen`` unless a command may be sent now."""
         if self.opened_at is None:
@@ -175,11 +171,6 @@ def redis_client(settings: Settings, socket_timeout: float | None = None) -> Red
         probe_timeout=settings.redis_connect_timeout + timeout,
     )
     return Redis(connection_pool=pool)
-
-
-def breaker_of(redis: Redis) -> Breaker | None:
-    pool = redis.connection_pool
-    return pool.breaker if isinstance(pool, GuardedPool) else None
 
 
 @dataclass(frozen=True, slots=True)

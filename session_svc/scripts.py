@@ -38,7 +38,6 @@ from redis.commands.core import AsyncScript
 from session_svc import keys as k
 from session_svc.keys import UserKeys
 from session_svc.record import (
-    ENTRY_FIELDS,
     LIST_FIELDS,
     MEMORY_ALL,
     MESSAGE_FIELDS,
@@ -115,7 +114,6 @@ end
 _MESSAGE_ARGS = tuple(f"msg_{f}" for f in MESSAGE_FIELDS)
 _MESSAGE_PAIRS = ", ".join(f"'{f}', msg_{f}" for f in MESSAGE_FIELDS)
 _MESSAGE_ARG_OF = tuple(zip(_MESSAGE_ARGS, MESSAGE_FIELDS, strict=True))
-assert ENTRY_FIELDS[Kind.message][-len(MESSAGE_FIELDS) :] == MESSAGE_FIELDS
 
 
 # The API's scripts ---------------------------------------------------------------------------------------

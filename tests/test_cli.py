@@ -4,7 +4,6 @@ says, against the shared servers with this test's own prefix and schema."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -108,4 +107,3 @@ def test_worker_command_runs_the_worker(test_urls: Any, prefix_registry: Any) ->
     out = run("worker", REDIS_URL=test_urls.redis_url, DATABASE_URL=test_urls.database_url, KEY_PREFIX=prefix)
     assert out.returncode != 0
     assert f"REDIS_BUCKETS=16, but the data under prefix '{prefix}' was written with 8" in out.stderr
-    assert os.path.basename(CLI) == "session-svc"
