@@ -63,6 +63,14 @@ def service_env(**settings: str) -> dict[str, str]:
     return env
 
 
+def api_settings(redis_url: str, database_url: str, schema: str, prefix: str, port: int) -> dict[str, str]:
+    """The settings of an API subprocess on loopback with a test's own schema and key prefix."""
+    return {
+        "REDIS_URL": redis_url, "DATABASE_URL": database_url, "DB_SCHEMA": schema, "KEY_PREFIX": prefix,
+        "SERVICE_HOST": "127.0.0.1", "SERVICE_PORT": str(port),
+    }  # fmt: skip
+
+
 def new_name(stem: str) -> str:
     return f"{stem}{uuid.uuid4().hex[:10]}"
 

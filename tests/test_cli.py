@@ -66,10 +66,7 @@ def test_check_config_refuses_an_invalid_environment(name: str, value: str, why:
 
 def test_migrate_then_api_then_health_then_sigterm(test_urls: Any, prefix_registry: Any) -> None:
     schema, prefix, port = support.new_name("cli_"), prefix_registry.new(), servers.free_port()
-    env = {
-        "REDIS_URL": test_urls.redis_url, "DATABASE_URL": test_urls.database_url, "DB_SCHEMA": schema,
-        "KEY_PREFIX": prefix, "SERVICE_HOST": "127.0.0.1", "SERVICE_PORT": str(port),
-    }  # fmt: skip
+    env = support.api_settings(test_urls.redis_url, test_urls.database_url, schema, prefix, port)
     try:
         assert run("migrate", **env).returncode == 0
         assert run("migrate", **env).returncode == 0  # again: a no-op

@@ -51,12 +51,7 @@ def test_run_sh_restarts_a_killed_worker_and_stops_on_sigterm(
     schema = support.create_schema(test_urls.database_url)
     port = servers.free_port()
     env = support.service_env(
-        REDIS_URL=test_urls.redis_url,
-        DATABASE_URL=test_urls.database_url,
-        DB_SCHEMA=schema,
-        KEY_PREFIX=prefix,
-        SERVICE_HOST="127.0.0.1",
-        SERVICE_PORT=str(port),
+        **support.api_settings(test_urls.redis_url, test_urls.database_url, schema, prefix, port),
         WORKER_HEARTBEAT_INTERVAL="0.3",
         RUN_WORKER_RESTART_SECONDS="1",
     )

@@ -46,12 +46,7 @@ def _healthy(url: str) -> bool:
 def service(test_urls: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     prefix, schema, port = support.new_name("st"), support.new_name("st_"), servers.free_port()
     env = support.service_env(
-        REDIS_URL=test_urls.redis_url,
-        DATABASE_URL=test_urls.database_url,
-        DB_SCHEMA=schema,
-        KEY_PREFIX=prefix,
-        SERVICE_HOST="127.0.0.1",
-        SERVICE_PORT=str(port),
+        **support.api_settings(test_urls.redis_url, test_urls.database_url, schema, prefix, port)
     )
     log = tmp_path_factory.mktemp("schemathesis") / "service.log"
     try:
