@@ -14,6 +14,7 @@ step() {  # step NAME COMMAND...: run it, and name the step if it fails
 
 step setup scripts/setup.sh
 step services scripts/services.sh ensure
+step tools scripts/tools.sh
 step "ruff check" ruff check session_svc workers tests
 # ruff is pinned, so its formatting is deterministic: run `ruff format session_svc workers tests` to fix.
 step "ruff format" ruff format --check session_svc workers tests
