@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from session_svc import openapi
+from session_svc import metrics, openapi
 from session_svc.middleware import error_middleware
 from session_svc.resources import open_backend
 from session_svc.settings import Settings
@@ -27,4 +27,5 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app.cleanup_ctx.append(_backend_ctx)
     setup_routes(app)
     openapi.setup(app)
+    metrics.setup(app)
     return app

@@ -8,10 +8,35 @@ to integer microseconds in SQL, exactly (``numeric``), never through a float.
 
 from __future__ import annotations
 
+import functools
+import time
+from collections.abc import Awaitable, Callable
+from typing import ParamSpec, TypeVar
+
 import asyncpg
 import orjson
 
 from session_svc.record import MESSAGE_FIELDS, MICROS
+from session_svc.telemetry import PG_SECONDS, RECORDER
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _timed(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """``session_postgres_query_duration_seconds{query=<function name>}``."""
+    labels = (fn.__name__,)
+
+    @functools.wraps(fn)
+    async def timed(*args: P.args, **kwargs: P.kwargs) -> T:
+        start = time.perf_counter()
+        try:
+            return await fn(*args, **kwargs)
+        finally:
+            RECORDER.observe(PG_SECONDS, labels, time.perf_counter() - start)
+
+    return timed
+
 
 Hash = dict[str, str]
 
@@ -43,6 +68,7 @@ def _session_hash(row: asyncpg.Record) -> Hash:
     return h
 
 
+@_timed
 async def load_session(pool: asyncpg.Pool, schema: str, sid: str) -> Hash | None:
     row = await pool.fetchrow(
         f'SELECT {_SESSION_COLUMNS} FROM "{schema}".sessions WHERE session_id = $1', sid
@@ -50,6 +76,7 @@ async def load_session(pool: asyncpg.Pool, schema: str, sid: str) -> Hash | None
     return _session_hash(row) if row is not None else None
 
 
+@_timed
 async def load_sessions(pool: asyncpg.Pool, schema: str, sids: list[str]) -> dict[str, Hash]:
     rows = await pool.fetch(
         f'SELECT {_SESSION_COLUMNS} FROM "{schema}".sessions WHERE session_id = ANY($1::text[])', sids
@@ -57,6 +84,7 @@ async def load_sessions(pool: asyncpg.Pool, schema: str, sids: list[str]) -> dic
     return {r["session_id"]: _session_hash(r) for r in rows}
 
 
+@_timed
 async def load_messages(
     pool: asyncpg.Pool, schema: str, sid: str, lo: int, hi: int
 ) -> list[tuple[int, Hash]]:
@@ -91,6 +119,7 @@ _MEMORY_COLUMNS = (
 )
 
 
+@_timed
 async def load_memory_docs(pool: asyncpg.Pool, schema: str, sid: str) -> list[tuple[int, str]]:
     """Every memory of a session, oldest first, as (seq, JSON document)."""
     rows = await pool.fetch(
@@ -99,6 +128,7 @@ async def load_memory_docs(pool: asyncpg.Pool, schema: str, sid: str) -> list[tu
     return [(r["seq"], _memory_doc(r)) for r in rows]
 
 
+@_timed
 async def load_memories(
     pool: asyncpg.Pool, schema: str, sid: str, memory_type: str | None, offset: int, limit: int
 ) -> tuple[int, list[str]]:

@@ -40,8 +40,12 @@ async def beat(scripts: Scripts, keys: Keys, hb: Heartbeat) -> None:
 
 async def read(redis: Redis, keys: Keys) -> list[Heartbeat]:
     """Every heartbeat on record, newest first."""
+    return parse(await redis.hgetall(keys.workers))  # type: ignore[misc]
+
+
+def parse(raw: dict[str, str]) -> list[Heartbeat]:
+    """The heartbeats of the ``P:workers`` hash, newest first; malformed ones are skipped."""
     out: list[Heartbeat] = []
-    raw: dict[str, str] = await redis.hgetall(keys.workers)  # type: ignore[misc]
     for name, doc in raw.items():
         try:
             d = orjson.loads(doc)

@@ -1,8 +1,14 @@
-"""The one error middleware: every failure leaves as JSON ``{"detail": ...}``."""
+"""The one middleware: every failure leaves as JSON ``{"detail": ...}``; every request is counted and
+timed by route template, carries an X-Request-ID, and is logged as one JSON line when ACCESS_LOG is on."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
+import secrets
+import time
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -11,9 +17,14 @@ from aiohttp.typedefs import Handler
 
 from session_svc import redis_client
 from session_svc.errors import PG_UNAVAILABLE, ServiceError
+from session_svc.telemetry import PG_FAILURES, RECORDER, REDIS_FAILURES
 from session_svc.typedefs import SETTINGS
 
 log = logging.getLogger("session_svc")
+# One JSON line per request when ACCESS_LOG is on (``process.configure_logging`` gives it its handler).
+access_log = logging.getLogger("session_svc.access")
+access_log.setLevel(logging.INFO)  # whatever LOG_LEVEL says: ACCESS_LOG alone turns these lines on
+access_log.propagate = False  # JSON lines, not wrapped in the other logs' prefix
 
 _HTTP_DETAIL = {
     404: "Not Found",
@@ -30,8 +41,72 @@ def json_response(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
 
+# Methods outside this set are counted as "other": a client must not be able to create series.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+# An incoming X-Request-ID is kept if it looks like an id (it is echoed and logged); else a new one.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_routes: dict[int, str] = {}
+
+
+def _route(request: web.Request) -> str:
+    """The route template (``/api/v1/sessions/{session_id}``), or ``unmatched`` (404, 405): never the
+    raw path, so a scan of random paths adds no series."""
+    resource = request.match_info.route.resource
+    if resource is None:
+        return "unmatched"
+    route = _routes.get(id(resource))
+    if route is None:
+        route = _routes[id(resource)] = resource.canonical
+    return route
+
+
+def _user_hash(request: web.Request) -> str | None:
+    uid = request.match_info.get("user_id") or request.query.get("user_id")
+    return hashlib.sha256(uid.encode()).hexdigest()[:16] if uid else None
+
+
+def _access_line(request: web.Request, route: str, status: int, seconds: float, rid: str) -> None:
+    line: dict[str, Any] = {
+        "ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "method": request.method,
+        "route": route,
+        "status": status,
+        "ms": round(seconds * 1000, 3),
+        "request_id": rid,
+    }
+    if sid := request.match_info.get("session_id"):
+        line["session_id"] = sid
+    if user := _user_hash(request):
+        line["user"] = user
+    access_log.info(orjson.dumps(line).decode())
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every answer: errors as JSON, counted (``telemetry``), with its X-Request-ID, and logged when
+    ACCESS_LOG is on. One middleware, not three: each layer costs on every request."""
+    start = time.perf_counter()
+    RECORDER.in_flight += 1
+    rid = request.headers.get("X-Request-ID")
+    if rid is None or not _REQUEST_ID.fullmatch(rid):
+        rid = secrets.token_hex(8)
+    status = 499  # the client went away and the handler was cancelled: nginx's "client closed request"
+    try:
+        resp = await _answer(request, handler)
+        status = resp.status
+        resp.headers["X-Request-ID"] = rid
+        return resp
+    finally:
+        RECORDER.in_flight -= 1
+        seconds = time.perf_counter() - start
+        route = _route(request)
+        method = request.method if request.method in _METHODS else "other"
+        RECORDER.request(route, method, status, seconds)
+        if request.app[SETTINGS].access_log:
+            _access_line(request, route, status, seconds, rid)
+
+
+async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
     redis_client.reset_outcome()
     try:
         return await handler(request)
@@ -50,11 +125,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                 resp.headers.add(name, value)
         return resp
     except redis_client.REDIS_FAILURES as exc:
+        RECORDER.count(REDIS_FAILURES, (redis_client.reason(exc),))
         detail = redis_client.failure(exc, write=request.method not in ("GET", "HEAD"))
         if not isinstance(exc, redis_client.CircuitOpen):  # one line per failure, not per request
             log.warning("redis: %s %s: %r", request.method, request.path, exc)
         return json_response({"detail": detail}, 503)
     except PG_UNAVAILABLE as exc:
+        RECORDER.count(PG_FAILURES, ())
         log.warning("postgres unavailable: %s %s: %r", request.method, request.path, exc)
         return json_response({"detail": "Session store unavailable (PostgreSQL)"}, 503)
     except Exception:

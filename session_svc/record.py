@@ -56,6 +56,15 @@ MESSAGE_FIELDS = ("id", "role", "content", "type", "tokens", "cost", "meta", "ts
 
 MEMORY_DOC_FIELDS = ("memory_id", "memory_type", "content", "metadata", "created_at")
 
+# A bucket's counters (``P:{bNN}:stats``) ---------------------------------------------------------------
+# Changed by the API's scripts in the same step as the write they count, so they are exact and
+# service-wide once summed over the buckets: ``sessions`` (ever created); one field per session status,
+# named by it (sessions in that status now); ``messages`` and ``role:<role>``; ``tokens``;
+# ``cost_micros``; ``memories`` and ``memory:<type>``; ``rehydrations`` (sessions read back from
+# Postgres into Redis).
+ROLE_STAT = "role:"
+MEMORY_STAT = "memory:"
+
 # Outbox entries (``P:{bNN}:outbox``) -----------------------------------------------------------------------
 
 

@@ -34,6 +34,7 @@ from redis.exceptions import OutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from session_svc.settings import Settings
+from session_svc.telemetry import POOL_WAIT_SECONDS, RECORDER
 
 # Errors that mean "Redis is not answering", as opposed to an error reply.
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
@@ -141,9 +142,11 @@ class GuardedPool(BlockingConnectionPool):
 
     async def get_connection(self, command_name: Any, *keys: Any, **options: Any) -> Connection:
         self.breaker.check()
+        start = time.perf_counter()
         conn: Connection = await super().get_connection(  # type: ignore[no-untyped-call]
             command_name, *keys, **options
         )
+        RECORDER.observe(POOL_WAIT_SECONDS, (), time.perf_counter() - start)
         try:
             # The breaker may have opened while this caller waited for a free connection.
             self.breaker.check()
@@ -195,6 +198,15 @@ REDIS_UNKNOWN_DETAIL = (
     "Session store unavailable (Redis did not answer in time): the outcome of this write is unknown. "
     "Check before retrying, or retry with an Idempotency-Key"
 )
+
+
+def reason(exc: Exception) -> str:
+    """The ``reason`` label of ``session_redis_failures_total`` for a failure."""
+    if isinstance(exc, OutOfMemoryError):
+        return "oom"
+    if isinstance(exc, CircuitOpen):
+        return "circuit_open"
+    return "timeout" if isinstance(exc, RedisTimeoutError) else "unreachable"
 
 
 def failure(exc: Exception, write: bool) -> str:

@@ -27,6 +27,7 @@ Field names, entry kinds and memory types come from ``record.py``, key suffixes 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,7 @@ from session_svc.record import (
     MemoryType,
     lua_strings,
 )
+from session_svc.telemetry import RECORDER, REDIS_SECONDS
 
 Arg = str | int | float
 
@@ -70,10 +72,13 @@ class Lua:
 
 
 class Script:
-    """One registered script, called with its keys and arguments by name."""
+    """One registered script, called with its keys and arguments by name; a direct call is timed
+    (``session_redis_call_duration_seconds{script=name}``), a call queued on a pipeline is not."""
 
-    def __init__(self, redis: Redis, lua: Lua) -> None:
+    def __init__(self, redis: Redis, lua: Lua, name: str) -> None:
         self.lua = lua
+        self.name = name
+        self._labels = (name,)
         self._script: AsyncScript = redis.register_script(lua.source)
 
     def __call__(
@@ -85,11 +90,19 @@ class Script:
     ) -> Awaitable[Any]:
         if len(keys) != len(self.lua.keys) or len(args) != len(self.lua.args):
             raise TypeError(f"expected keys {self.lua.keys} and args {self.lua.args}")
-        return self._script(
+        call = self._script(
             keys=[keys[n] for n in self.lua.keys],
             args=[*(args[n] for n in self.lua.args), *rest],
             client=client,
         )
+        return call if client is not None else self._timed(call)
+
+    async def _timed(self, call: Awaitable[Any]) -> Any:
+        start = time.perf_counter()
+        try:
+            return await call
+        finally:
+            RECORDER.observe(REDIS_SECONDS, self._labels, time.perf_counter() - start)
 
 
 # Shared Lua: ownership and the user's indexes -----------------------------------------------------------
@@ -171,10 +184,9 @@ elseif #ARGV < REST then
 end
 if new_status ~= '' and new_status ~= cur then
   redis.call('HSET', session, 'status', new_status)
-  if cur == 'active' then
-    redis.call('ZREM', active_index, sid)
-    redis.call('HINCRBY', stats, 'active', -1)
-  end
+  if cur == 'active' then redis.call('ZREM', active_index, sid) end
+  redis.call('HINCRBY', stats, cur, -1)
+  redis.call('HINCRBY', stats, new_status, 1)
 end
 for i = REST, #ARGV, 2 do redis.call('HSET', session, ARGV[i], ARGV[i + 1]) end
 redis.call('HSET', session, 'updated_at', now)
@@ -204,6 +216,7 @@ redis.call('HSET', session, 'updated_at', msg_ts, 'last_activity', msg_ts)
 redis.call('XADD', messages, seq .. '-0', {_MESSAGE_PAIRS})
 touch(user_index, active_index, status, msg_ts, sid)
 redis.call('HINCRBY', stats, 'messages', 1)
+redis.call('HINCRBY', stats, 'role:' .. msg_role, 1)
 redis.call('HINCRBY', stats, 'tokens', msg_tokens)
 redis.call('HINCRBY', stats, 'cost_micros', msg_cost)
 redis.call('XADD', outbox, '*', 'k', '{Kind.message}', 'sid', sid, 'uid', uid, 'v', v, 'seq', seq,
@@ -238,6 +251,7 @@ CREATE_MEMORY = Lua(
         "index_type",
         "user_index",
         "active_index",
+        "stats",
         "outbox",
         "hot",
     ),
@@ -255,6 +269,8 @@ redis.call('HSET', memories, seq, doc)
 redis.call('ZADD', index_all, seq, seq)
 redis.call('ZADD', index_type, seq, seq)
 touch(user_index, active_index, status, now, sid)
+redis.call('HINCRBY', stats, 'memories', 1)
+redis.call('HINCRBY', stats, 'memory:' .. memory_type, 1)
 redis.call('XADD', outbox, '*', 'k', '{Kind.memory}', 'sid', sid, 'uid', uid, 'v', v, 'seq', seq,
   'doc', doc)
 redis.call('ZADD', hot, now, sid)
@@ -301,7 +317,7 @@ return {{total, sids, rows}}
 # raced another rehydrate-write-flush-evict cycle), it refuses (-1): the caller reads Postgres again.
 # The session counts as written now for the sweep, so it is not evicted again before the write lands.
 REHYDRATE = Lua(
-    keys=("session", "memories", "user_index", "active_index", "index_prefix", "hot", "gone"),
+    keys=("session", "memories", "user_index", "active_index", "index_prefix", "hot", "gone", "stats"),
     args=("sid", "now", "n"),
     body=f"""
 if redis.call('EXISTS', session) == 1 then return 0 end
@@ -320,6 +336,7 @@ redis.call('ZADD', user_index, 'NX', h['last_activity'], sid)
 if h['status'] == 'active' then redis.call('ZADD', active_index, 'NX', h['last_activity'], sid) end
 redis.call('ZADD', hot, now, sid)
 redis.call('DEL', gone)
+redis.call('HINCRBY', stats, 'rehydrations', 1)
 return 1
 """,
 )
@@ -501,21 +518,21 @@ class Scripts:
     """Every script, registered once on one client; one typed method per script."""
 
     def __init__(self, redis: Redis) -> None:
-        self._create_session = Script(redis, CREATE_SESSION)
-        self._get_session = Script(redis, GET_SESSION)
-        self._update_session = Script(redis, UPDATE_SESSION)
-        self._append_message = Script(redis, APPEND_MESSAGE)
-        self._list_messages = Script(redis, LIST_MESSAGES)
-        self._create_memory = Script(redis, CREATE_MEMORY)
-        self._list_memories = Script(redis, LIST_MEMORIES)
-        self._list_user_sessions = Script(redis, LIST_USER_SESSIONS)
-        self._rehydrate = Script(redis, REHYDRATE)
-        self._evict = Script(redis, EVICT)
-        self._mark_flushed = Script(redis, MARK_FLUSHED)
-        self._mark_stuck = Script(redis, MARK_STUCK)
-        self._ensure_group = Script(redis, ENSURE_GROUP)
-        self._resync = Script(redis, RESYNC)
-        self._beat = Script(redis, BEAT)
+        self._create_session = Script(redis, CREATE_SESSION, "create_session")
+        self._get_session = Script(redis, GET_SESSION, "get_session")
+        self._update_session = Script(redis, UPDATE_SESSION, "update_session")
+        self._append_message = Script(redis, APPEND_MESSAGE, "append_message")
+        self._list_messages = Script(redis, LIST_MESSAGES, "list_messages")
+        self._create_memory = Script(redis, CREATE_MEMORY, "create_memory")
+        self._list_memories = Script(redis, LIST_MEMORIES, "list_memories")
+        self._list_user_sessions = Script(redis, LIST_USER_SESSIONS, "list_user_sessions")
+        self._rehydrate = Script(redis, REHYDRATE, "rehydrate")
+        self._evict = Script(redis, EVICT, "evict")
+        self._mark_flushed = Script(redis, MARK_FLUSHED, "mark_flushed")
+        self._mark_stuck = Script(redis, MARK_STUCK, "mark_stuck")
+        self._ensure_group = Script(redis, ENSURE_GROUP, "ensure_group")
+        self._resync = Script(redis, RESYNC, "resync")
+        self._beat = Script(redis, BEAT, "beat")
 
     # The API's ----------------------------------------------------------------------------------------
 
@@ -572,7 +589,7 @@ class Scripts:
         return self._create_memory(
             {"session": uk.session(sid), "memories": uk.memories(sid), "index_all": uk.memory_index(sid),
              "index_type": uk.memory_index(sid, memory_type), "user_index": uk.sessions,
-             "active_index": uk.active, "outbox": uk.outbox, "hot": uk.hot},
+             "active_index": uk.active, "stats": uk.stats, "outbox": uk.outbox, "hot": uk.hot},
             {"sid": sid, "uid": uk.user_id, "now": now, "memory_type": memory_type, "doc": doc},
         )  # fmt: skip
 
@@ -605,7 +622,7 @@ class Scripts:
         return self._rehydrate(
             {"session": uk.session(sid), "memories": uk.memories(sid), "user_index": uk.sessions,
              "active_index": uk.active, "index_prefix": uk.memory_index(sid, ""), "hot": uk.hot,
-             "gone": uk.gone(sid)},
+             "gone": uk.gone(sid), "stats": uk.stats},
             {"sid": sid, "now": now, "n": len(session)},
             rest,
         )  # fmt: skip

@@ -21,6 +21,9 @@ class Settings:
     service_host: str = "0.0.0.0"
     service_port: int = 8205
     log_level: str = "INFO"
+    # One JSON line per request on stderr (method, route template, status, ms, request id, session id,
+    # hashed user id; never content). Off by default: it costs throughput (docs/performance.md).
+    access_log: bool = False
     debug: bool = False
     # Every Redis key starts with this prefix; tests give each test its own.
     key_prefix: str = "ss"

@@ -17,15 +17,15 @@ ROOT = Path(__file__).resolve().parent.parent
 # Rank of each module of session_svc: lower ranks never import higher ones.
 LAYERS: dict[str, int] = {
     # record format, keys, and what every layer needs
-    "settings": 0, "errors": 0, "record": 0, "keys": 0, "process": 0, "__init__": 0,
+    "settings": 0, "errors": 0, "record": 0, "keys": 0, "process": 0, "__init__": 0, "telemetry": 0,
     # storage: Redis client and scripts, Postgres reads, outbox, heartbeats, resources; validated inputs
     "redis_client": 1, "scripts": 1, "cold": 1, "outbox": 1, "heartbeat": 1, "resources": 1,
     "shapes": 1, "models": 1, "migrate": 1,
     # domain operations
-    "store": 2,
+    "store": 2, "totals": 2,
     # HTTP
     "validation": 3, "middleware": 3, "openapi": 3, "typedefs": 3, "views": 3, "app": 3, "server": 3,
-    "cli": 3, "__main__": 3,
+    "metrics": 3, "cli": 3, "__main__": 3,
 }  # fmt: skip
 HTTP = 3
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import asyncpg
 import orjson
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
@@ -51,6 +51,11 @@ BATCHES = Counter("session_flush_batches_total", "Outbox batches committed")
 FAILURES = Counter("session_flush_failures_total", "Outbox batches that failed", ["reason"])
 DEAD = Counter("session_flush_dead_letters_total", "Outbox entries moved to a dead-letter stream")
 LAST_BATCH = Gauge("session_flush_last_batch_rows", "Entries in the last committed batch")
+FLUSH_SECONDS = Histogram(
+    "session_flush_duration_seconds",
+    "Time to write one batch to PostgreSQL and acknowledge it in Redis",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
 
 # Seconds the drain sleeps when the outbox is empty; seconds between maintenance rounds (trim,
 # reclaim, forget idle consumers); backoff after a failed round, doubling from the first to the second.
@@ -162,6 +167,10 @@ class Flusher:
         """Commit ``entries`` to Postgres, then mark and acknowledge them. Raises if Postgres is down."""
         if not entries:
             return
+        with FLUSH_SECONDS.time():
+            await self._flush(entries)
+
+    async def _flush(self, entries: Sequence[Entry]) -> None:
         good = [e for e in entries if _well_formed(e)]
         for e in entries:
             if not _well_formed(e):

@@ -38,7 +38,7 @@ from prometheus_client import Counter, Gauge, start_http_server
 from redis.asyncio import ConnectionPool
 from redis.exceptions import OutOfMemoryError
 
-from session_svc import heartbeat
+from session_svc import __version__, heartbeat, outbox, telemetry
 from session_svc.resources import Backend, open_backend
 from session_svc.settings import Settings, every_schedule
 from workers import expiry
@@ -61,6 +61,24 @@ DRAIN_PAUSED = Gauge(
 )
 LAST_FLUSH = Gauge("session_worker_last_flush_timestamp_seconds", "When a batch last committed (epoch)")
 HEARTBEAT_OK = Gauge("session_worker_heartbeat_ok", "1 when the last heartbeat reached Redis")
+SWEEPS = Counter("session_sweeps_total", "Expiry sweeps run by this worker")
+EVICTIONS = Counter(
+    "session_evictions_total",
+    "Sessions evicted from Redis (all their writes in Postgres), by reason: idle, memory",
+    ["reason"],
+)
+RESENT = Counter("session_reconcile_resent_total", "Sessions re-sent to the outbox by reconciliation")
+# Service-wide figures: every worker reports the same (aggregate with max).
+BACKLOG = Gauge("session_outbox_backlog_entries", "Outbox entries not yet committed to PostgreSQL")
+OLDEST = Gauge(
+    "session_outbox_oldest_age_seconds", "Age of the oldest outbox entry not yet in PostgreSQL (0: none)"
+)
+DEAD_LETTERS = Gauge("session_outbox_dead_letters", "Entries in the dead-letter streams")
+REDIS_UP = Gauge("session_redis_up", "1 when Redis answered the worker's last reading")
+PG_UP = Gauge("session_postgres_up", "1 when PostgreSQL answered the worker's last SELECT 1")
+BUILD = Gauge("session_build_info", "The running version", ["version"])
+for _reason in ("idle", "memory"):
+    EVICTIONS.labels(_reason)
 
 
 def consumer_name(settings: Settings) -> str:
@@ -92,13 +110,20 @@ def _skips_round(job: Callable[[Ctx], Awaitable[int]]) -> WorkerCoroutine:
 @_skips_round
 async def sweep_job(ctx: Ctx) -> int:
     s: Settings = ctx["settings"]
-    return await expiry.sweep(ctx["backend"], s.session_hot_ttl)
+    evicted = await expiry.sweep(ctx["backend"], s.session_hot_ttl)
+    SWEEPS.inc()
+    EVICTIONS.labels("idle").inc(evicted)
+    return evicted
 
 
 @_skips_round
 async def reconcile_job(ctx: Ctx) -> int:
     s: Settings = ctx["settings"]
-    return await expiry.reconcile(ctx["backend"], s.reconcile_stale_after_seconds, s.redis_memory_high_water)
+    resent = await expiry.reconcile(
+        ctx["backend"], s.reconcile_stale_after_seconds, s.redis_memory_high_water
+    )
+    RESENT.inc(resent)
+    return resent
 
 
 @_skips_round
@@ -228,10 +253,36 @@ async def _heartbeat(
 async def _relieve_memory(backend: Backend, high_water: float, stop: asyncio.Event) -> None:
     while not stop.is_set():
         try:
-            await expiry.relieve_memory(backend, high_water)
+            EVICTIONS.labels("memory").inc(await expiry.relieve_memory(backend, high_water))
         except Exception as exc:
             log.debug("memory relief skipped: %r", exc)
         await _pause(stop, RELIEF_EVERY_S)
+
+
+async def _observe(backend: Backend, interval: float, stop: asyncio.Event) -> None:
+    """The worker's gauges of the outbox, Redis and Postgres, every ``interval``; and this process's
+    per-call figures (``telemetry``) published every second."""
+    BUILD.labels(__version__).set(1)
+    next_reading = 0.0
+    while not stop.is_set():
+        telemetry.RECORDER.publish()
+        if time.monotonic() >= next_reading:
+            next_reading = time.monotonic() + interval
+            try:
+                backlog = await outbox.backlog(backend.redis, backend.keys)
+                BACKLOG.set(backlog.entries)
+                OLDEST.set(backlog.oldest_age_s)
+                DEAD_LETTERS.set(backlog.dead_letters)
+                REDIS_UP.set(1)
+            except Exception as exc:
+                log.debug("outbox reading failed: %r", exc)
+                REDIS_UP.set(0)
+            try:
+                async with asyncio.timeout(1.0):
+                    PG_UP.set(1 if await backend.pg.fetchval("SELECT 1") == 1 else 0)  # type: ignore[union-attr]
+            except Exception:
+                PG_UP.set(0)
+        await _pause(stop, 1.0)
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
@@ -265,6 +316,7 @@ async def _run(settings: Settings, backend: Backend, stop: asyncio.Event) -> Non
             name="heartbeat",
         ),
         asyncio.create_task(_relieve_memory(backend, settings.redis_memory_high_water, stop), name="memory"),
+        asyncio.create_task(_observe(backend, settings.worker_heartbeat_interval, stop), name="metrics"),
     ]
     try:
         await stop.wait()
