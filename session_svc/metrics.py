@@ -41,7 +41,7 @@ def _process_collector() -> Collector:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    telemetry.RECORDER.publish()
+    telemetry.RECORDER.publish(scrapes=1)
     snapshot = await request.app[TOTALS].snapshot()
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_process_collector())

@@ -42,7 +42,7 @@ REQUEST_SECONDS = Histogram(
 )
 IN_FLIGHT = Gauge(
     "session_http_requests_in_flight",
-    "Requests being handled now (sampled once a second and at the scrape)",
+    "Requests being handled now, scrapes excluded (sampled once a second and at the scrape)",
     multiprocess_mode="livesum",
 )
 REDIS_SECONDS = Histogram(
@@ -109,9 +109,10 @@ class Recorder:
         self.count(REQUESTS, (route, method, str(status)))
         self.observe(REQUEST_SECONDS, (route, method), seconds)
 
-    def publish(self) -> None:
+    def publish(self, scrapes: int = 0) -> None:
         """Add what accumulated to prometheus_client's metrics (in this process's files when
-        multiprocess), and start again from zero."""
+        multiprocess), and start again from zero. ``scrapes``: requests in flight that are the scrape
+        itself, which are not traffic."""
         counts, self._counts = self._counts, {}
         hists, self._hists = self._hists, {}
         for (counter, labels), n in counts.items():
@@ -124,7 +125,7 @@ class Recorder:
                 if n:
                     value.inc(n)
             child._sum.inc(p.total)
-        IN_FLIGHT.set(self.in_flight)
+        IN_FLIGHT.set(self.in_flight - scrapes)
 
 
 RECORDER = Recorder()
