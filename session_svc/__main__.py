@@ -6,6 +6,7 @@ import logging
 
 import uvloop
 
+from session_svc import telemetry
 from session_svc.app import create_app
 from session_svc.process import configure_logging
 from session_svc.server import run_app
@@ -15,6 +16,8 @@ from session_svc.settings import Settings
 def main() -> None:
     settings = Settings.from_env()
     configure_logging(settings)
+    if not settings.metrics:
+        telemetry.RECORDER.disable()
     uvloop.install()
     run_app(
         create_app(settings),

@@ -71,5 +71,7 @@ async def _publishing(app: web.Application) -> AsyncIterator[None]:
 
 
 def setup(app: web.Application) -> None:
+    if not app[SETTINGS].metrics:
+        return
     app.cleanup_ctx.append(_publishing)  # after the backend's, which it needs
     app.router.add_get("/metrics", metrics)

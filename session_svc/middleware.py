@@ -85,11 +85,16 @@ def _access_line(request: web.Request, route: str, status: int, seconds: float, 
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every answer: errors as JSON, counted (``telemetry``), with its X-Request-ID, and logged when
     ACCESS_LOG is on. One middleware, not three: each layer costs on every request."""
-    start = time.perf_counter()
-    RECORDER.in_flight += 1
+    settings = request.app[SETTINGS]
     rid = request.headers.get("X-Request-ID")
     if rid is None or not _REQUEST_ID.fullmatch(rid):
         rid = secrets.token_hex(8)
+    if not (settings.metrics or settings.access_log):
+        resp = await _answer(request, handler)
+        resp.headers["X-Request-ID"] = rid
+        return resp
+    start = time.perf_counter()
+    RECORDER.in_flight += 1
     status = 499  # the client went away and the handler was cancelled: nginx's "client closed request"
     try:
         resp = await _answer(request, handler)
@@ -100,9 +105,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         RECORDER.in_flight -= 1
         seconds = time.perf_counter() - start
         route = _route(request)
-        method = request.method if request.method in _METHODS else "other"
-        RECORDER.request(route, method, status, seconds)
-        if request.app[SETTINGS].access_log:
+        if settings.metrics:
+            RECORDER.request(
+                route, request.method if request.method in _METHODS else "other", status, seconds
+            )
+        if settings.access_log:
             _access_line(request, route, status, seconds, rid)
 
 

@@ -95,7 +95,7 @@ class Script:
             args=[*(args[n] for n in self.lua.args), *rest],
             client=client,
         )
-        return call if client is not None else self._timed(call)
+        return call if client is not None or not RECORDER.enabled else self._timed(call)
 
     async def _timed(self, call: Awaitable[Any]) -> Any:
         start = time.perf_counter()

@@ -24,6 +24,8 @@ class Settings:
     # One JSON line per request on stderr (method, route template, status, ms, request id, session id,
     # hashed user id; never content). Off by default: it costs throughput (docs/performance.md).
     access_log: bool = False
+    # Request and Redis/Postgres timings and GET /metrics. Off only to measure what they cost.
+    metrics: bool = True
     debug: bool = False
     # Every Redis key starts with this prefix; tests give each test its own.
     key_prefix: str = "ss"

@@ -88,15 +88,24 @@ class Recorder:
     """What this process observed since the last ``publish()``."""
 
     def __init__(self) -> None:
+        self.enabled = True
         self.in_flight = 0
         self._counts: dict[tuple[Counter, tuple[str, ...]], int] = {}
         self._hists: dict[tuple[Histogram, tuple[str, ...]], _Pending] = {}
 
+    def disable(self) -> None:
+        """METRICS=false: record nothing (to measure what recording costs)."""
+        self.enabled = False
+
     def count(self, counter: Counter, labels: tuple[str, ...], n: int = 1) -> None:
+        if not self.enabled:
+            return
         key = (counter, labels)
         self._counts[key] = self._counts.get(key, 0) + n
 
     def observe(self, hist: Histogram, labels: tuple[str, ...], seconds: float) -> None:
+        if not self.enabled:
+            return
         key = (hist, labels)
         p = self._hists.get(key)
         if p is None:

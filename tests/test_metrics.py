@@ -230,3 +230,18 @@ async def test_access_log_is_one_json_line_without_content(make_client: Any, on:
     assert line["method"] == "POST" and line["route"] == MESSAGES and line["status"] == 200
     assert line["request_id"] == "req-1" and line["session_id"] == sid and line["ms"] > 0
     assert user not in lines[1] and secret not in lines[1] and len(line["user"]) == 16
+
+
+async def test_metrics_off_serves_no_metrics_and_counts_nothing(client: Any, make_client: Any) -> None:
+    quiet = await make_client(metrics=False)
+    assert (await quiet.get("/metrics")).status == 404
+    _, before = await scrape(client)
+    user = new_user()
+    sid = (await make_session(quiet, user))["session_id"]
+    await add_message(quiet, sid, user, content="x")
+    assert "X-Request-ID" in (await quiet.get("/health")).headers
+    _, after = await scrape(client)
+    labels = {"route": MESSAGES, "method": "POST", "status": "200"}
+    assert value(after, "session_http_requests_total", **labels) == value(
+        before, "session_http_requests_total", **labels
+    )
