@@ -60,8 +60,10 @@ def wait_http() -> None:
     raise SystemExit("API did not start")
 
 
-def wrk(path: str, lua: str | None = None, connections: str = CONNECTIONS) -> tuple[float, float, float]:
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{DURATION}", "--latency"]
+def wrk(
+    path: str, lua: str | None = None, connections: str = CONNECTIONS, duration: str = DURATION
+) -> tuple[float, float, float]:
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration}", "--latency"]
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(lua or "")
     cmd += ["-s", f.name, BASE + path]
@@ -89,6 +91,36 @@ async def backlog(r: aioredis.Redis, settings: Settings) -> tuple[int, float]:
     return b.entries, b.oldest_age_s
 
 
+def observability_cost(env: dict[str, str], rounds: int = 3) -> None:
+    """Append throughput with metrics on (the default), off (METRICS=false) and with the JSON access
+    log on (to a file), interleaved round by round on a fresh API process each; medians."""
+    variants = {
+        "metrics on (default)": {},
+        "metrics off (METRICS=false)": {"METRICS": "false"},
+        "metrics on + ACCESS_LOG=true": {"ACCESS_LOG": "true"},
+    }
+    results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in variants}
+    print(f"\n# cost of metrics and access logs: POST message, wrk -c{CONNECTIONS}, median of {rounds}")
+    for _ in range(rounds):
+        for name, extra in variants.items():
+            with tempfile.TemporaryFile() as log:
+                api = subprocess.Popen([PY, "-m", "session_svc"], env={**env, **extra}, cwd=ROOT, stderr=log)
+                try:
+                    wait_http()
+                    sid = http("POST", "/api/v1/sessions", {"user_id": "bench"})["session_id"]
+                    path = f"/api/v1/sessions/{sid}/messages?user_id=bench"
+                    wrk(path, POST_LUA, duration="2s")  # warm-up
+                    results[name].append(wrk(path, POST_LUA))
+                finally:
+                    api.send_signal(signal.SIGTERM)
+                    api.wait(timeout=20)
+    base = sorted(r[0] for r in results["metrics off (METRICS=false)"])[rounds // 2]
+    print(f"{'variant':55} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs off':>8}")
+    for name, runs in results.items():
+        rps, p50, p99 = (sorted(x[i] for x in runs)[rounds // 2] for i in range(3))
+        print(f"{name:55} {rps:9.0f} {p50:8.2f} {p99:8.2f} {rps / base:7.3f}x")
+
+
 def main() -> None:
     env = {
         **os.environ,
@@ -99,6 +131,12 @@ def main() -> None:
     }
     settings = Settings.from_env(env)
     subprocess.run([PY, "-m", "session_svc.migrate"], env=env, check=True, capture_output=True)
+    if sys.argv[1:] == ["observability"]:
+        try:
+            observability_cost(env)
+        finally:
+            asyncio.run(cleanup(settings))
+        return
     api = subprocess.Popen([PY, "-m", "session_svc"], env=env, cwd=ROOT)
     worker: subprocess.Popen[bytes] | None = None
     try:
