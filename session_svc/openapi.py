@@ -166,7 +166,8 @@ def _page() -> str:
         "dom_id": "#swagger-ui",
         "deepLinking": True,
         "displayRequestDuration": True,
-        # Swagger UI would otherwise send the document to validator.swagger.io for a badge.
+        # No badge from validator.swagger.io: only the StandaloneLayout shows one, not the default
+        # BaseLayout used here, but the page must never reach out should the layout change.
         "validatorUrl": None,
     }
     return (

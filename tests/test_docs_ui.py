@@ -190,7 +190,22 @@ class DevTools:
         return reply["result"].get("value")
 
     async def wait_for(self, expression: str, what: str) -> Any:
-        return await support.eventually(lambda: self.evaluate(expression), what, within=15, interval=0.1)
+        try:
+            return await support.eventually(lambda: self.evaluate(expression), what, within=15, interval=0.1)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; the page's failures: {self.failures()}") from None
+
+    def failures(self) -> list[Any]:
+        """Responses of 400 and above, requests that failed, and uncaught script errors, so far."""
+        return [
+            *[
+                (r["response"]["url"], r["response"]["status"])
+                for r in self.of("Network.responseReceived")
+                if r["response"]["status"] >= 400
+            ],
+            *[(e["type"], e["errorText"]) for e in self.of("Network.loadingFailed")],
+            *[e["exceptionDetails"]["text"] for e in self.of("Runtime.exceptionThrown")],
+        ]
 
     async def click(self, selector: str, what: str) -> None:
         """Click the element once it is there (once: a click that toggles must not repeat)."""
@@ -260,10 +275,7 @@ async def test_swagger_ui_renders_every_operation_and_tries_get_health(
     assert elsewhere == set()
     assert {f"{service}/openapi.json", f"{service}/health"} <= requested
     assert any(u.endswith("/swagger-ui-bundle.js") for u in requested)
-    failed = [(r["response"]["url"], r["response"]["status"]) for r in cdp.of("Network.responseReceived")]
-    assert [f for f in failed if f[1] >= 400] == []
-    assert cdp.of("Network.loadingFailed") == []
-    assert cdp.of("Runtime.exceptionThrown") == []
+    assert cdp.failures() == []
 
     assert png.startswith(b"\x89PNG") and len(png) > 20_000
     screenshot = tmp_path / "docs.png"
