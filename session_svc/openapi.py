@@ -1,14 +1,19 @@
-"""The OpenAPI 3.1 document at ``/openapi.json`` and a readable page at ``/docs``.
+"""The OpenAPI 3.1 document at ``/openapi.json`` and the interactive Swagger UI page at ``/docs``.
 
-Both are generated from ``views.ROUTES`` and the pydantic models that validate the requests, so the
-document cannot drift from what the service accepts. The page is self-contained (no CDN).
+The document is generated from ``views.ROUTES`` and the pydantic models that validate the requests, so
+it cannot drift from what the service accepts. The page is Swagger UI driven by that document; its
+JavaScript and CSS come from the pinned swagger-ui-py package and are served by this service under
+``/docs/assets/<version>/`` (no CDN: the service runs offline). The document names no ``servers``, so
+"Try it out" calls the service that served the page.
 """
 
 from __future__ import annotations
 
-import html
+import importlib.metadata
+import json
 import re
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -132,41 +137,50 @@ def document() -> dict[str, Any]:
     }
 
 
+# The files of the swagger-ui-py distribution that the page loads, and how each is served.
+_ASSETS = {
+    "swagger-ui-bundle.js": "text/javascript; charset=utf-8",
+    "swagger-ui.css": "text/css; charset=utf-8",
+    "index.css": "text/css; charset=utf-8",
+    "favicon-32x32.png": "image/png",
+    "favicon-16x16.png": "image/png",
+}
+# The asset URLs carry the package's version, so a cached copy is never stale: an upgrade changes them.
+_CACHE = "public, max-age=31536000, immutable"
+
+
+@cache
+def _swagger_ui() -> tuple[str, Path]:
+    """The version of swagger-ui-py and its directory of Swagger UI's built files. Found through the
+    distribution's metadata, so the API never imports the package (and its Jinja and YAML)."""
+    dist = importlib.metadata.distribution("swagger-ui-py")
+    return dist.version, Path(str(dist.locate_file("swagger_ui/static")))
+
+
+@cache
 def _page() -> str:
-    doc = document()
-    schemas = doc["components"]["schemas"]
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>session_svc API</title>",
-        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}code{background:#eee}"
-        "h2{border-top:1px solid #ccc;padding-top:.5em}td{padding:0 1em 0 0;vertical-align:top}</style>",
-        "</head><body><h1>session_svc API</h1>",
-        "<p>Machine-readable: <a href='/openapi.json'>/openapi.json</a></p>",
-    ]
-    for path, ops in doc["paths"].items():
-        for method, op in ops.items():
-            parts.append(f"<h2><code>{method.upper()} {html.escape(path)}</code></h2>")
-            parts.append(f"<p>{html.escape(op['summary'])}</p>")
-            if "description" in op:
-                parts.append(f"<p>{html.escape(op['description'])}</p>")
-            if op["parameters"]:
-                parts.append("<table><tr><th>parameter</th><th>in</th><th>required</th></tr>")
-                for p in op["parameters"]:
-                    parts.append(
-                        f"<tr><td><code>{p['name']}</code></td><td>{p['in']}</td><td>{p['required']}</td></tr>"
-                    )
-                parts.append("</table>")
-            if "requestBody" in op:
-                name = op["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
-                body = schemas[name]
-                fields = ", ".join(
-                    f"<code>{f}</code>{'*' if f in body.get('required', []) else ''}"
-                    for f in body["properties"]
-                )
-                parts.append(f"<p>Body ({name}): {fields}</p>")
-            codes = ", ".join(op["responses"])
-            parts.append(f"<p>Responses: {codes}</p>")
-    parts.append("</body></html>")
-    return "".join(parts)
+    version = _swagger_ui()[0]
+    assets = f"/docs/assets/{version}"
+    config = {
+        "url": "/openapi.json",
+        "dom_id": "#swagger-ui",
+        "deepLinking": True,
+        "displayRequestDuration": True,
+        # No badge from validator.swagger.io: only the StandaloneLayout shows one, not the default
+        # BaseLayout used here, but the page must never reach out should the layout change.
+        "validatorUrl": None,
+    }
+    return (
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>session_svc API</title>"
+        f"<link rel='stylesheet' href='{assets}/swagger-ui.css'>"
+        f"<link rel='stylesheet' href='{assets}/index.css'>"
+        f"<link rel='icon' type='image/png' href='{assets}/favicon-32x32.png' sizes='32x32'>"
+        f"<link rel='icon' type='image/png' href='{assets}/favicon-16x16.png' sizes='16x16'>"
+        "</head><body><div id='swagger-ui'></div>"
+        f"<script src='{assets}/swagger-ui-bundle.js'></script>"
+        f"<script>window.ui = SwaggerUIBundle({json.dumps(config)});</script>"
+        "</body></html>"
+    )
 
 
 async def openapi_json(request: web.Request) -> web.Response:
@@ -177,6 +191,17 @@ async def docs(request: web.Request) -> web.Response:
     return web.Response(text=_page(), content_type="text/html")
 
 
+async def docs_asset(request: web.Request) -> web.FileResponse:
+    version, directory = _swagger_ui()
+    name = request.match_info["name"]
+    if request.match_info["version"] != version or name not in _ASSETS:
+        raise web.HTTPNotFound()
+    return web.FileResponse(
+        directory / name, headers={"Content-Type": _ASSETS[name], "Cache-Control": _CACHE}
+    )
+
+
 def setup(app: web.Application) -> None:
     app.router.add_get("/openapi.json", openapi_json)
     app.router.add_get("/docs", docs)
+    app.router.add_get("/docs/assets/{version}/{name}", docs_asset)

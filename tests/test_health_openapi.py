@@ -1,4 +1,4 @@
-"""Health endpoints, the OpenAPI document and the docs page."""
+"""Health endpoints and the OpenAPI document (the docs page: tests/test_docs_ui.py)."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def _api_routes(app: web.Application) -> set[tuple[str, str]]:
     routes = set()
     for route in app.router.routes():
         path = route.resource.canonical if route.resource is not None else ""
-        if route.method == "HEAD" or path in ("/openapi.json", "/docs"):
+        if route.method == "HEAD" or path == "/openapi.json" or path.startswith("/docs"):
             continue
         routes.add((route.method.lower(), path))
     return routes
@@ -120,13 +120,3 @@ async def test_openapi_body_schemas_come_from_the_validating_models(client: Any)
     update = body_of(f"{SESSIONS}/{{session_id}}", "put")
     editable = {"title", "metadata", "conversation_data", "session_summary", "status"}
     assert editable <= set(update["properties"])
-
-
-async def test_docs_page_is_html_naming_every_path(client: Any) -> None:
-    resp = await client.get("/docs")
-    assert resp.status == 200
-    assert resp.content_type == "text/html"
-    page = await resp.text()
-    assert "/openapi.json" in page
-    for method, path in _api_routes(client.app):
-        assert f"{method.upper()} {path}" in page, (method, path)
