@@ -51,6 +51,10 @@ BATCHES = Counter("session_flush_batches_total", "Outbox batches committed")
 FAILURES = Counter("session_flush_failures_total", "Outbox batches that failed", ["reason"])
 DEAD = Counter("session_flush_dead_letters_total", "Outbox entries moved to a dead-letter stream")
 LAST_BATCH = Gauge("session_flush_last_batch_rows", "Entries in the last committed batch")
+for _kind in ("session", "message", "memory"):
+    ROWS.labels(_kind)  # exported as 0 from the start, so rate() sees the first increase
+for _reason in ("unavailable", "data", "entry", "error"):
+    FAILURES.labels(_reason)
 FLUSH_SECONDS = Histogram(
     "session_flush_duration_seconds",
     "Time to write one batch to PostgreSQL and acknowledge it in Redis",
