@@ -41,8 +41,13 @@ def _process_collector() -> Collector:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    telemetry.RECORDER.publish(scrapes=1)
-    snapshot = await request.app[TOTALS].snapshot()
+    recorder = telemetry.RECORDER
+    recorder.scrapes += 1
+    try:
+        recorder.publish()
+        snapshot = await request.app[TOTALS].snapshot()
+    finally:
+        recorder.scrapes -= 1
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_process_collector())
     registry.register(TotalsCollector(snapshot))

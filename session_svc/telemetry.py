@@ -90,6 +90,7 @@ class Recorder:
     def __init__(self) -> None:
         self.enabled = True
         self.in_flight = 0
+        self.scrapes = 0  # of the requests in flight, how many are /metrics
         self._counts: dict[tuple[Counter, tuple[str, ...]], int] = {}
         self._hists: dict[tuple[Histogram, tuple[str, ...]], _Pending] = {}
 
@@ -118,10 +119,9 @@ class Recorder:
         self.count(REQUESTS, (route, method, str(status)))
         self.observe(REQUEST_SECONDS, (route, method), seconds)
 
-    def publish(self, scrapes: int = 0) -> None:
+    def publish(self) -> None:
         """Add what accumulated to prometheus_client's metrics (in this process's files when
-        multiprocess), and start again from zero. ``scrapes``: requests in flight that are the scrape
-        itself, which are not traffic."""
+        multiprocess), and start again from zero."""
         counts, self._counts = self._counts, {}
         hists, self._hists = self._hists, {}
         for (counter, labels), n in counts.items():
@@ -134,7 +134,7 @@ class Recorder:
                 if n:
                     value.inc(n)
             child._sum.inc(p.total)
-        IN_FLIGHT.set(self.in_flight - scrapes)
+        IN_FLIGHT.set(self.in_flight - self.scrapes)  # a scrape is not traffic
 
 
 RECORDER = Recorder()

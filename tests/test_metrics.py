@@ -245,3 +245,30 @@ async def test_metrics_off_serves_no_metrics_and_counts_nothing(client: Any, mak
     assert value(after, "session_http_requests_total", **labels) == value(
         before, "session_http_requests_total", **labels
     )
+
+
+async def test_a_request_stuck_on_a_hung_redis_is_in_flight_and_the_scrape_still_answers(
+    make_client: Any, private_redis: Any
+) -> None:
+    server = private_redis()
+    client = await make_client(redis_url=server.url)
+    user = new_user()
+    sid = (await make_session(client, user))["session_id"]
+    server.pause()  # SIGSTOP: connections stay open, nothing answers
+    try:
+        stuck = asyncio.ensure_future(
+            client.post(session_url(sid, "/messages"), params={"user_id": user}, json={"role": "user",
+                                                                                        "content": "x"})
+        )  # fmt: skip
+        await asyncio.sleep(0.2)
+        started = asyncio.get_running_loop().time()
+        text, m = await scrape(client)
+        took = asyncio.get_running_loop().time() - started
+        assert value(m, "session_http_requests_in_flight") == 1
+        assert value(m, "session_redis_up") == 0 and "session_sessions_created_total" not in text
+        assert took < 2.0  # capped by totals.TIMEOUT_S, not by the hung server
+        assert (await stuck).status == 503
+    finally:
+        server.resume()
+    _, m = await scrape(client)
+    assert value(m, "session_http_requests_in_flight") == 0
