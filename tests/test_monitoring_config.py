@@ -235,7 +235,7 @@ def summed_names(expr: str) -> set[str]:
 
 def test_the_promql_reader() -> None:
     expr = (
-        'histogram_quantile(0.99, sum by (route, le) (rate(session_http_request_duration_seconds_bucket'
+        "histogram_quantile(0.99, sum by (route, le) (rate(session_http_request_duration_seconds_bucket"
         '{route="/x", status=~"5.."}[5m] offset 1m))) / on (job) group_left max(up{job="a"}) > 1e3'
     )
     assert series_names(expr) == {"session_http_request_duration_seconds_bucket", "up"}
@@ -360,7 +360,7 @@ def test_every_dashboard_panel_has_a_datasource_and_targets() -> None:
             assert target["datasource"] == DS, panel["title"]
             assert target["expr"].strip(), panel["title"]
         pos = panel["gridPos"]
-        assert 0 <= pos["x"] and pos["x"] + pos["w"] <= 24 and pos["h"] > 0, panel["title"]
+        assert pos["x"] >= 0 and pos["x"] + pos["w"] <= 24 and pos["h"] > 0, panel["title"]
 
 
 def test_dashboard_expressions_are_valid_promql(tmp_path: Path) -> None:
@@ -500,10 +500,8 @@ def test_compose_redis_runs_the_repo_redis_conf() -> None:
     command = [interpolated(str(arg)) for arg in redis["command"]]
     assert command[:2] == ["redis-server", conf]
     assert re.fullmatch(r"\d+[kmg]b", command[command.index("--maxmemory") + 1])  # bounded: see README
-    settings = dict(
-        line.split(None, 1) for line in (CONFIG / "redis.conf").read_text().splitlines() if line.strip()
-        if not line.startswith("#")
-    )  # fmt: skip
+    lines = (CONFIG / "redis.conf").read_text().splitlines()
+    settings = dict(line.split(None, 1) for line in lines if line.strip() and not line.startswith("#"))
     assert settings["appendonly"] == "yes"
     assert settings["maxmemory-policy"] == "noeviction"
 
@@ -525,7 +523,8 @@ def test_compose_starts_in_order() -> None:
     # DATABASE_URL's password is the one postgres is created with.
     url = interpolated(services["api"]["environment"]["DATABASE_URL"])
     pg = {k: interpolated(v) for k, v in services["postgres"]["environment"].items()}
-    assert url == f"postgresql://{pg['POSTGRES_USER']}:{pg['POSTGRES_PASSWORD']}@postgres:5432/{pg['POSTGRES_DB']}"
+    user, password, db = pg["POSTGRES_USER"], pg["POSTGRES_PASSWORD"], pg["POSTGRES_DB"]
+    assert url == f"postgresql://{user}:{password}@postgres:5432/{db}"
 
 
 # README ------------------------------------------------------------------------------------------------
