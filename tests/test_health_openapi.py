@@ -50,7 +50,8 @@ def _api_routes(app: web.Application) -> set[tuple[str, str]]:
     routes = set()
     for route in app.router.routes():
         path = route.resource.canonical if route.resource is not None else ""
-        if route.method == "HEAD" or path == "/openapi.json" or path.startswith("/docs"):
+        # The document itself, its page, and /metrics (Prometheus' format, described in the README).
+        if route.method == "HEAD" or path in ("/openapi.json", "/metrics") or path.startswith("/docs"):
             continue
         routes.add((route.method.lower(), path))
     return routes

@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from session_svc.settings import Settings
 from tests import servers, support
+from tests.test_monitoring_config import EXPORTED
 
 MESSAGES = "/api/v1/sessions/{session_id}/messages"
 
@@ -268,8 +269,17 @@ def test_prometheus_holds_exactly_what_the_api_did(
             cost = query(prom, 'session_cost_dollars_total{job="session_api"}')
             assert cost is not None and Decimal(repr(cost)) == Decimal("1.5")
             assert sum(0.1 for _ in range(15)) != 1.5  # what accumulating floats would have said
-            # promtool lints the worker's exposition too.
+            # Every name the alert rules and the dashboard use is exported by a live API or worker.
             text = http("GET", f"http://127.0.0.1:{worker_port}/metrics")[1]
+            api_text = http("GET", base + "/metrics")[1]
+            # The parser names a counter family without _total; queries use the series name.
+            live = {
+                f.name + "_total" if f.type == "counter" else f.name
+                for t in (text, api_text)
+                for f in text_string_to_metric_families(t)
+            }
+            assert not EXPORTED - live, EXPORTED - live
+            # promtool lints the worker's exposition too.
             promtool = shutil.which("promtool")
             assert promtool
             lint = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
