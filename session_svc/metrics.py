@@ -10,11 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 from aiohttp import web
-from prometheus_client import REGISTRY, CollectorRegistry, multiprocess
-from prometheus_client.core import Metric
+from prometheus_client import CollectorRegistry, multiprocess
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
@@ -27,17 +26,10 @@ TOTALS = web.AppKey("totals", Totals)
 PUBLISH_EVERY_S = 1.0
 
 
-class _Forward(Collector):
-    """This process's default registry (one process: no multiprocess files to sum)."""
-
-    def collect(self) -> Iterator[Metric]:
-        yield from REGISTRY.collect()
-
-
 def _process_collector() -> Collector:
     if telemetry.MULTIPROCESS:  # every process's files, summed
         return multiprocess.MultiProcessCollector(None, os.environ["PROMETHEUS_MULTIPROC_DIR"])  # type: ignore[no-untyped-call]
-    return _Forward()
+    return telemetry.REGISTRY
 
 
 async def metrics(request: web.Request) -> web.Response:

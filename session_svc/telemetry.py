@@ -9,7 +9,8 @@ every scrape.
 With ``PROMETHEUS_MULTIPROC_DIR`` set, prometheus_client keeps those metrics in per-process files that
 the ``/metrics`` of any one process sums (its multiprocess mode), so N API processes sharing a port
 report the whole host whichever of them answers the scrape; the others' figures are then at most a
-second old. Without it, each process reports itself from the default registry.
+second old. Without it, each process reports itself from ``REGISTRY``, this module's own registry (not
+prometheus-client's default one, which holds whatever else the process imported).
 
 Service-wide business figures are not here: they are read from Redis at scrape time (``totals.py``).
 """
@@ -19,7 +20,14 @@ from __future__ import annotations
 import os
 from bisect import bisect_left
 
-from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics, multiprocess
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    multiprocess,
+)
 
 # Latency buckets for a service that answers in about a millisecond.
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -29,44 +37,57 @@ MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 # No ``*_created`` series: they double the series count and no dashboard or alert of ours reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
+REGISTRY = CollectorRegistry(auto_describe=True)
+
 REQUESTS = Counter(
     "session_http_requests_total",
     "HTTP requests answered, by route template, method and status",
     ["route", "method", "status"],
+    registry=REGISTRY,
 )
 REQUEST_SECONDS = Histogram(
     "session_http_request_duration_seconds",
     "Time from the request's routing to its answer, by route template and method",
     ["route", "method"],
     buckets=BUCKETS,
+    registry=REGISTRY,
 )
 IN_FLIGHT = Gauge(
     "session_http_requests_in_flight",
     "Requests being handled now, scrapes excluded (sampled once a second and at the scrape)",
     multiprocess_mode="livesum",
+    registry=REGISTRY,
 )
 REDIS_SECONDS = Histogram(
     "session_redis_call_duration_seconds",
     "Time of one Lua script call, waiting for a pooled connection included, by script",
     ["script"],
     buckets=BUCKETS,
+    registry=REGISTRY,
 )
 POOL_WAIT_SECONDS = Histogram(
-    "session_redis_pool_wait_seconds", "Time waiting for a free pooled Redis connection", buckets=BUCKETS
+    "session_redis_pool_wait_seconds",
+    "Time waiting for a free pooled Redis connection",
+    buckets=BUCKETS,
+    registry=REGISTRY,
 )
 REDIS_FAILURES = Counter(
     "session_redis_failures_total",
     "Requests answered 503 because of Redis, by reason (unreachable, timeout, oom, circuit_open)",
     ["reason"],
+    registry=REGISTRY,
 )
 PG_SECONDS = Histogram(
     "session_postgres_query_duration_seconds",
     "Time of one read from PostgreSQL (sessions that left Redis), by query",
     ["query"],
     buckets=BUCKETS,
+    registry=REGISTRY,
 )
 PG_FAILURES = Counter(
-    "session_postgres_failures_total", "Requests answered 503 because PostgreSQL was unavailable"
+    "session_postgres_failures_total",
+    "Requests answered 503 because PostgreSQL was unavailable",
+    registry=REGISTRY,
 )
 
 

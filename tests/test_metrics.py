@@ -33,6 +33,10 @@ from tests.helpers import (
     session_url,
     update_session,
 )
+
+# The worker's metrics live in this process too (as in any test run that imports it): the API's
+# exposition must hold only its own, or names such as session_build_info would appear twice.
+from workers import main as _worker_main  # noqa: F401
 from workers.expiry import sweep
 from workers.flush import Flusher
 

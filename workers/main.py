@@ -27,14 +27,16 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from arq import cron
 from arq.connections import ArqRedis
 from arq.typing import WorkerCoroutine
 from arq.worker import Worker
-from prometheus_client import Counter, Gauge, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client.core import Metric
+from prometheus_client.registry import Collector
 from redis.asyncio import ConnectionPool
 from redis.exceptions import OutOfMemoryError
 
@@ -259,6 +261,14 @@ async def _relieve_memory(backend: Backend, high_water: float, stop: asyncio.Eve
         await _pause(stop, RELIEF_EVERY_S)
 
 
+class _Registered(Collector):
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.registry.collect()
+
+
 async def _observe(backend: Backend, interval: float, stop: asyncio.Event) -> None:
     """The worker's gauges of the outbox, Redis and Postgres, every ``interval``; and this process's
     per-call figures (``telemetry``) published every second."""
@@ -306,7 +316,11 @@ async def _run(settings: Settings, backend: Backend, stop: asyncio.Event) -> Non
     )  # fmt: skip
     arq = Arq(settings, backend)
     if settings.worker_metrics_port:
-        start_http_server(settings.worker_metrics_port)
+        # The worker's own metrics (the default registry) and its Redis/Postgres call timings.
+        exported = CollectorRegistry()
+        exported.register(_Registered(REGISTRY))
+        exported.register(_Registered(telemetry.REGISTRY))
+        start_http_server(settings.worker_metrics_port, registry=exported)
     log.info("worker %s draining %d outbox buckets", name, backend.keys.buckets)
     drain = asyncio.create_task(flusher.run(stop), name="outbox-drain")
     others = [
