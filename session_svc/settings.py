@@ -43,6 +43,9 @@ class Settings:
     # time (least recently written first) and background jobs that add data skip their round.
     redis_memory_high_water: float = 0.8
     max_body_bytes: int = 1024 * 1024
+    # On SIGTERM/SIGINT the API stops accepting connections and gives the requests in flight this many
+    # seconds to finish; the worker gives the batch in hand as long to commit and be acknowledged.
+    shutdown_timeout: float = 10.0
     # Write-through and expiry (workers).
     # A session untouched this long leaves Redis once everything it holds is in Postgres.
     session_hot_ttl: int = 3600
@@ -85,6 +88,8 @@ class Settings:
             raise ValueError("REDIS_MEMORY_HIGH_WATER must be a fraction in (0, 1]")
         if self.redis_breaker_failures < 1:
             raise ValueError("REDIS_BREAKER_FAILURES must be at least 1")
+        if self.shutdown_timeout < 0:
+            raise ValueError("SHUTDOWN_TIMEOUT must be at least 0")
         for name in ("sweep_every_seconds", "reconcile_every_seconds"):
             every_schedule(getattr(self, name), name.upper())
 

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -276,3 +277,59 @@ def start_worker(settings: Settings, name: str, log_dir: Path, **extra_env: str)
             [sys.executable, "-m", "workers"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
         )
     return WorkerProcess(name, proc, log)
+
+
+# The API (``python -m session_svc``) as a subprocess ----------------------------------------------------
+
+
+@dataclass
+class ApiProcess:
+    port: int
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as resp:
+                return bool(resp.status == 200)
+        except OSError:
+            return False
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.healthy():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the API exited with status {self.proc.returncode}\n{self.tail()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the API did not answer /health within {timeout:.0f}s\n{self.tail()}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Teardown: SIGTERM, then SIGKILL if it has not exited 20 s later (a test asserts the graceful
+        path itself where that is the point)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+    def tail(self, chars: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+
+
+def start_api(settings: dict[str, str], log_dir: Path, name: str = "api") -> ApiProcess:
+    """``python -m session_svc`` with ``settings`` (``support.api_settings(...)`` plus extras) as its
+    environment, and nothing else of ours; its output goes to ``log_dir/<name>.log``."""
+    env = service_env(**settings, PYTHONUNBUFFERED="1")
+    log = log_dir / f"{name}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "session_svc"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    return ApiProcess(int(settings["SERVICE_PORT"]), proc, log)

@@ -48,8 +48,7 @@ log = logging.getLogger("workers")
 
 Ctx = dict[str, Any]
 
-# Seconds a stopping worker lets the batch in hand finish; arq's Redis timeouts; memory relief period.
-SHUTDOWN_DRAIN_S = 10
+# arq's Redis timeouts; memory relief period.
 ARQ_SOCKET_TIMEOUT_S, ARQ_CONNECT_TIMEOUT_S = 5, 1
 RELIEF_EVERY_S = 1.0
 # arq cancels a cron job running longer than this.
@@ -273,7 +272,7 @@ async def _run(settings: Settings, backend: Backend, stop: asyncio.Event) -> Non
         log.info("worker %s stopping", name)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(
-                asyncio.shield(drain), timeout=SHUTDOWN_DRAIN_S
+                asyncio.shield(drain), timeout=settings.shutdown_timeout
             )  # finish the batch in hand
         for task in [drain, *others]:
             task.cancel()
