@@ -169,11 +169,28 @@ class PgServer:
     def running(self) -> bool:
         return self._ctl("status", check=False).returncode == 0
 
+    def _pids(self) -> list[int]:
+        """The postmaster and every process it started (backends, checkpointer, ...)."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        children = Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split()
+        return [postmaster, *map(int, children)]
+
+    def pause(self) -> None:
+        """SIGSTOP the whole cluster: connections stay open, nothing answers (a hung server)."""
+        for pid in self._pids():
+            os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for pid in self._pids():
+            os.kill(pid, signal.SIGCONT)
+
     def log_tail(self, chars: int = 3000) -> str:
         path = self.dir / "server.log"
         return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
     def destroy(self) -> None:
+        with contextlib.suppress(Exception):
+            self.resume()  # a stopped cluster would not stop
         with contextlib.suppress(Exception):
             if self.running:
                 with contextlib.suppress(Exception):
