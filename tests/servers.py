@@ -1,5 +1,6 @@
 """Private servers for fault tests: a ``redis-server`` and a PostgreSQL cluster on spare ports, each in
-its own directory, and the real worker (``python -m workers``) as a subprocess.
+its own directory (both can be paused with SIGSTOP), and the real worker (``python -m workers``) and API
+(``python -m session_svc``) as subprocesses.
 
 Nothing here touches the shared servers. PostgreSQL's binaries are looked up as ``scripts/services.sh``
 does (the newest ``/usr/lib/postgresql/*/bin``, else ``initdb`` on the PATH).
@@ -214,8 +215,9 @@ def start_postgres() -> PgServer:
     return server
 
 
-# A worker given SIGTERM finishes the batch in hand (at most 10 s, see ``workers.main.serve``), then
-# stops its tasks and closes its connections; past this it is taken as hung.
+# A worker given SIGTERM finishes the batch in hand (SHUTDOWN_TIMEOUT, 10 s), releases what it could not
+# finish, then stops its tasks and closes its connections (``workers.main._stop``: a few seconds more at
+# most); past this it is taken as hung.
 WORKER_STOP_TIMEOUT_S = 20.0
 
 
