@@ -121,7 +121,8 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     # aiohttp waits its shutdown_timeout for a request in flight, then cancels only the request's body
     # and waits as long again before cancelling the handler (``RequestHandler.shutdown``): half each, so
-    # that a request gets ``shutdown_timeout`` in all, and no more.
+    # that a request gets ``shutdown_timeout`` in all, and no more (aiohttp rounds a wait over 5 s up to
+    # a whole second of the clock).
     runner = AppRunner(
         app, access_log=access_log, keepalive_timeout=75, shutdown_timeout=shutdown_timeout / 2
     )

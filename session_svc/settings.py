@@ -96,8 +96,8 @@ class Settings:
             raise ValueError("REDIS_MEMORY_HIGH_WATER must be a fraction in (0, 1]")
         if self.redis_breaker_failures < 1:
             raise ValueError("REDIS_BREAKER_FAILURES must be at least 1")
-        if self.shutdown_timeout < 0:
-            raise ValueError("SHUTDOWN_TIMEOUT must be at least 0")
+        if not self.shutdown_timeout > 0:  # aiohttp takes 0 for "no timeout": wait forever
+            raise ValueError("SHUTDOWN_TIMEOUT must be more than 0 seconds")
         if not 0 < self.consul_port < 65536:
             raise ValueError("CONSUL_PORT must be a TCP port (1-65535)")
         for name in ("sweep_every_seconds", "reconcile_every_seconds"):
