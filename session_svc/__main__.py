@@ -23,6 +23,7 @@ def main() -> None:
         create_app(settings),
         settings.service_host,
         settings.service_port,
+        shutdown_timeout=settings.shutdown_timeout,
         access_log=logging.getLogger("aiohttp.access") if settings.debug else None,
     )
 

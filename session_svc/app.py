@@ -1,4 +1,8 @@
-"""``create_app(settings)``: the HTTP service, built without I/O; its resources open in a cleanup context."""
+"""``create_app(settings)``: the HTTP service, built without I/O; its resources open in cleanup contexts.
+
+On the way out (``server.serve``), the Consul entry goes first (``on_shutdown``: once the port is closed,
+while requests in flight finish), then Redis and Postgres close.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,11 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from session_svc import metrics, openapi
+from session_svc.consul import Registration
 from session_svc.middleware import error_middleware
 from session_svc.resources import open_backend
 from session_svc.settings import Settings
-from session_svc.typedefs import BACKEND, SETTINGS
+from session_svc.typedefs import BACKEND, CONSUL, SETTINGS
 from session_svc.views import setup_routes
 
 
@@ -20,11 +25,33 @@ async def _backend_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def _consul_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Registered in Consul while serving, when CONSUL_HOST is set (in the background: never a delay)."""
+    settings = app[SETTINGS]
+    if not settings.consul_host:
+        yield
+        return
+    registration = Registration.from_settings(settings)
+    app[CONSUL] = registration
+    await registration.start()
+    try:
+        yield
+    finally:
+        await registration.stop()
+
+
+async def _deregister(app: web.Application) -> None:
+    if CONSUL in app:
+        await app[CONSUL].stop()
+
+
 def create_app(settings: Settings | None = None) -> web.Application:
     settings = settings or Settings()
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_backend_ctx)
+    app.cleanup_ctx.append(_consul_ctx)
+    app.on_shutdown.append(_deregister)
     setup_routes(app)
     openapi.setup(app)
     metrics.setup(app)

@@ -25,6 +25,8 @@ from urllib.parse import urlsplit, urlunsplit
 from session_svc.settings import Settings
 
 HEALTH_TIMEOUT_S = 5.0
+# Settings whose whole value is a secret (CONSUL_TOKEN), printed as ``***`` when set.
+_SECRETS = ("_token", "_password", "_secret")
 
 
 def _masked(value: str) -> str:
@@ -37,7 +39,12 @@ def _masked(value: str) -> str:
 
 
 def effective_settings(settings: Settings) -> list[tuple[str, str]]:
-    return [(f.name.upper(), _masked(str(getattr(settings, f.name)))) for f in fields(settings)]
+    out = []
+    for f in fields(settings):
+        value = str(getattr(settings, f.name))
+        secret = f.name.endswith(_SECRETS) and value
+        out.append((f.name.upper(), "***" if secret else _masked(value)))
+    return out
 
 
 def _check_config() -> int:
@@ -104,9 +111,9 @@ def parser() -> argparse.ArgumentParser:
     health.add_argument("--url", help="base URL of the API (default: from SERVICE_HOST/SERVICE_PORT)")
     sub.add_parser(
         "check-config",
-        help="validate the environment and print the effective settings (passwords masked)",
+        help="validate the environment and print the effective settings (passwords and tokens masked)",
         description="Read every setting from the environment, validate it, and print the values in effect "
-        "with passwords in URLs masked. Exit 2 if the configuration is invalid.",
+        "with passwords in URLs and tokens masked. Exit 2 if the configuration is invalid.",
     )
     return p
 

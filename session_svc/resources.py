@@ -30,9 +30,11 @@ log = logging.getLogger("session_svc")
 
 # Seconds between layout checks while Redis has not answered since the process started.
 LAYOUT_RETRY_S = 1.0
-# asyncpg: seconds to connect, seconds a statement may run.
+# asyncpg: seconds to connect, seconds a statement may run; seconds a stopping process waits for its
+# connections to be released before closing them anyway (a statement hung on Postgres would hold it).
 PG_CONNECT_TIMEOUT_S = 3
 PG_COMMAND_TIMEOUT_S = 10
+PG_CLOSE_TIMEOUT_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,5 +111,8 @@ async def open_backend(settings: Settings, socket_timeout: float | None = None) 
         if later is not None:
             later.cancel()
         if pg is not None:
-            await pg.close()
+            try:
+                await asyncio.wait_for(pg.close(), PG_CLOSE_TIMEOUT_S)  # terminates the pool on timeout
+            except TimeoutError:
+                log.warning("PostgreSQL connections still busy after %gs; closed anyway", PG_CLOSE_TIMEOUT_S)
         await redis.aclose()

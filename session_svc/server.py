@@ -8,7 +8,8 @@ logs it at ERROR with a traceback. There is no public hook for it (aio-libs/aioh
   error, a client error (4xx) is logged at INFO in one line, and a server error keeps aiohttp's ERROR
   log with the traceback;
 - ``AppRunner`` is ``web.AppRunner`` whose server makes ``JsonErrorHandler`` connections;
-- ``run_app`` is ``web.run_app`` reduced to what ``__main__`` uses, with that runner.
+- ``run_app`` is ``web.run_app`` reduced to what ``__main__`` uses, with that runner, and a shutdown
+  that lets the requests in flight finish (``serve``).
 
 Written against aiohttp 3.14 (``web_protocol.RequestHandler``, ``web_server.Server``).
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 from http import HTTPStatus
 from typing import Any
 
@@ -96,20 +98,57 @@ class AppRunner(web.AppRunner):
 
 
 async def serve(
-    app: web.Application, host: str, port: int, *, access_log: logging.Logger | None = None
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    shutdown_timeout: float,
+    access_log: logging.Logger | None = None,
 ) -> None:
-    """Serve ``app`` until cancelled (SIGINT/SIGTERM raise ``web.GracefulExit`` out of the loop)."""
-    runner = AppRunner(app, handle_signals=True, access_log=access_log, keepalive_timeout=75)
-    await runner.setup()
+    """Serve ``app`` until SIGTERM/SIGINT, then shut down in order (``web.AppRunner.cleanup``):
+
+    1. stop listening: a new connection is refused from here on, and idle keep-alive connections close;
+    2. ``on_shutdown`` hooks (the Consul deregistration);
+    3. wait up to ``shutdown_timeout`` s in all for the requests in flight, then cancel what is left;
+    4. the cleanup contexts: Consul, then Redis and Postgres closed.
+
+    The signals set an event instead of raising ``GracefulExit`` (aiohttp's ``handle_signals``): an
+    exception out of the loop makes ``asyncio.run`` cancel every task, the requests in flight included.
+    """
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    # aiohttp waits its shutdown_timeout for a request in flight, then cancels only the request's body
+    # and waits as long again before cancelling the handler (``RequestHandler.shutdown``): half each, so
+    # that a request gets ``shutdown_timeout`` in all, and no more (aiohttp rounds a wait over 5 s up to
+    # a whole second of the clock).
+    runner = AppRunner(
+        app, access_log=access_log, keepalive_timeout=75, shutdown_timeout=shutdown_timeout / 2
+    )
     try:
-        await web.TCPSite(runner, host, port, reuse_port=True).start()
-        log.info("serving on http://%s:%d", host, port)
-        await asyncio.Event().wait()
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port, reuse_port=True).start()
+            log.info("serving on http://%s:%d", host, port)
+            await stop.wait()
+            log.info("stopping: new connections refused, requests in flight get %gs", shutdown_timeout)
+        finally:
+            await runner.cleanup()
     finally:
-        await runner.cleanup()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    log.info("stopped")
 
 
-def run_app(app: web.Application, host: str, port: int, *, access_log: logging.Logger | None = None) -> None:
+def run_app(
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    shutdown_timeout: float,
+    access_log: logging.Logger | None = None,
+) -> None:
     """``web.run_app`` for this service: serve until SIGINT/SIGTERM, then shut down gracefully."""
-    with contextlib.suppress(web.GracefulExit, KeyboardInterrupt):
-        asyncio.run(serve(app, host, port, access_log=access_log))
+    with contextlib.suppress(KeyboardInterrupt):  # a SIGINT before the handlers are installed
+        asyncio.run(serve(app, host, port, shutdown_timeout=shutdown_timeout, access_log=access_log))

@@ -48,6 +48,17 @@ class Settings:
     # time (least recently written first) and background jobs that add data skip their round.
     redis_memory_high_water: float = 0.8
     max_body_bytes: int = 1024 * 1024
+    # On SIGTERM/SIGINT the API stops accepting connections and gives the requests in flight this many
+    # seconds to finish; the worker gives the batch in hand as long to commit and be acknowledged.
+    shutdown_timeout: float = 10.0
+    # Consul registration of the API (off unless CONSUL_HOST is set): the local agent's address, an ACL
+    # token (X-Consul-Token), the service's tags (comma-separated), and the address Consul advertises
+    # and health-checks (empty: SERVICE_HOST unless it is a wildcard, else this host's primary IP).
+    consul_host: str = ""
+    consul_port: int = 8500
+    consul_token: str = ""
+    consul_tags: str = "api,v1"
+    consul_service_address: str = ""
     # Write-through and expiry (workers).
     # A session untouched this long leaves Redis once everything it holds is in Postgres.
     session_hot_ttl: int = 3600
@@ -90,6 +101,10 @@ class Settings:
             raise ValueError("REDIS_MEMORY_HIGH_WATER must be a fraction in (0, 1]")
         if self.redis_breaker_failures < 1:
             raise ValueError("REDIS_BREAKER_FAILURES must be at least 1")
+        if not self.shutdown_timeout > 0:  # aiohttp takes 0 for "no timeout": wait forever
+            raise ValueError("SHUTDOWN_TIMEOUT must be more than 0 seconds")
+        if not 0 < self.consul_port < 65536:
+            raise ValueError("CONSUL_PORT must be a TCP port (1-65535)")
         for name in ("sweep_every_seconds", "reconcile_every_seconds"):
             every_schedule(getattr(self, name), name.upper())
 

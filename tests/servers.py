@@ -1,5 +1,6 @@
 """Private servers for fault tests: a ``redis-server`` and a PostgreSQL cluster on spare ports, each in
-its own directory, and the real worker (``python -m workers``) as a subprocess.
+its own directory (both can be paused with SIGSTOP), and the real worker (``python -m workers``) and API
+(``python -m session_svc``) as subprocesses.
 
 Nothing here touches the shared servers. PostgreSQL's binaries are looked up as ``scripts/services.sh``
 does (the newest ``/usr/lib/postgresql/*/bin``, else ``initdb`` on the PATH).
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -168,11 +170,28 @@ class PgServer:
     def running(self) -> bool:
         return self._ctl("status", check=False).returncode == 0
 
+    def _pids(self) -> list[int]:
+        """The postmaster and every process it started (backends, checkpointer, ...)."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        children = Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split()
+        return [postmaster, *map(int, children)]
+
+    def pause(self) -> None:
+        """SIGSTOP the whole cluster: connections stay open, nothing answers (a hung server)."""
+        for pid in self._pids():
+            os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for pid in self._pids():
+            os.kill(pid, signal.SIGCONT)
+
     def log_tail(self, chars: int = 3000) -> str:
         path = self.dir / "server.log"
         return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
     def destroy(self) -> None:
+        with contextlib.suppress(Exception):
+            self.resume()  # a stopped cluster would not stop
         with contextlib.suppress(Exception):
             if self.running:
                 with contextlib.suppress(Exception):
@@ -196,8 +215,9 @@ def start_postgres() -> PgServer:
     return server
 
 
-# A worker given SIGTERM finishes the batch in hand (at most 10 s, see ``workers.main.serve``), then
-# stops its tasks and closes its connections; past this it is taken as hung.
+# A worker given SIGTERM finishes the batch in hand (SHUTDOWN_TIMEOUT, 10 s), releases what it could not
+# finish, then stops its tasks and closes its connections (``workers.main._stop``: a few seconds more at
+# most); past this it is taken as hung.
 WORKER_STOP_TIMEOUT_S = 20.0
 
 
@@ -276,3 +296,59 @@ def start_worker(settings: Settings, name: str, log_dir: Path, **extra_env: str)
             [sys.executable, "-m", "workers"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
         )
     return WorkerProcess(name, proc, log)
+
+
+# The API (``python -m session_svc``) as a subprocess ----------------------------------------------------
+
+
+@dataclass
+class ApiProcess:
+    port: int
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as resp:
+                return bool(resp.status == 200)
+        except OSError:
+            return False
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.healthy():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the API exited with status {self.proc.returncode}\n{self.tail()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the API did not answer /health within {timeout:.0f}s\n{self.tail()}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Teardown: SIGTERM, then SIGKILL if it has not exited 20 s later (a test asserts the graceful
+        path itself where that is the point)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+    def tail(self, chars: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+
+
+def start_api(settings: dict[str, str], log_dir: Path, name: str = "api") -> ApiProcess:
+    """``python -m session_svc`` with ``settings`` (``support.api_settings(...)`` plus extras) as its
+    environment, and nothing else of ours; its output goes to ``log_dir/<name>.log``."""
+    env = service_env(**settings, PYTHONUNBUFFERED="1")
+    log = log_dir / f"{name}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "session_svc"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    return ApiProcess(int(settings["SERVICE_PORT"]), proc, log)

@@ -18,9 +18,10 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS: dict[str, int] = {
     # record format, keys, and what every layer needs
     "settings": 0, "errors": 0, "record": 0, "keys": 0, "process": 0, "__init__": 0, "telemetry": 0,
-    # storage: Redis client and scripts, Postgres reads, outbox, heartbeats, resources; validated inputs
+    # storage: Redis client and scripts, Postgres reads, outbox, heartbeats, resources, the Consul
+    # registration; validated inputs
     "redis_client": 1, "scripts": 1, "cold": 1, "outbox": 1, "heartbeat": 1, "resources": 1,
-    "shapes": 1, "models": 1, "migrate": 1,
+    "shapes": 1, "models": 1, "migrate": 1, "consul": 1,
     # domain operations
     "store": 2, "totals": 2,
     # HTTP

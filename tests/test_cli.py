@@ -33,12 +33,13 @@ def test_help_names_every_command() -> None:
     assert "SERVICE_PORT" in run("api", "--help").stdout
 
 
-def test_check_config_prints_the_effective_settings_with_passwords_masked() -> None:
+def test_check_config_prints_the_effective_settings_with_secrets_masked() -> None:
     out = run(
         "check-config",
         REDIS_URL="redis://:s3cret@127.0.0.1:6379/0",
         DATABASE_URL="postgresql://app:hunter2@db:5432/sessions",
         SERVICE_PORT="9000",
+        CONSUL_TOKEN="b1946ac9-2c6c-4ff1-8b1e-d9e8e1b2b0f4",
     )
     assert out.returncode == 0, out.stderr
     lines = {
@@ -47,7 +48,8 @@ def test_check_config_prints_the_effective_settings_with_passwords_masked() -> N
     assert lines["REDIS_URL"] == "redis://:***@127.0.0.1:6379/0"
     assert lines["DATABASE_URL"] == "postgresql://app:***@db:5432/sessions"
     assert lines["SERVICE_PORT"] == "9000" and lines["REDIS_BUCKETS"] == "16"
-    assert "s3cret" not in out.stdout and "hunter2" not in out.stdout
+    assert lines["CONSUL_TOKEN"] == "***" and lines["CONSUL_HOST"] == ""  # unset: shown empty
+    assert "s3cret" not in out.stdout and "hunter2" not in out.stdout and "b1946ac9" not in out.stdout
 
 
 @pytest.mark.parametrize(

@@ -90,6 +90,9 @@ def test_arq_url_can_be_separate() -> None:
         {"KEY_PREFIX": "a*b"},
         {"REDIS_BUCKETS": "0"},
         {"REDIS_BUCKETS": "1025"},
+        {"SHUTDOWN_TIMEOUT": "0"},
+        {"CONSUL_PORT": "0"},
+        {"CONSUL_PORT": "65536"},
     ],
 )
 def test_from_env_refuses_bad_values(env: dict[str, str]) -> None:

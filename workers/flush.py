@@ -7,6 +7,9 @@ also runs on a full Redis (retried until it lands, see ``_done``). So:
 
 - a worker killed before COMMIT leaves its entries pending; another worker (or itself, restarted with
   the same WORKER_NAME) reclaims them with XAUTOCLAIM and writes them again;
+- a worker stopped (SIGTERM) finishes the batch in hand within SHUTDOWN_TIMEOUT; what it could not
+  finish it releases (``release``): still pending, but taken over by the next XAUTOCLAIM of any worker
+  instead of FLUSH_CLAIM_IDLE_MS later;
 - killed between COMMIT and XACK, the replay finds the rows already there (messages and memories are
   keyed by (session, seq) and inserted with ON CONFLICT DO NOTHING; sessions carry a version and an
   older version never overwrites a newer one);
@@ -68,6 +71,9 @@ MAINTENANCE_EVERY_S = 5.0
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.2, 5.0
 # A consumer name idle this long with nothing pending is forgotten (every worker start adds one).
 CONSUMER_IDLE_MS = 86_400_000
+# Idle time given to the entries a stopping worker releases: past any FLUSH_CLAIM_IDLE_MS, so that every
+# worker's XAUTOCLAIM takes them at once.
+RELEASED_IDLE_MS = 86_400_000
 
 UNAVAILABLE: tuple[type[BaseException], ...] = (*PG_UNAVAILABLE, RedisConnectionError, RedisTimeoutError)
 
@@ -164,6 +170,36 @@ class Flusher:
                 raise
             entries += [Entry(bucket, eid, f) for eid, f in reply[1] if f]
         return entries
+
+    async def release(self) -> int:
+        """On the way out: hand this consumer's pending entries (a batch cut short by the shutdown
+        timeout, one that failed) over to the other workers. They stay pending, so nothing is lost, but
+        XCLAIM ... IDLE makes them look idle for RELEASED_IDLE_MS, so that the next XAUTOCLAIM of any
+        worker (at its start, or its next maintenance round) takes them at once instead of
+        FLUSH_CLAIM_IDLE_MS later. JUSTID: this is not a delivery, the delivery counter stays as it is.
+        Returns how many entries were released."""
+        released = 0
+        for bucket in range(self.keys.buckets):
+            stream, start = self.keys.outbox(bucket), "-"
+            while True:
+                try:
+                    pending = await self.redis.xpending_range(
+                        stream, GROUP, start, "+", self.batch_size, consumername=self.consumer
+                    )
+                except ResponseError as exc:
+                    if "NOGROUP" in str(exc):
+                        break
+                    raise
+                ids = [p["message_id"] for p in pending]
+                if ids:
+                    await self.redis.xclaim(
+                        stream, GROUP, self.consumer, 0, ids, idle=RELEASED_IDLE_MS, justid=True
+                    )
+                    released += len(ids)
+                if len(ids) < self.batch_size:
+                    break
+                start = "(" + ids[-1]
+        return released
 
     # Writing ---------------------------------------------------------------------------------------
 

@@ -50,8 +50,9 @@ log = logging.getLogger("workers")
 
 Ctx = dict[str, Any]
 
-# Seconds a stopping worker lets the batch in hand finish; arq's Redis timeouts; memory relief period.
-SHUTDOWN_DRAIN_S = 10
+# Seconds a stopping worker spends handing its pending entries over, then waits for its cancelled
+# tasks; arq's Redis timeouts; memory relief period.
+RELEASE_TIMEOUT_S = CANCEL_GRACE_S = 2.0
 ARQ_SOCKET_TIMEOUT_S, ARQ_CONNECT_TIMEOUT_S = 5, 1
 RELIEF_EVERY_S = 1.0
 # arq cancels a cron job running longer than this.
@@ -337,10 +338,38 @@ async def _run(settings: Settings, backend: Backend, stop: asyncio.Event) -> Non
     finally:
         stop.set()
         log.info("worker %s stopping", name)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(
-                asyncio.shield(drain), timeout=SHUTDOWN_DRAIN_S
-            )  # finish the batch in hand
-        for task in [drain, *others]:
-            task.cancel()
-        await asyncio.gather(drain, *others, return_exceptions=True)
+        await _stop(flusher, drain, others, settings.shutdown_timeout)
+
+
+async def _stop(
+    flusher: Flusher, drain: asyncio.Task[None], others: list[asyncio.Task[None]], window: float
+) -> None:
+    """The drain reads nothing more once ``stop`` is set. Let the batch in hand commit and be
+    acknowledged within ``window`` s; then hand whatever is still pending over to the other workers
+    (first: if the process is killed while its tasks unwind, the entries are released already), and
+    cancel the tasks."""
+    try:
+        await asyncio.wait_for(asyncio.shield(drain), timeout=window)
+    except TimeoutError:
+        log.warning("the batch in hand did not finish within %gs (SHUTDOWN_TIMEOUT); releasing it", window)
+    try:
+        # Should the batch still commit meanwhile, its entries are acknowledged as usual; should another
+        # worker take them first, it writes them again, idempotently.
+        released = await asyncio.wait_for(flusher.release(), RELEASE_TIMEOUT_S)
+    except Exception as exc:  # Redis unreachable: the entries are reclaimed after FLUSH_CLAIM_IDLE_MS
+        log.warning("pending outbox entries not released (%r); reclaimed after FLUSH_CLAIM_IDLE_MS", exc)
+    else:
+        if released:
+            log.info("released %d pending outbox entries to the other workers", released)
+    tasks = [drain, *others]
+    for task in tasks:
+        task.cancel()
+    # A statement waiting on a hung Postgres does not end at once when cancelled (asyncpg then sends a
+    # CancelRequest and waits up to the command timeout): go on; closing the pool ends it.
+    done, stuck = await asyncio.wait(tasks, timeout=CANCEL_GRACE_S)
+    await asyncio.gather(*done, return_exceptions=True)
+    if stuck:
+        names = ", ".join(sorted(t.get_name() for t in stuck))
+        log.warning(
+            "%s still running %gs after being cancelled; closing its connections", names, CANCEL_GRACE_S
+        )
