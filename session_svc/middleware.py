@@ -4,6 +4,7 @@ timed by route template, carries an X-Request-ID, and is logged as one JSON line
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import re
 import secrets
@@ -46,6 +47,10 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"
 # An incoming X-Request-ID is kept if it looks like an id (it is echoed and logged); else a new one.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _routes: dict[int, str] = {}
+# Request ids made here: a random per-process prefix and a counter (16 hex digits for the first 4
+# billion requests); unique enough to find one request's lines, and no system call per request.
+_ID_PREFIX = secrets.token_hex(4)
+_ids = itertools.count()
 
 
 def _route(request: web.Request) -> str:
@@ -88,7 +93,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     settings = request.app[SETTINGS]
     rid = request.headers.get("X-Request-ID")
     if rid is None or not _REQUEST_ID.fullmatch(rid):
-        rid = secrets.token_hex(8)
+        rid = f"{_ID_PREFIX}{next(_ids):08x}"
     if not (settings.metrics or settings.access_log):
         resp = await _answer(request, handler)
         resp.headers["X-Request-ID"] = rid
