@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from session_svc import metrics, openapi
+from session_svc import accesslog, metrics, openapi
 from session_svc.consul import Registration
 from session_svc.middleware import error_middleware
 from session_svc.resources import open_backend
@@ -55,4 +55,5 @@ def create_app(settings: Settings | None = None) -> web.Application:
     setup_routes(app)
     openapi.setup(app)
     metrics.setup(app)
+    accesslog.setup(app)
     return app

@@ -3,13 +3,11 @@ timed by route template, carries an X-Request-ID, and is logged as one JSON line
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import re
 import secrets
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -17,15 +15,12 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from session_svc import redis_client
+from session_svc.accesslog import ACCESS_LOG
 from session_svc.errors import PG_UNAVAILABLE, ServiceError
 from session_svc.telemetry import PG_FAILURES, RECORDER, REDIS_FAILURES
 from session_svc.typedefs import SETTINGS
 
 log = logging.getLogger("session_svc")
-# One JSON line per request when ACCESS_LOG is on (``process.configure_logging`` gives it its handler).
-access_log = logging.getLogger("session_svc.access")
-access_log.setLevel(logging.INFO)  # whatever LOG_LEVEL says: ACCESS_LOG alone turns these lines on
-access_log.propagate = False  # JSON lines, not wrapped in the other logs' prefix
 
 _HTTP_DETAIL = {
     404: "Not Found",
@@ -65,27 +60,6 @@ def _route(request: web.Request) -> str:
     return route
 
 
-def _user_hash(request: web.Request) -> str | None:
-    uid = request.match_info.get("user_id") or request.query.get("user_id")
-    return hashlib.sha256(uid.encode()).hexdigest()[:16] if uid else None
-
-
-def _access_line(request: web.Request, route: str, status: int, seconds: float, rid: str) -> None:
-    line: dict[str, Any] = {
-        "ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
-        "method": request.method,
-        "route": route,
-        "status": status,
-        "ms": round(seconds * 1000, 3),
-        "request_id": rid,
-    }
-    if sid := request.match_info.get("session_id"):
-        line["session_id"] = sid
-    if user := _user_hash(request):
-        line["user"] = user
-    access_log.info(orjson.dumps(line).decode())
-
-
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every answer: errors as JSON, counted (``telemetry``), with its X-Request-ID, and logged when
@@ -115,7 +89,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                 route, request.method if request.method in _METHODS else "other", status, seconds
             )
         if settings.access_log:
-            _access_line(request, route, status, seconds, rid)
+            request.app[ACCESS_LOG].add(request, route, status, seconds, rid)
 
 
 async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:

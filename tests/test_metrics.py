@@ -8,7 +8,7 @@ every app of this pytest process, so those are compared as differences between t
 from __future__ import annotations
 
 import asyncio
-import logging
+import io
 import shutil
 import subprocess
 import uuid
@@ -20,6 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from session_svc import __version__
+from session_svc.accesslog import ACCESS_LOG, FLUSH_EVERY_S
 from session_svc.models import Role, SessionStatus
 from session_svc.record import MemoryType
 from session_svc.totals import CACHE_S
@@ -202,32 +203,25 @@ async def test_request_id_is_echoed_or_made(client: Any) -> None:
 
 @pytest.mark.parametrize("on", [True, False])
 async def test_access_log_is_one_json_line_without_content(make_client: Any, on: bool) -> None:
-    lines: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(record.getMessage())
-
-    logger = logging.getLogger("session_svc.access")
-    handler = Keep()
-    logger.addHandler(handler)
-    try:
-        client = await make_client(access_log=on)
-        user = new_user()
-        sid = (await make_session(client, user))["session_id"]
-        secret = "the user's private words"
-        resp = await client.post(
-            session_url(sid, "/messages"),
-            params={"user_id": user},
-            json={"role": "user", "content": secret},
-            headers={"X-Request-ID": "req-1"},
-        )
-        assert resp.status == 200
-    finally:
-        logger.removeHandler(handler)
+    client = await make_client(access_log=on)
+    assert (ACCESS_LOG in client.app) is on
+    out = io.BytesIO()
+    if on:
+        client.app[ACCESS_LOG].stream = out
+    user = new_user()
+    sid = (await make_session(client, user))["session_id"]
+    secret = "the user's private words"
+    resp = await client.post(
+        session_url(sid, "/messages"),
+        params={"user_id": user},
+        json={"role": "user", "content": secret},
+        headers={"X-Request-ID": "req-1"},
+    )
+    assert resp.status == 200
     if not on:
-        assert lines == []
         return
+    await asyncio.sleep(FLUSH_EVERY_S * 3)  # written in batches
+    lines = out.getvalue().decode().splitlines()
     assert len(lines) == 2
     line = orjson.loads(lines[1])
     assert set(line) == {"ts", "method", "route", "status", "ms", "request_id", "session_id", "user"}

@@ -158,6 +158,23 @@ def test_two_api_processes_report_their_sum_whichever_answers(
         assert metric(text, "session_http_requests_in_flight") == 0
 
 
+def test_access_log_lines_reach_stderr_one_per_request(stack_env: dict[str, str], tmp_path: Path) -> None:
+    log = tmp_path / "api.log"
+    port = servers.free_port()
+    with api(stack_env, port, log, ACCESS_LOG="true") as base:
+        sid = write(base, "dora", 3)
+        assert http("GET", f"{base}/nope")[0] == 404
+    # Stopped with SIGTERM: the last lines were written on the way out.
+    lines = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
+    answered = [(x["method"], x["route"], x["status"]) for x in lines if x["route"] != "/health"]
+    assert answered == [
+        ("POST", "/api/v1/sessions", 200),
+        *[("POST", MESSAGES, 200)] * 3,
+        ("GET", "unmatched", 404),
+    ]
+    assert all(x.get("session_id") == sid for x in lines if x["route"] == MESSAGES)
+
+
 # A real Prometheus ---------------------------------------------------------------------------------------
 
 
