@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -330,16 +330,32 @@ class ApiProcess:
     def stop(self) -> None:
         """Teardown: SIGTERM, then SIGKILL if it has not exited 20 s later (a test asserts the graceful
         path itself where that is the point)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc)
 
     def tail(self, chars: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    """SIGTERM a process we started, then SIGKILL if it has not exited ``timeout`` s later."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def running_api(settings: dict[str, str], log_dir: Path, name: str = "api") -> Iterator[ApiProcess]:
+    """``start_api``, answering ``/health``; stopped (``ApiProcess.stop``) on the way out."""
+    api = start_api(settings, log_dir, name)
+    try:
+        api.wait_healthy()
+        yield api
+    finally:
+        api.stop()
 
 
 def start_api(settings: dict[str, str], log_dir: Path, name: str = "api") -> ApiProcess:

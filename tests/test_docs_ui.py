@@ -18,7 +18,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,32 +80,9 @@ async def test_try_it_out_calls_the_service_that_served_the_page(client: Any) ->
 def service(test_urls: Any, db_schema: str, key_prefix: str, tmp_path: Path) -> Iterator[str]:
     """``python -m session_svc`` on a free port, this test's key prefix and the run's schema; its URL."""
     port = servers.free_port()
-    env = support.service_env(
-        **support.api_settings(test_urls.redis_url, test_urls.database_url, db_schema, key_prefix, port)
-    )
-    url = f"http://127.0.0.1:{port}"
-    log = tmp_path / "service.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "session_svc"], env=env, stdout=out, stderr=out)
-    try:
-        support.wait_sync(lambda: proc.poll() is not None or _answers(f"{url}/health"), "the API", 30)
-        assert proc.poll() is None, log.read_text()
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
+    settings = support.api_settings(test_urls.redis_url, test_urls.database_url, db_schema, key_prefix, port)
+    with servers.running_api(settings, tmp_path, "service") as api:
+        yield api.url
 
 
 @pytest.fixture

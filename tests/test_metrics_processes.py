@@ -11,9 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import signal
 import subprocess
-import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -72,36 +70,10 @@ def stack_env(test_urls: Any, prefix_registry: Any) -> Iterator[dict[str, str]]:
 
 @contextlib.contextmanager
 def api(env: dict[str, str], port: int, log: Path, **extra: str) -> Iterator[str]:
-    """``python -m session_svc`` on ``port``, stopped with SIGTERM (it must exit 0)."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "session_svc"],
-            cwd=support.ROOT,
-            env=support.service_env(**{**env, "SERVICE_PORT": str(port), **extra}),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        support.wait_sync(lambda: _answers(base, proc), f"the API on {port} to answer", 30)
-        yield base
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def _answers(base: str, proc: subprocess.Popen[bytes]) -> bool:
-    if proc.poll() is not None:
-        raise AssertionError(f"the API exited with {proc.returncode}")
-    try:
-        return http("GET", base + "/health")[0] == 200
-    except OSError:
-        return False
+    """``python -m session_svc`` on ``port`` with ``env`` and ``extra``; its URL."""
+    settings = {**env, "SERVICE_PORT": str(port), **extra}
+    with servers.running_api(settings, log.parent, log.stem) as running:
+        yield running.url
 
 
 def write(base: str, user: str, messages: int, cost: str = "0.000123", tokens: int = 3) -> str:
@@ -208,12 +180,7 @@ def prometheus(targets: dict[str, str], tmp_path: Path) -> Iterator[str]:
         support.wait_sync(lambda: _ready(base, proc, log), "prometheus to be ready", 30)
         yield base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        servers.stop_process(proc)
 
 
 def _ready(base: str, proc: subprocess.Popen[bytes], log: Path) -> bool:

@@ -13,7 +13,6 @@ import re
 import socket
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,20 +33,11 @@ class Service:
     log: Path
 
 
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=1) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def service(test_urls: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     prefix, schema, port = support.new_name("st"), support.new_name("st_"), servers.free_port()
-    env = support.service_env(
-        **support.api_settings(test_urls.redis_url, test_urls.database_url, schema, prefix, port)
-    )
+    settings = support.api_settings(test_urls.redis_url, test_urls.database_url, schema, prefix, port)
+    env = support.service_env(**settings)
     log = tmp_path_factory.mktemp("schemathesis") / "service.log"
     try:
         subprocess.run(
@@ -57,20 +47,8 @@ def service(test_urls: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             capture_output=True,
             timeout=60,
         )
-        with log.open("wb") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "session_svc"], env=env, stdout=out, stderr=out)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            support.wait_sync(lambda: proc.poll() is not None or _healthy(url), "the API", 30)
-            assert proc.poll() is None, log.read_text()
-            yield Service(url, port, log)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        with servers.running_api(settings, log.parent, log.stem) as api:
+            yield Service(api.url, port, api.log)
     finally:
         support.delete_prefix(test_urls.redis_url, prefix)
         support.drop_schema(test_urls.database_url, schema)
