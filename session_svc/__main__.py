@@ -1,12 +1,14 @@
-"""``python -m session_svc``: serve the API with settings from the environment."""
+"""``python -m session_svc``: serve the API with settings from the environment: in this process when
+SERVICE_PROCESSES is 1, else as the supervisor of that many API processes (``supervisor.py``)."""
 
 from __future__ import annotations
 
 import logging
+import sys
 
 import uvloop
 
-from session_svc import telemetry
+from session_svc import supervisor, telemetry
 from session_svc.app import create_app
 from session_svc.process import configure_logging
 from session_svc.server import run_app
@@ -16,6 +18,8 @@ from session_svc.settings import Settings
 def main() -> None:
     settings = Settings.from_env()
     configure_logging(settings)
+    if supervisor.processes_of(settings) > 1:
+        sys.exit(supervisor.run(settings))
     if not settings.metrics:
         telemetry.RECORDER.disable()
     uvloop.install()

@@ -20,6 +20,8 @@ class Settings:
     db_schema: str = "dev"
     service_host: str = "0.0.0.0"
     service_port: int = 8205
+    # API processes sharing SERVICE_PORT (SO_REUSEPORT) under one supervisor; 0 = one per core.
+    service_processes: int = 0
     log_level: str = "INFO"
     # One JSON line per request on stderr (method, route template, status, ms, request id, session id,
     # hashed user id; never content). Off by default: it costs throughput (docs/performance.md).
@@ -99,6 +101,8 @@ class Settings:
             raise ValueError("REDIS_BUCKETS must be between 1 and 1024")
         if not 0 < self.redis_memory_high_water <= 1:
             raise ValueError("REDIS_MEMORY_HIGH_WATER must be a fraction in (0, 1]")
+        if self.service_processes < 0:
+            raise ValueError("SERVICE_PROCESSES must be 0 (one per core) or more")
         if self.redis_breaker_failures < 1:
             raise ValueError("REDIS_BREAKER_FAILURES must be at least 1")
         if not self.shutdown_timeout > 0:  # aiohttp takes 0 for "no timeout": wait forever

@@ -67,7 +67,7 @@ def api_settings(redis_url: str, database_url: str, schema: str, prefix: str, po
     """The settings of an API subprocess on loopback with a test's own schema and key prefix."""
     return {
         "REDIS_URL": redis_url, "DATABASE_URL": database_url, "DB_SCHEMA": schema, "KEY_PREFIX": prefix,
-        "SERVICE_HOST": "127.0.0.1", "SERVICE_PORT": str(port),
+        "SERVICE_HOST": "127.0.0.1", "SERVICE_PORT": str(port), "SERVICE_PROCESSES": "1",
     }  # fmt: skip
 
 
