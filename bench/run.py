@@ -128,6 +128,7 @@ def main() -> None:
         "DB_SCHEMA": SCHEMA,
         "SERVICE_PORT": str(PORT),
         "LOG_LEVEL": "WARNING",
+        "SERVICE_PROCESSES": os.environ.get("SERVICE_PROCESSES", "1"),
     }
     settings = Settings.from_env(env)
     subprocess.run([PY, "-m", "session_svc.migrate"], env=env, check=True, capture_output=True)

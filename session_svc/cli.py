@@ -89,7 +89,8 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "api",
         help="serve the HTTP API",
-        description="Serve the HTTP API on SERVICE_HOST:SERVICE_PORT (REDIS_URL, DATABASE_URL, ...).",
+        description="Serve the HTTP API on SERVICE_HOST:SERVICE_PORT with SERVICE_PROCESSES processes "
+        "(0: one per core; above 1, this process supervises them) (REDIS_URL, DATABASE_URL, ...).",
     )
     sub.add_parser(
         "worker",

@@ -121,6 +121,7 @@ def test_the_api_started_while_redis_is_down_stops_on_a_wrong_bucket_count_once_
         KEY_PREFIX=prefix,
         SERVICE_HOST="127.0.0.1",
         SERVICE_PORT=str(port),
+        SERVICE_PROCESSES="1",
     )
     log = tmp_path / "api.log"
     with log.open("wb") as out:
