@@ -20,7 +20,8 @@ from session_svc.views import setup_routes
 
 
 async def _backend_ctx(app: web.Application) -> AsyncIterator[None]:
-    async with open_backend(app[SETTINGS]) as backend:
+    settings = app[SETTINGS]
+    async with open_backend(settings, coalesce=settings.redis_coalesce) as backend:
         app[BACKEND] = backend
         yield
 

@@ -48,6 +48,11 @@ def reset_outcome() -> None:
     _outcome_unknown.set(False)
 
 
+def mark_outcome_unknown() -> None:
+    """A command of this request may have reached Redis without a reply (learnt from a shared batch)."""
+    _outcome_unknown.set(True)
+
+
 def outcome_unknown() -> bool:
     """True when, in this request, a command reached (or may have reached) Redis without a reply."""
     return _outcome_unknown.get()

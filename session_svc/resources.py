@@ -93,8 +93,11 @@ async def pg_pool(settings: Settings) -> asyncpg.Pool | None:
 
 
 @contextlib.asynccontextmanager
-async def open_backend(settings: Settings, socket_timeout: float | None = None) -> AsyncIterator[Backend]:
-    """The process's ``Backend``; ``socket_timeout`` overrides REDIS_SOCKET_TIMEOUT (the worker's)."""
+async def open_backend(
+    settings: Settings, socket_timeout: float | None = None, coalesce: bool = False
+) -> AsyncIterator[Backend]:
+    """The process's ``Backend``; ``socket_timeout`` overrides REDIS_SOCKET_TIMEOUT (the worker's);
+    ``coalesce``: script calls of one loop turn share a pipeline (the API's, REDIS_COALESCE)."""
     redis = redis_client(settings, socket_timeout)
     keys = Keys(settings.key_prefix, settings.redis_buckets)
     pg = None
@@ -106,7 +109,7 @@ async def open_backend(settings: Settings, socket_timeout: float | None = None) 
             log.warning("Redis unavailable at start (%r); the layout is checked once it answers", exc)
             later = asyncio.create_task(_check_layout_when_redis_answers(redis, keys))
         pg = await pg_pool(settings)
-        yield Backend(redis, keys, Scripts(redis), pg, settings.db_schema)
+        yield Backend(redis, keys, Scripts(redis, coalesce), pg, settings.db_schema)
     finally:
         if later is not None:
             later.cancel()

@@ -37,6 +37,7 @@ from redis.asyncio.client import Pipeline
 from redis.commands.core import AsyncScript
 
 from session_svc import keys as k
+from session_svc.coalesce import Coalescer
 from session_svc.keys import UserKeys
 from session_svc.record import (
     LIST_FIELDS,
@@ -75,11 +76,12 @@ class Script:
     """One registered script, called with its keys and arguments by name; a direct call is timed
     (``session_redis_call_duration_seconds{script=name}``), a call queued on a pipeline is not."""
 
-    def __init__(self, redis: Redis, lua: Lua, name: str) -> None:
+    def __init__(self, redis: Redis, lua: Lua, name: str, coalescer: Coalescer | None = None) -> None:
         self.lua = lua
         self.name = name
         self._labels = (name,)
         self._script: AsyncScript = redis.register_script(lua.source)
+        self._coalescer = coalescer
 
     def __call__(
         self,
@@ -90,11 +92,12 @@ class Script:
     ) -> Awaitable[Any]:
         if len(keys) != len(self.lua.keys) or len(args) != len(self.lua.args):
             raise TypeError(f"expected keys {self.lua.keys} and args {self.lua.args}")
-        call = self._script(
-            keys=[keys[n] for n in self.lua.keys],
-            args=[*(args[n] for n in self.lua.args), *rest],
-            client=client,
-        )
+        key_list = [keys[n] for n in self.lua.keys]
+        arg_list = [*(args[n] for n in self.lua.args), *rest]
+        if client is None and self._coalescer is not None:
+            call = self._coalescer.call(self._script.sha, self.lua.source, key_list, arg_list)
+        else:
+            call = self._script(keys=key_list, args=arg_list, client=client)
         return call if client is not None or not RECORDER.enabled else self._timed(call)
 
     async def _timed(self, call: Awaitable[Any]) -> Any:
@@ -517,22 +520,24 @@ return 1
 class Scripts:
     """Every script, registered once on one client; one typed method per script."""
 
-    def __init__(self, redis: Redis) -> None:
-        self._create_session = Script(redis, CREATE_SESSION, "create_session")
-        self._get_session = Script(redis, GET_SESSION, "get_session")
-        self._update_session = Script(redis, UPDATE_SESSION, "update_session")
-        self._append_message = Script(redis, APPEND_MESSAGE, "append_message")
-        self._list_messages = Script(redis, LIST_MESSAGES, "list_messages")
-        self._create_memory = Script(redis, CREATE_MEMORY, "create_memory")
-        self._list_memories = Script(redis, LIST_MEMORIES, "list_memories")
-        self._list_user_sessions = Script(redis, LIST_USER_SESSIONS, "list_user_sessions")
-        self._rehydrate = Script(redis, REHYDRATE, "rehydrate")
-        self._evict = Script(redis, EVICT, "evict")
-        self._mark_flushed = Script(redis, MARK_FLUSHED, "mark_flushed")
-        self._mark_stuck = Script(redis, MARK_STUCK, "mark_stuck")
-        self._ensure_group = Script(redis, ENSURE_GROUP, "ensure_group")
-        self._resync = Script(redis, RESYNC, "resync")
-        self._beat = Script(redis, BEAT, "beat")
+    def __init__(self, redis: Redis, coalesce: bool = False) -> None:
+        """``coalesce``: direct calls made in the same loop turn share one pipeline (``coalesce.py``)."""
+        c = Coalescer(redis) if coalesce else None
+        self._create_session = Script(redis, CREATE_SESSION, "create_session", c)
+        self._get_session = Script(redis, GET_SESSION, "get_session", c)
+        self._update_session = Script(redis, UPDATE_SESSION, "update_session", c)
+        self._append_message = Script(redis, APPEND_MESSAGE, "append_message", c)
+        self._list_messages = Script(redis, LIST_MESSAGES, "list_messages", c)
+        self._create_memory = Script(redis, CREATE_MEMORY, "create_memory", c)
+        self._list_memories = Script(redis, LIST_MEMORIES, "list_memories", c)
+        self._list_user_sessions = Script(redis, LIST_USER_SESSIONS, "list_user_sessions", c)
+        self._rehydrate = Script(redis, REHYDRATE, "rehydrate", c)
+        self._evict = Script(redis, EVICT, "evict", c)
+        self._mark_flushed = Script(redis, MARK_FLUSHED, "mark_flushed", c)
+        self._mark_stuck = Script(redis, MARK_STUCK, "mark_stuck", c)
+        self._ensure_group = Script(redis, ENSURE_GROUP, "ensure_group", c)
+        self._resync = Script(redis, RESYNC, "resync", c)
+        self._beat = Script(redis, BEAT, "beat", c)
 
     # The API's ----------------------------------------------------------------------------------------
 

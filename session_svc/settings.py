@@ -35,6 +35,8 @@ class Settings:
     # the service refuses to start against a Redis that was written with another value.
     redis_buckets: int = 16
     redis_max_connections: int = 64
+    # The API sends the script calls of one event-loop turn to Redis as one pipeline (coalesce.py).
+    redis_coalesce: bool = True
     # Seconds a request waits for a free pooled connection / to connect / for Redis to answer before
     # a 503. A hot request takes about a millisecond: a second is already a failure.
     redis_pool_timeout: float = 1.0

@@ -21,7 +21,7 @@ LAYERS: dict[str, int] = {
     # storage: Redis client and scripts, Postgres reads, outbox, heartbeats, resources, the Consul
     # registration; validated inputs
     "redis_client": 1, "scripts": 1, "cold": 1, "outbox": 1, "heartbeat": 1, "resources": 1,
-    "shapes": 1, "models": 1, "migrate": 1, "consul": 1,
+    "shapes": 1, "models": 1, "migrate": 1, "consul": 1, "coalesce": 1,
     # domain operations
     "store": 2, "totals": 2,
     # HTTP

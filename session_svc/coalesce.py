@@ -1,0 +1,87 @@
+"""Script calls made in the same turn of the event loop, sent to Redis together: one pipeline, one write
+and one read on one pooled connection, instead of a connection checkout and a round trip each (what
+ioredis calls auto-pipelining). Under load, dozens of requests reach their script in the same turn;
+alone, a call waits for nothing but the end of the current turn.
+
+A batch is a non-transactional pipeline of EVALSHAs: each script is still atomic on its own, and one
+failing (an error reply, ``OOM``, ``NOSCRIPT``) fails only its own caller. A script Redis does not
+know (a restarted or flushed Redis, a new node) is loaded and its calls are sent again: NOSCRIPT means
+it did not run. A connection failure fails every call of the batch with the same honesty as a single
+call (``redis_client``): the caller's request learns whether the batch may have reached Redis (outcome
+unknown) or was never sent, through the same per-request flag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
+
+from session_svc import redis_client
+
+Arg = str | int | float
+
+
+@dataclass(slots=True)
+class _Call:
+    sha: str
+    source: str
+    keys: Sequence[str]
+    args: Sequence[Arg]
+    future: asyncio.Future[tuple[bool, Any, bool]]  # (ok, reply or exception, outcome unknown)
+
+
+class Coalescer:
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self._pending: list[_Call] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def call(self, sha: str, source: str, keys: Sequence[str], args: Sequence[Arg]) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[bool, Any, bool]] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._send)
+        self._pending.append(_Call(sha, source, keys, args, future))
+        ok, value, unknown = await future
+        if ok:
+            return value
+        if unknown:
+            redis_client.mark_outcome_unknown()  # in this request's context, not the batch's
+        raise value
+
+    def _send(self) -> None:
+        batch, self._pending = self._pending, []
+        task = asyncio.get_running_loop().create_task(self._run(batch))
+        self._tasks.add(task)  # held until done: the loop keeps only weak references to tasks
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch: list[_Call]) -> None:
+        redis_client.reset_outcome()  # this task's own flag: did this batch reach Redis?
+        try:
+            replies = await self._pipeline(batch)
+            again = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+            if again:
+                for source in {batch[i].source for i in again}:
+                    await self.redis.script_load(source)
+                for i, reply in zip(again, await self._pipeline([batch[i] for i in again]), strict=True):
+                    replies[i] = reply
+        except Exception as exc:
+            unknown = redis_client.outcome_unknown()
+            for c in batch:
+                if not c.future.done():
+                    c.future.set_result((False, exc, unknown))
+            return
+        for c, reply in zip(batch, replies, strict=True):
+            if not c.future.done():  # a caller cancelled meanwhile: its script ran all the same
+                c.future.set_result((not isinstance(reply, Exception), reply, False))
+
+    async def _pipeline(self, batch: Sequence[_Call]) -> list[Any]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for c in batch:
+                pipe.execute_command("EVALSHA", c.sha, len(c.keys), *c.keys, *c.args)
+            return list(await pipe.execute(raise_on_error=False))
