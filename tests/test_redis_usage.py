@@ -4,13 +4,12 @@ read other users' sessions, and counters that stay exact under concurrent writes
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
 from typing import Any
 
 import pytest
 import redis as redis_sync
 
-from session_svc.typedefs import BACKEND
+from session_svc.redis_client import GuardedConnection
 from tests.helpers import (
     add_memory,
     add_message,
@@ -25,18 +24,18 @@ from tests.helpers import (
 )
 
 
-def count_commands(client: Any, monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
-    """Counts the commands the app's Redis client sends (pipelines aside), by name."""
-    r = client.app[BACKEND].redis
-    sent: Counter[str] = Counter()
-    original = r.execute_command
+def count_writes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts what the service's Redis connections write: each write is one round trip, a pipeline
+    (a coalesced batch of script calls) included. Each entry: the commands in that write."""
+    writes: list[int] = []
+    original = GuardedConnection.send_packed_command
 
-    async def counting(*args: Any, **options: Any) -> Any:
-        sent[str(args[0]).upper()] += 1
-        return await original(*args, **options)
+    async def counting(self: GuardedConnection, command: Any, check_health: bool = True) -> None:
+        writes.append(1 if isinstance(command, (bytes, str)) else len(list(command)))
+        await original(self, command, check_health)
 
-    monkeypatch.setattr(r, "execute_command", counting)
-    return sent
+    monkeypatch.setattr(GuardedConnection, "send_packed_command", counting)
+    return writes
 
 
 async def test_hot_paths_are_one_round_trip(client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -46,16 +45,16 @@ async def test_hot_paths_are_one_round_trip(client: Any, monkeypatch: pytest.Mon
     await add_message(client, sid, user)
     await get_session(client, sid, user)
     await list_messages(client, sid, user)
-    sent = count_commands(client, monkeypatch)
+    writes = count_writes(monkeypatch)
 
     for call in (
         add_message(client, sid, user, content="second"),
         get_session(client, sid, user),
         list_messages(client, sid, user, page_size=2),
     ):
-        sent.clear()
+        writes.clear()
         await call
-        assert sum(sent.values()) == 1, sent
+        assert len(writes) == 1, writes
 
 
 def _private_stats(url: str) -> dict[str, int]:
