@@ -43,17 +43,19 @@ wrk.body = '{"role":"user","content":"Hello, this is a benchmark message of a ty
 """
 
 
-def http(method: str, path: str, body: dict[str, object] | None = None) -> dict[str, object]:
+def http(
+    method: str, path: str, body: dict[str, object] | None = None, base: str = BASE
+) -> dict[str, object]:
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(BASE + path, data=data, method=method)
+    req = urllib.request.Request(base + path, data=data, method=method)
     with urllib.request.urlopen(req, timeout=10) as resp:
         return json.loads(resp.read())  # type: ignore[no-any-return]
 
 
-def wait_http() -> None:
+def wait_http(base: str = BASE) -> None:
     for _ in range(100):
         try:
-            http("GET", "/health")
+            http("GET", "/health", base=base)
             return
         except OSError:
             time.sleep(0.1)
@@ -61,12 +63,16 @@ def wait_http() -> None:
 
 
 def wrk(
-    path: str, lua: str | None = None, connections: str = CONNECTIONS, duration: str = DURATION
+    path: str,
+    lua: str | None = None,
+    connections: str = CONNECTIONS,
+    duration: str = DURATION,
+    base: str = BASE,
 ) -> tuple[float, float, float]:
     cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration}", "--latency"]
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(lua or "")
-    cmd += ["-s", f.name, BASE + path]
+    cmd += ["-s", f.name, base + path]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     os.unlink(f.name)
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
@@ -89,6 +95,74 @@ async def backlog(r: aioredis.Redis, settings: Settings) -> tuple[int, float]:
 
     b = await outbox_backlog(r, Keys(settings.key_prefix, settings.redis_buckets))
     return b.entries, b.oldest_age_s
+
+
+CREATE_LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '{"user_id":"bench-creator","title":"t"}'
+"""
+
+
+def _median(runs: list[tuple[float, float, float]]) -> tuple[float, float, float]:
+    return tuple(sorted(r[i] for r in runs)[len(runs) // 2] for i in range(3))  # type: ignore[return-value]
+
+
+def hot_table(env: dict[str, str]) -> None:
+    """Every hot route of the service beside its two ceilings (``bench/ceiling.py``), with 1 and N
+    processes, 64 and 1 connections, repeated and interleaved; medians, and each row as a ratio of
+    the one-round-trip ceiling measured in the same round."""
+    repeats = int(os.environ.get("BENCH_REPEATS", "3"))
+    duration = os.environ.get("BENCH_ROW_DURATION", "5s")
+    cores = os.cpu_count() or 1
+    ports = {"json": PORT + 1, "append": PORT + 2, "service": PORT}
+    print(
+        f"\n# hot paths: wrk -t1 -d{duration}, medians of {repeats}, load generator on the same {cores} cores"
+    )
+    print(f"{'row':44} {'procs':>5} {'conns':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'vs ceiling':>10}")
+    for procs in sorted({1, cores}):
+        penv = {**env, "SERVICE_PROCESSES": str(procs)}
+        started = []
+        try:
+            for kind in ("json", "append"):
+                cenv = {**penv, "SERVICE_PORT": str(ports[kind])}
+                started.append(subprocess.Popen([PY, "-m", "bench.ceiling", kind], env=cenv, cwd=ROOT))
+            started.append(subprocess.Popen([PY, "-m", "session_svc"], env=penv, cwd=ROOT))
+            bases = {k: f"http://127.0.0.1:{p}" for k, p in ports.items()}
+            for base in bases.values():
+                wait_http(base)
+            svc = bases["service"]
+            sid = http("POST", "/api/v1/sessions", {"user_id": "bench"}, base=svc)["session_id"]
+            for i in range(40):
+                http("POST", f"/api/v1/sessions/{sid}/messages?user_id=bench",
+                     {"role": "user", "content": f"warm {i}"}, base=svc)  # fmt: skip
+            rows: list[tuple[str, str, str | None, str]] = [
+                ("ceiling: bare aiohttp JSON", "/", None, "json"),
+                ("ceiling: aiohttp + one append EVALSHA", "/", None, "append"),
+                ("append a message", f"/api/v1/sessions/{sid}/messages?user_id=bench", POST_LUA, "service"),
+                ("get a session", f"/api/v1/sessions/{sid}?user_id=bench", None, "service"),
+                ("page of 20 messages", f"/api/v1/sessions/{sid}/messages?user_id=bench&page_size=20",
+                 None, "service"),
+                ("create a session", "/api/v1/sessions", CREATE_LUA, "service"),
+                ("a user's session list", "/api/v1/users/bench/sessions", None, "service"),
+                ("stats", "/api/v1/sessions/stats", None, "service"),
+            ]  # fmt: skip
+            for conns in ("64", "1"):
+                runs: dict[str, list[tuple[float, float, float]]] = {r[0]: [] for r in rows}
+                for _ in range(repeats):
+                    for name, path, lua, target in rows:
+                        runs[name].append(wrk(path, lua, conns, duration, bases[target]))
+                ceiling = _median(runs["ceiling: aiohttp + one append EVALSHA"])[0]
+                for name, *_ in rows:
+                    rps, p50, p99 = _median(runs[name])
+                    print(
+                        f"{name:44} {procs:5} {conns:>5} {rps:8.0f} {p50:8.2f} {p99:8.2f} {rps / ceiling:9.2f}x"
+                    )
+        finally:
+            for p in started:
+                p.send_signal(signal.SIGTERM)
+            for p in started:
+                p.wait(timeout=30)
 
 
 def observability_cost(env: dict[str, str], rounds: int = 3) -> None:
@@ -132,6 +206,12 @@ def main() -> None:
     }
     settings = Settings.from_env(env)
     subprocess.run([PY, "-m", "session_svc.migrate"], env=env, check=True, capture_output=True)
+    if sys.argv[1:] == ["hot"]:
+        try:
+            hot_table(env)
+        finally:
+            asyncio.run(cleanup(settings))
+        return
     if sys.argv[1:] == ["observability"]:
         try:
             observability_cost(env)
