@@ -80,7 +80,8 @@ class Script:
         self.lua = lua
         self.name = name
         self._labels = (name,)
-        self._script: AsyncScript = redis.register_script(lua.source)
+        self._source = lua.source  # built once: ``Lua.source`` assembles it on every access
+        self._script: AsyncScript = redis.register_script(self._source)
         self._coalescer = coalescer
 
     def __call__(
@@ -95,7 +96,7 @@ class Script:
         key_list = [keys[n] for n in self.lua.keys]
         arg_list = [*(args[n] for n in self.lua.args), *rest]
         if client is None and self._coalescer is not None:
-            call = self._coalescer.call(self._script.sha, self.lua.source, key_list, arg_list)
+            call = self._coalescer.call(self._script.sha, self._source, key_list, arg_list)
         else:
             call = self._script(keys=key_list, args=arg_list, client=client)
         return call if client is not None or not RECORDER.enabled else self._timed(call)
