@@ -42,7 +42,9 @@ from session_svc.keys import UserKeys
 from session_svc.record import (
     LIST_FIELDS,
     MEMORY_ALL,
+    MEMORY_STAT,
     MESSAGE_FIELDS,
+    ROLE_STAT,
     Kind,
     MemoryType,
     lua_strings,
@@ -220,7 +222,7 @@ redis.call('HSET', session, 'updated_at', msg_ts, 'last_activity', msg_ts)
 redis.call('XADD', messages, seq .. '-0', {_MESSAGE_PAIRS})
 touch(user_index, active_index, status, msg_ts, sid)
 redis.call('HINCRBY', stats, 'messages', 1)
-redis.call('HINCRBY', stats, 'role:' .. msg_role, 1)
+redis.call('HINCRBY', stats, '{ROLE_STAT}' .. msg_role, 1)
 redis.call('HINCRBY', stats, 'tokens', msg_tokens)
 redis.call('HINCRBY', stats, 'cost_micros', msg_cost)
 redis.call('XADD', outbox, '*', 'k', '{Kind.message}', 'sid', sid, 'uid', uid, 'v', v, 'seq', seq,
@@ -274,7 +276,7 @@ redis.call('ZADD', index_all, seq, seq)
 redis.call('ZADD', index_type, seq, seq)
 touch(user_index, active_index, status, now, sid)
 redis.call('HINCRBY', stats, 'memories', 1)
-redis.call('HINCRBY', stats, 'memory:' .. memory_type, 1)
+redis.call('HINCRBY', stats, '{MEMORY_STAT}' .. memory_type, 1)
 redis.call('XADD', outbox, '*', 'k', '{Kind.memory}', 'sid', sid, 'uid', uid, 'v', v, 'seq', seq,
   'doc', doc)
 redis.call('ZADD', hot, now, sid)

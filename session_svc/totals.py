@@ -11,6 +11,7 @@ answers: aggregate them with ``max`` in PromQL, never ``sum``. They are read in 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -70,7 +71,8 @@ async def _redis_figures(b: Backend, heartbeat_timeout: float) -> Snapshot:
     )
 
 
-async def _postgres_up(b: Backend) -> bool:
+async def postgres_up(b: Backend) -> bool:
+    """``SELECT 1`` answered within ``TIMEOUT_S`` (False without a Postgres)."""
     if b.pg is None:
         return False
     try:
@@ -100,7 +102,7 @@ class Totals:
     async def _read(self) -> Snapshot:
         figures, pg_up = await asyncio.gather(
             _redis_figures(self._backend, self._heartbeat_timeout),
-            _postgres_up(self._backend),
+            postgres_up(self._backend),
             return_exceptions=True,
         )
         up = pg_up is True
@@ -108,10 +110,7 @@ class Totals:
             return Snapshot(redis_up=False, postgres_up=up)
         if isinstance(figures, BaseException):
             raise figures
-        return Snapshot(
-            True, up, figures.stats, figures.hot_sessions, figures.workers_alive,
-            figures.memory_used, figures.memory_max,
-        )  # fmt: skip
+        return dataclasses.replace(figures, postgres_up=up)
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

@@ -11,24 +11,29 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from session_svc import coalesce
 from session_svc.coalesce import Coalescer
 from tests.helpers import add_message, list_messages, make_session, new_user
 
 INCR = "return redis.call('INCR', KEYS[1])"
 
 
-async def test_concurrent_calls_share_pipelines_and_each_gets_its_answer(
-    redis: Redis, key_prefix: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    batches: list[int] = []
+@pytest.fixture
+def batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The size of every pipeline the coalescers send."""
+    sizes: list[int] = []
     real = Coalescer._pipeline
 
     async def counting(self: Coalescer, batch: Any) -> list[Any]:
-        batches.append(len(batch))
+        sizes.append(len(batch))
         return await real(self, batch)
 
     monkeypatch.setattr(Coalescer, "_pipeline", counting)
+    return sizes
+
+
+async def test_concurrent_calls_share_pipelines_and_each_gets_its_answer(
+    redis: Redis, key_prefix: str, batches: list[int]
+) -> None:
     sha = await redis.script_load(INCR)
     c = Coalescer(redis)
     key = f"{key_prefix}:n"
@@ -55,17 +60,7 @@ async def test_a_redis_that_lost_its_scripts_gets_them_again(private_redis: Any)
         await r.aclose()
 
 
-async def test_concurrent_appends_through_the_api_stay_gap_free(
-    client: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    batches: list[int] = []
-    real = coalesce.Coalescer._pipeline
-
-    async def counting(self: Coalescer, batch: Any) -> list[Any]:
-        batches.append(len(batch))
-        return await real(self, batch)
-
-    monkeypatch.setattr(coalesce.Coalescer, "_pipeline", counting)
+async def test_concurrent_appends_through_the_api_stay_gap_free(client: Any, batches: list[int]) -> None:
     user = new_user()
     sid = (await make_session(client, user))["session_id"]
     sent = await asyncio.gather(*(add_message(client, sid, user, content=f"m{i}") for i in range(40)))

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from session_svc.settings import Settings
 from tests import servers, support
 from tests.support import eventually
-from tests.test_consul import REGISTER, Agent
+from tests.test_consul import REGISTER, Agent, _async
 
 MESSAGES = "/api/v1/sessions/{session_id}/messages"
 
@@ -134,8 +134,8 @@ async def test_one_consul_registration_for_the_port(settings: Settings, tmp_path
     api = servers.start_api(env, tmp_path)
     try:
         await asyncio.to_thread(api.wait_healthy)
-        await eventually(lambda: _true(len(children(api.proc.pid)) == 2), "two API processes", 20)
-        await eventually(lambda: _true(bool(agent.to(REGISTER))), "the registration", 10)
+        await eventually(lambda: _async(len(children(api.proc.pid)) == 2), "two API processes", 20)
+        await eventually(lambda: _async(bool(agent.to(REGISTER))), "the registration", 10)
         await asyncio.sleep(1.0)  # the processes had time to register too, were they to
         [call] = agent.to(REGISTER)
         assert call.body["Port"] == port
@@ -147,7 +147,3 @@ async def test_one_consul_registration_for_the_port(settings: Settings, tmp_path
     assert [c.path for c in agent.calls if "deregister" in c.path] == [
         f"/v1/agent/service/deregister/{call.body['ID']}"
     ]
-
-
-async def _true(value: bool) -> bool:
-    return value

@@ -27,7 +27,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from arq import cron
@@ -35,12 +35,10 @@ from arq.connections import ArqRedis
 from arq.typing import WorkerCoroutine
 from arq.worker import Worker
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, start_http_server
-from prometheus_client.core import Metric
-from prometheus_client.registry import Collector
 from redis.asyncio import ConnectionPool
 from redis.exceptions import OutOfMemoryError
 
-from session_svc import __version__, heartbeat, outbox, telemetry
+from session_svc import __version__, heartbeat, outbox, telemetry, totals
 from session_svc.resources import Backend, open_backend
 from session_svc.settings import Settings, every_schedule
 from workers import expiry
@@ -262,14 +260,6 @@ async def _relieve_memory(backend: Backend, high_water: float, stop: asyncio.Eve
         await _pause(stop, RELIEF_EVERY_S)
 
 
-class _Registered(Collector):
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.registry = registry
-
-    def collect(self) -> Iterator[Metric]:
-        yield from self.registry.collect()
-
-
 async def _observe(backend: Backend, interval: float, stop: asyncio.Event) -> None:
     """The worker's gauges of the outbox, Redis and Postgres, every ``interval``; and this process's
     per-call figures (``telemetry``) published every second."""
@@ -288,11 +278,7 @@ async def _observe(backend: Backend, interval: float, stop: asyncio.Event) -> No
             except Exception as exc:
                 log.debug("outbox reading failed: %r", exc)
                 REDIS_UP.set(0)
-            try:
-                async with asyncio.timeout(1.0):
-                    PG_UP.set(1 if await backend.pg.fetchval("SELECT 1") == 1 else 0)  # type: ignore[union-attr]
-            except Exception:
-                PG_UP.set(0)
+            PG_UP.set(int(await totals.postgres_up(backend)))
         await _pause(stop, 1.0)
 
 
@@ -319,8 +305,8 @@ async def _run(settings: Settings, backend: Backend, stop: asyncio.Event) -> Non
     if settings.worker_metrics_port:
         # The worker's own metrics (the default registry) and its Redis/Postgres call timings.
         exported = CollectorRegistry()
-        exported.register(_Registered(REGISTRY))
-        exported.register(_Registered(telemetry.REGISTRY))
+        exported.register(REGISTRY)  # a registry is a collector too
+        exported.register(telemetry.REGISTRY)
         start_http_server(settings.worker_metrics_port, registry=exported)
     log.info("worker %s draining %d outbox buckets", name, backend.keys.buckets)
     drain = asyncio.create_task(flusher.run(stop), name="outbox-drain")
