@@ -1,111 +1,43 @@
 """Benchmark: HTTP throughput and latency of the hot paths, and write-through throughput and lag.
 
-Run with ``scripts/bench.sh`` (it installs wrk if needed). Everything is measured in this run on this
-machine, against a baseline measured in the same run (``GET /health``: aiohttp + orjson, no Redis),
+Run with ``scripts/bench.sh [SUBCOMMAND...]`` (it installs wrk if needed); with no subcommand it runs
+them all. Everything is measured in this run on this machine, against ceilings measured in the same run,
 so the ratios mean something on any machine. Uses its own key prefix and Postgres schema, and removes
-them afterwards; never touches other data.
-
-Prints a table: requests/s, p50 and p99 latency, ratio to baseline; then flush rows/s and outbox lag.
+them afterwards; never touches other data. ``docs/performance.md`` explains every table.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import re
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from pathlib import Path
+from collections.abc import Callable
 
 import asyncpg
 import redis.asyncio as aioredis
 
+from bench.common import (
+    CONNECTIONS,
+    CREATE_LUA,
+    DURATION,
+    PORT,
+    POST_LUA,
+    PY,
+    ROOT,
+    SCHEMA,
+    _median,
+    backlog,
+    bench_env,
+    cleanup,
+    http,
+    wait_http,
+    wrk,
+)
 from session_svc.settings import Settings
-
-PORT = int(os.environ.get("BENCH_PORT", "8290"))
-DURATION = os.environ.get("BENCH_DURATION", "8s")
-CONNECTIONS = os.environ.get("BENCH_CONNECTIONS", "64")
-PREFIX = f"bench{os.getpid()}"
-SCHEMA = f"bench{os.getpid()}"
-BASE = f"http://127.0.0.1:{PORT}"
-ROOT = Path(__file__).resolve().parent.parent
-PY = sys.executable
-
-POST_LUA = """
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.body = '{"role":"user","content":"Hello, this is a benchmark message of a typical chat size.","tokens_used":12,"cost_usd":0.0001,"metadata":{"model":"gpt-4"}}'
-"""
-
-
-def http(
-    method: str, path: str, body: dict[str, object] | None = None, base: str = BASE
-) -> dict[str, object]:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(base + path, data=data, method=method)
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        return json.loads(resp.read())  # type: ignore[no-any-return]
-
-
-def wait_http(base: str = BASE) -> None:
-    for _ in range(100):
-        try:
-            http("GET", "/health", base=base)
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit("API did not start")
-
-
-def wrk(
-    path: str,
-    lua: str | None = None,
-    connections: str = CONNECTIONS,
-    duration: str = DURATION,
-    base: str = BASE,
-) -> tuple[float, float, float]:
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration}", "--latency"]
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write(lua or "")
-    cmd += ["-s", f.name, base + path]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    os.unlink(f.name)
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    if errors:
-        raise SystemExit(f"{path}: {errors.group(1)} error responses\n{out}")
-
-    def pct(p: str) -> float:
-        m = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)", out)
-        assert m, out
-        value, unit = float(m.group(1)), m.group(2)
-        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
-
-    return rps, pct("50"), pct("99")
-
-
-async def backlog(r: aioredis.Redis, settings: Settings) -> tuple[int, float]:
-    from session_svc.keys import Keys
-    from session_svc.outbox import backlog as outbox_backlog
-
-    b = await outbox_backlog(r, Keys(settings.key_prefix, settings.redis_buckets))
-    return b.entries, b.oldest_age_s
-
-
-CREATE_LUA = """
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.body = '{"user_id":"bench-creator","title":"t"}'
-"""
-
-
-def _median(runs: list[tuple[float, float, float]]) -> tuple[float, float, float]:
-    return tuple(sorted(r[i] for r in runs)[len(runs) // 2] for i in range(3))  # type: ignore[return-value]
 
 
 def hot_table(env: dict[str, str]) -> None:
@@ -195,29 +127,9 @@ def observability_cost(env: dict[str, str], rounds: int = 3) -> None:
         print(f"{name:55} {rps:9.0f} {p50:8.2f} {p99:8.2f} {rps / base:7.3f}x")
 
 
-def main() -> None:
-    env = {
-        **os.environ,
-        "KEY_PREFIX": PREFIX,
-        "DB_SCHEMA": SCHEMA,
-        "SERVICE_PORT": str(PORT),
-        "LOG_LEVEL": "WARNING",
-        "SERVICE_PROCESSES": os.environ.get("SERVICE_PROCESSES", "1"),
-    }
+def writethrough(env: dict[str, str]) -> None:
+    """The original quick table: one API process against /health, then the drain of the backlog."""
     settings = Settings.from_env(env)
-    subprocess.run([PY, "-m", "session_svc.migrate"], env=env, check=True, capture_output=True)
-    if sys.argv[1:] == ["hot"]:
-        try:
-            hot_table(env)
-        finally:
-            asyncio.run(cleanup(settings))
-        return
-    if sys.argv[1:] == ["observability"]:
-        try:
-            observability_cost(env)
-        finally:
-            asyncio.run(cleanup(settings))
-        return
     api = subprocess.Popen([PY, "-m", "session_svc"], env=env, cwd=ROOT)
     worker: subprocess.Popen[bytes] | None = None
     try:
@@ -310,17 +222,28 @@ def main() -> None:
             if p is not None:
                 p.send_signal(signal.SIGTERM)
                 p.wait(timeout=20)
+
+
+BENCHMARKS: dict[str, Callable[[dict[str, str]], None]] = {
+    "hot": hot_table,
+    "observability": observability_cost,
+    "writethrough": writethrough,
+}
+
+
+def main() -> None:
+    names = sys.argv[1:] or list(BENCHMARKS)
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        raise SystemExit(f"unknown benchmark {unknown}; choose from {sorted(BENCHMARKS)}")
+    env = bench_env()
+    settings = Settings.from_env(env)
+    subprocess.run([PY, "-m", "session_svc.migrate"], env=env, check=True, capture_output=True)
+    try:
+        for name in names:
+            BENCHMARKS[name](env)
+    finally:
         asyncio.run(cleanup(settings))
-
-
-async def cleanup(settings: Settings) -> None:
-    r = aioredis.Redis.from_url(settings.redis_url)
-    async for key in r.scan_iter(match=f"{PREFIX}:*", count=1000):
-        await r.delete(key)
-    await r.aclose()
-    pg = await asyncpg.connect(settings.database_url)
-    await pg.execute(f'DROP SCHEMA IF EXISTS "{SCHEMA}" CASCADE')
-    await pg.close()
 
 
 if __name__ == "__main__":

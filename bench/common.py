@@ -1,0 +1,120 @@
+"""What every benchmark shares: ports, key prefix and schema of this run, the wrk runner, the HTTP
+helpers, the outbox backlog probe and the cleanup of everything a run created."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from session_svc.settings import Settings
+
+PORT = int(os.environ.get("BENCH_PORT", "8290"))
+DURATION = os.environ.get("BENCH_DURATION", "8s")
+CONNECTIONS = os.environ.get("BENCH_CONNECTIONS", "64")
+PREFIX = f"bench{os.getpid()}"
+SCHEMA = f"bench{os.getpid()}"
+BASE = f"http://127.0.0.1:{PORT}"
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+POST_LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '{"role":"user","content":"Hello, this is a benchmark message of a typical chat size.","tokens_used":12,"cost_usd":0.0001,"metadata":{"model":"gpt-4"}}'
+"""
+
+
+def http(
+    method: str, path: str, body: dict[str, object] | None = None, base: str = BASE
+) -> dict[str, object]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(base + path, data=data, method=method)
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())  # type: ignore[no-any-return]
+
+
+def wait_http(base: str = BASE) -> None:
+    for _ in range(100):
+        try:
+            http("GET", "/health", base=base)
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit("API did not start")
+
+
+def wrk(
+    path: str,
+    lua: str | None = None,
+    connections: str = CONNECTIONS,
+    duration: str = DURATION,
+    base: str = BASE,
+) -> tuple[float, float, float]:
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration}", "--latency"]
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(lua or "")
+    cmd += ["-s", f.name, base + path]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    os.unlink(f.name)
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errors:
+        raise SystemExit(f"{path}: {errors.group(1)} error responses\n{out}")
+
+    def pct(p: str) -> float:
+        m = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)", out)
+        assert m, out
+        value, unit = float(m.group(1)), m.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    return rps, pct("50"), pct("99")
+
+
+async def backlog(r: aioredis.Redis, settings: Settings) -> tuple[int, float]:
+    from session_svc.keys import Keys
+    from session_svc.outbox import backlog as outbox_backlog
+
+    b = await outbox_backlog(r, Keys(settings.key_prefix, settings.redis_buckets))
+    return b.entries, b.oldest_age_s
+
+
+CREATE_LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '{"user_id":"bench-creator","title":"t"}'
+"""
+
+
+def _median(runs: list[tuple[float, float, float]]) -> tuple[float, float, float]:
+    return tuple(sorted(r[i] for r in runs)[len(runs) // 2] for i in range(3))  # type: ignore[return-value]
+
+
+async def cleanup(settings: Settings) -> None:
+    r = aioredis.Redis.from_url(settings.redis_url)
+    async for key in r.scan_iter(match=f"{PREFIX}:*", count=1000):
+        await r.delete(key)
+    await r.aclose()
+    pg = await asyncpg.connect(settings.database_url)
+    await pg.execute(f'DROP SCHEMA IF EXISTS "{SCHEMA}" CASCADE')
+    await pg.close()
+
+
+def bench_env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "KEY_PREFIX": PREFIX,
+        "DB_SCHEMA": SCHEMA,
+        "SERVICE_PORT": str(PORT),
+        "LOG_LEVEL": "WARNING",
+        "SERVICE_PROCESSES": os.environ.get("SERVICE_PROCESSES", "1"),
+    }
