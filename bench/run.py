@@ -47,18 +47,24 @@ def hot_table(env: dict[str, str]) -> None:
     repeats = int(os.environ.get("BENCH_REPEATS", "3"))
     duration = os.environ.get("BENCH_ROW_DURATION", "5s")
     cores = os.cpu_count() or 1
-    ports = {"json": PORT + 1, "append": PORT + 2, "service": PORT}
+    ports = {"json": PORT + 1, "append": PORT + 2, "pool": PORT + 3, "service": PORT}
+    only = [w for w in os.environ.get("BENCH_ROWS", "").split(",") if w]  # e.g. BENCH_ROWS=ceiling,append
     print(
         f"\n# hot paths: wrk -t1 -d{duration}, medians of {repeats}, load generator on the same {cores} cores"
     )
-    print(f"{'row':44} {'procs':>5} {'conns':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'vs ceiling':>10}")
-    for procs in sorted({1, cores}):
+    print(
+        f"{'row':44} {'procs':>5} {'conns':>5} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'vs ceiling':>10} {'vs pool':>8} {'p99 vs':>8}"
+    )
+    for procs in [int(n) for n in os.environ.get("BENCH_PROCS", f"1,{cores}").split(",")]:
         penv = {**env, "SERVICE_PROCESSES": str(procs)}
         started = []
         try:
-            for kind in ("json", "append"):
+            for kind in ("json", "append", "pool"):
                 cenv = {**penv, "SERVICE_PORT": str(ports[kind])}
-                started.append(subprocess.Popen([PY, "-m", "bench.ceiling", kind], env=cenv, cwd=ROOT))
+                if kind == "pool":  # the same append, through redis-py's pool without coalescing
+                    cenv["REDIS_COALESCE"] = "false"
+                app = "json" if kind == "json" else "append"
+                started.append(subprocess.Popen([PY, "-m", "bench.ceiling", app], env=cenv, cwd=ROOT))
             started.append(subprocess.Popen([PY, "-m", "session_svc"], env=penv, cwd=ROOT))
             bases = {k: f"http://127.0.0.1:{p}" for k, p in ports.items()}
             for base in bases.values():
@@ -71,6 +77,7 @@ def hot_table(env: dict[str, str]) -> None:
             rows: list[tuple[str, str, str | None, str]] = [
                 ("ceiling: bare aiohttp JSON", "/", None, "json"),
                 ("ceiling: aiohttp + one append EVALSHA", "/", None, "append"),
+                ("ceiling: the same, redis-py pool", "/", None, "pool"),
                 ("append a message", f"/api/v1/sessions/{sid}/messages?user_id=bench", POST_LUA, "service"),
                 ("get a session", f"/api/v1/sessions/{sid}?user_id=bench", None, "service"),
                 ("page of 20 messages", f"/api/v1/sessions/{sid}/messages?user_id=bench&page_size=20",
@@ -79,16 +86,20 @@ def hot_table(env: dict[str, str]) -> None:
                 ("a user's session list", "/api/v1/users/bench/sessions", None, "service"),
                 ("stats", "/api/v1/sessions/stats", None, "service"),
             ]  # fmt: skip
-            for conns in ("64", "1"):
+            rows = [r for r in rows if r[0].startswith("ceiling:") or not only
+                    or any(w in r[0] for w in only)]  # fmt: skip
+            for conns in os.environ.get("BENCH_CONNS", "64,1").split(","):
                 runs: dict[str, list[tuple[float, float, float]]] = {r[0]: [] for r in rows}
                 for _ in range(repeats):
                     for name, path, lua, target in rows:
                         runs[name].append(wrk(path, lua, conns, duration, bases[target]))
-                ceiling = _median(runs["ceiling: aiohttp + one append EVALSHA"])[0]
+                _, _, ceiling_p99 = ceiling = _median(runs["ceiling: aiohttp + one append EVALSHA"])
+                pool = _median(runs["ceiling: the same, redis-py pool"])
                 for name, *_ in rows:
                     rps, p50, p99 = _median(runs[name])
                     print(
-                        f"{name:44} {procs:5} {conns:>5} {rps:8.0f} {p50:8.2f} {p99:8.2f} {rps / ceiling:9.2f}x"
+                        f"{name:44} {procs:5} {conns:>5} {rps:8.0f} {p50:8.2f} {p99:8.2f} "
+                        f"{rps / ceiling[0]:9.2f}x {rps / pool[0]:7.2f}x {p99 / ceiling_p99:7.2f}x"
                     )
         finally:
             for p in started:

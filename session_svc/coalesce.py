@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError
+from redis.exceptions import DataError, NoScriptError, ResponseError
 
 from session_svc import redis_client
 
@@ -81,7 +81,50 @@ class Coalescer:
                 c.future.set_result((not isinstance(reply, Exception), reply, False))
 
     async def _pipeline(self, batch: Sequence[_Call]) -> list[Any]:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for c in batch:
-                pipe.execute_command("EVALSHA", c.sha, len(c.keys), *c.keys, *c.args)
-            return list(await pipe.execute(raise_on_error=False))
+        """Every call of ``batch`` written at once on one pooled connection, then one reply read per
+        call: an error reply is that call's result, a connection failure fails them all. What redis-py's
+        pipeline does, without its per-command machinery (a third of the cost of a batch)."""
+        replies: list[Any] = [None] * len(batch)
+        chunks: list[bytes] = []
+        sent: list[int] = []
+        for i, c in enumerate(batch):
+            try:
+                chunks.append(_pack(c))
+                sent.append(i)
+            except (DataError, UnicodeEncodeError) as exc:  # cannot be sent: only this call fails
+                replies[i] = exc if isinstance(exc, DataError) else DataError(f"cannot encode: {exc}")
+        if not sent:
+            return replies
+        pool = self.redis.connection_pool
+        conn = await pool.get_connection("EVALSHA")  # type: ignore[no-untyped-call]
+        try:
+            await conn.send_packed_command(b"".join(chunks), check_health=False)
+            for i in sent:
+                try:
+                    replies[i] = await conn.read_response()
+                except ResponseError as exc:  # Redis answered this call with an error
+                    replies[i] = exc
+        except BaseException:
+            # Replies may still be on their way: this connection's stream is out of step. Never reuse it.
+            await conn.disconnect()
+            raise
+        finally:
+            await pool.release(conn)
+        return replies
+
+
+def _arg(value: Arg) -> bytes:
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, bool):  # an int, but never a Redis argument (redis-py refuses it too)
+        raise DataError("a bool is not a Redis argument")
+    return repr(value).encode()  # int or float, as redis-py writes them
+
+
+def _pack(c: _Call) -> bytes:
+    """``EVALSHA sha numkeys key... arg...`` in RESP: an array of bulk strings."""
+    parts = [c.sha.encode(), str(len(c.keys)).encode(), *map(_arg, c.keys), *map(_arg, c.args)]
+    out = [b"*%d\r\n$7\r\nEVALSHA\r\n" % (len(parts) + 1)]
+    for b in parts:
+        out.append(b"$%d\r\n%b\r\n" % (len(b), b))
+    return b"".join(out)
