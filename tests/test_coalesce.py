@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import DataError, ResponseError
 
 from session_svc.coalesce import Coalescer
 from tests.helpers import add_message, list_messages, make_session, new_user
@@ -70,3 +70,16 @@ async def test_concurrent_appends_through_the_api_stay_gap_free(client: Any, bat
         m["content"] for m in sorted(sent, key=lambda m: m["sequence"])
     ]
     assert max(batches) > 1  # some calls did share a pipeline
+
+
+async def test_an_argument_redis_cannot_take_fails_only_its_own_call(redis: Redis, key_prefix: str) -> None:
+    """A lone surrogate has no UTF-8 form: that call fails with a DataError, the rest of its batch runs."""
+    sha = await redis.script_load(INCR)
+    c = Coalescer(redis)
+    key = f"{key_prefix}:n"
+    results = await asyncio.gather(
+        c.call(sha, INCR, [key], []), c.call(sha, INCR, ["\ud800"], []), c.call(sha, INCR, [key], []),
+        return_exceptions=True,
+    )  # fmt: skip
+    assert isinstance(results[1], DataError)
+    assert sorted(r for r in results if isinstance(r, int)) == [1, 2]
