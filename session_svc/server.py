@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from http import HTTPStatus
@@ -128,6 +129,9 @@ async def serve(
     )
     try:
         await runner.setup()
+        # Everything built so far (modules, models, routes, scripts, pools) lives as long as the process:
+        # out of the collector's sight, a full collection no longer walks it while requests wait.
+        gc.freeze()
         try:
             await web.TCPSite(runner, host, port, reuse_port=True).start()
             log.info("serving on http://%s:%d", host, port)

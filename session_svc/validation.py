@@ -57,13 +57,31 @@ async def parse_body(request: web.Request, model: type[M]) -> M:
         raise BadRequest(_problems(exc, "body")) from None
 
 
+# Query strings already validated, by model: a chat client sends the same ``?user_id=...`` on every
+# turn. Bounded: emptied when full. A model instance is only ever read, so one can serve many requests.
+_QUERY_CACHE_SIZE = 4096
+_QUERY_CACHE_MAX_CHARS = 512
+_queries: dict[tuple[type[BaseModel], str, tuple[str, ...]], BaseModel] = {}
+
+
 def parse_query(request: web.Request, model: type[M], **path: str) -> M:
     """Query parameters (plus any path parameters given) into ``model``; a problem with a path parameter
     is reported at ``["path", name]``."""
+    # The raw (still percent-encoded) query string: decoded, "a%26b" and "a&b" would look alike.
+    raw = request.rel_url.raw_query_string
+    key = (model, raw, tuple(path.values()))
+    known = _queries.get(key)
+    if known is not None:
+        return known  # type: ignore[return-value]  # keyed by its model
     try:
-        return model.model_validate({**request.query, **path})
+        parsed = model.model_validate({**request.query, **path})
     except ValidationError as exc:
         raise BadRequest(_problems(exc, "query", path)) from None
+    if len(raw) <= _QUERY_CACHE_MAX_CHARS:
+        if len(_queries) >= _QUERY_CACHE_SIZE:
+            _queries.clear()
+        _queries[key] = parsed
+    return parsed
 
 
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")

@@ -372,8 +372,14 @@ def _adapt(route: Route) -> Callable[[web.Request], Awaitable[web.Response]]:
     return handle
 
 
+# aiohttp tries the routes under one path prefix in the order they were added, one regular expression
+# each: the busiest first (a message append resolves at the first try, not the fourth).
+_BUSIEST_FIRST = (_S + "/messages", _S, _S + "/memory")
+
+
 def setup_routes(app: web.Application) -> None:
-    for r in ROUTES:
+    rank = {path: i for i, path in enumerate(_BUSIEST_FIRST)}
+    for r in sorted(ROUTES, key=lambda r: rank.get(r.path, len(rank))):  # a stable sort
         # aiohttp's default variable pattern excludes braces; a user id may contain them.
         path = r.path.replace("{user_id}", "{user_id:[^/]+}")
         # "stats" is never a session id, whatever the method: PUT /api/v1/sessions/stats is a 405
