@@ -8,6 +8,7 @@ micro-dollars in storage and the nearest double here.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from functools import lru_cache
@@ -19,6 +20,16 @@ from session_svc.record import MICROS
 
 Row = dict[str, Any]
 Hash = dict[str, str]
+
+
+def new_id() -> str:
+    """A random (version 4) UUID in its canonical text form: what ``str(uuid.uuid4())`` gives, in a
+    third of the time (no ``UUID`` object in between)."""
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40  # version 4
+    b[8] = (b[8] & 0x3F) | 0x80  # the RFC 4122 variant
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def now_us() -> int:

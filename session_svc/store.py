@@ -9,7 +9,6 @@ brought back into Redis before it is written to.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -29,6 +28,7 @@ from session_svc.shapes import (
     list_item_out,
     memory_out,
     message_out,
+    new_id,
     now_us,
     pairs,
     session_out,
@@ -96,7 +96,7 @@ def _check(reply: Sequence[Any], what: str) -> None:
 
 
 async def create_session(b: Backend, body: SessionCreate) -> Row:
-    sid = str(uuid.uuid4())
+    sid = new_id()
     now = now_us()
     uk = b.keys.for_user(body.user_id)
     h: Hash = {
@@ -231,7 +231,7 @@ async def stats(b: Backend) -> Row:
 async def append_message(b: Backend, sid: str, uid: str, body: MessageCreate) -> Row:
     uk = b.keys.for_user(uid)
     message = {  # record.MESSAGE_FIELDS
-        "id": str(uuid.uuid4()),
+        "id": new_id(),
         "role": body.role.value,
         "content": body.content,
         "type": body.message_type.value,
@@ -276,7 +276,7 @@ async def create_memory(b: Backend, sid: str, uid: str, body: MemoryCreate) -> R
     now = now_us()
     doc = dumps(
         {
-            "memory_id": str(uuid.uuid4()),
+            "memory_id": new_id(),
             "memory_type": mtype,
             "content": body.content,
             "metadata": body.metadata,

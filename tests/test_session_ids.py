@@ -9,6 +9,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from session_svc.shapes import new_id
 from session_svc.validation import _CANONICAL_UUID
 
 
@@ -45,3 +46,15 @@ async def test_other_forms_of_a_real_id_are_404(client: Any) -> None:
     for other in (sid.upper(), sid.replace("-", ""), "{" + sid + "}"):
         resp = await client.get(f"/api/v1/sessions/{other}", params={"user_id": "ids"})
         assert resp.status == 404, other
+
+
+def test_issued_ids_are_distinct_version_4_uuids_in_canonical_form() -> None:
+    ids = [new_id() for _ in range(20000)]
+    assert len(set(ids)) == len(ids)
+    for raw in ids:
+        parsed = uuid.UUID(raw)
+        assert str(parsed) == raw and parsed.version == 4 and parsed.variant == uuid.RFC_4122
+    # Random bits are random: each of the 122 free bits is set in about half of the ids.
+    ones = [sum(uuid.UUID(raw).int >> bit & 1 for raw in ids[:4000]) for bit in range(128)]
+    fixed = {76, 77, 78, 79, 62, 63}  # the version (bits 76-79) and variant (62-63) bits
+    assert all(1700 < n < 2300 for bit, n in enumerate(ones) if bit not in fixed)
