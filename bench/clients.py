@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
+import importlib
 import os
 import random
 import shutil
@@ -75,8 +75,11 @@ Arg = str | int | float
 def skipped(variant: str) -> str | None:
     """Why ``variant`` cannot run here (its client is not installed), or None."""
     module = MODULES.get(variant)
-    if module and importlib.util.find_spec(module) is None:
-        return f"{module} is not installed (pip install -e '.[bench]')"
+    if module:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            return f"{module} cannot be imported ({exc}); scripts/bench.sh installs the extra 'bench'"
     return None
 
 
