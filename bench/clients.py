@@ -228,11 +228,14 @@ def swap_transport(scripts: Scripts, transport: Any) -> None:
             script._coalescer = transport
 
 
-async def open_scripts(variant: str, settings: Settings) -> tuple[Scripts, Callable[[], Awaitable[None]]]:
+async def open_scripts(
+    variant: str, settings: Settings, coredis_retry: bool = False
+) -> tuple[Scripts, Callable[[], Awaitable[None]]]:
     redis = redis_client(settings)  # glide/coredis: only ``Script`` needs it; it never connects
     if variant in ("redispy", "coalesce"):
         return Scripts(redis, coalesce=variant == "coalesce"), redis.aclose
-    transport, close = await (open_glide(settings) if variant == "glide" else open_coredis(settings))
+    opening = open_glide(settings) if variant == "glide" else open_coredis(settings, coredis_retry)
+    transport, close = await opening
     scripts = Scripts(redis, coalesce=True)
     swap_transport(scripts, transport)
     return scripts, close
@@ -315,7 +318,11 @@ def processes(cmd: list[str], env: dict[str, str], n: int) -> list[subprocess.Po
     env = {**env, "SERVICE_PROCESSES": "1"}
     if n > 1:
         env["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="bench-clients-metrics-")
+        _metrics_dirs.append(env["PROMETHEUS_MULTIPROC_DIR"])
     return [subprocess.Popen(cmd, env=env, cwd=ROOT) for _ in range(n)]
+
+
+_metrics_dirs: list[str] = []  # removed by stop_all
 
 
 def stop_all(started: list[subprocess.Popen[bytes]]) -> None:
@@ -327,6 +334,8 @@ def stop_all(started: list[subprocess.Popen[bytes]]) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+    while _metrics_dirs:
+        shutil.rmtree(_metrics_dirs.pop(), ignore_errors=True)
 
 
 # The benchmark -------------------------------------------------------------------------------------------------
@@ -506,13 +515,7 @@ async def probe_client(variant: str, retry: bool = False) -> dict[str, str]:
             redis_pool_timeout=PROBE_TIMEOUT,
         )
         admin = aioredis.Redis(port=port, decode_responses=True)
-        if variant == "coredis" and retry:
-            redis = redis_client(settings)
-            scripts = Scripts(redis, coalesce=True)
-            transport, close = await open_coredis(settings, retry=True)
-            swap_transport(scripts, transport)
-        else:
-            scripts, close = await open_scripts(variant, settings)
+        scripts, close = await open_scripts(variant, settings, coredis_retry=retry)
         uk = Keys("probe", 16).for_user(USER)
         sid = "probe"
         await scripts.create_session(
