@@ -20,6 +20,7 @@ from collections.abc import Callable
 import asyncpg
 import redis.asyncio as aioredis
 
+from bench.clients import clients_table
 from bench.common import (
     CONNECTIONS,
     CREATE_LUA,
@@ -237,6 +238,7 @@ def writethrough(env: dict[str, str]) -> None:
 
 BENCHMARKS: dict[str, Callable[[dict[str, str]], None]] = {
     "hot": hot_table,
+    "clients": clients_table,
     "observability": observability_cost,
     "writethrough": writethrough,
 }
