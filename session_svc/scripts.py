@@ -237,14 +237,25 @@ LIST_MESSAGES = Lua(
     keys=("session", "messages", "user_index"),
     args=("sid", "uid", "lo", "hi"),
     body=_OWNER
+    + "local FIELDS = {"
+    + ", ".join(f"'{f}'" for f in MESSAGE_FIELDS)
+    + "}\n"
     + """
 local state = owner_state(session, user_index, sid, uid)
 if state then return {state} end
 local h = redis.call('HMGET', session, 'message_count', 'mfirst')
 local from = math.max(tonumber(lo), tonumber(h[2]))
-local entries = {}
-if from <= tonumber(hi) then entries = redis.call('XRANGE', messages, from .. '-0', hi .. '-0') end
-return {'ok', h[1], h[2], entries}
+local out = {'ok', h[1], h[2]}
+if from <= tonumber(hi) then
+  -- Flat: each entry's id, then its fields' values in FIELDS order (a third of the reply's elements).
+  for _, e in ipairs(redis.call('XRANGE', messages, from .. '-0', hi .. '-0')) do
+    local kv, f = e[2], {}
+    for i = 1, #kv, 2 do f[kv[i]] = kv[i + 1] end
+    out[#out + 1] = e[1]
+    for _, name in ipairs(FIELDS) do out[#out + 1] = f[name] or false end
+  end
+end
+return out
 """,
 )
 

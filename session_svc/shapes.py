@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from session_svc.record import MICROS
+from session_svc.record import MESSAGE_FIELDS, MICROS
 
 Row = dict[str, Any]
 Hash = dict[str, str]
@@ -125,6 +125,30 @@ def message_out(sid: str, uid: str, seq: int, f: Hash) -> Row:
         "tokens_used": int(f["tokens"]),
         "cost_usd": usd(f["cost"]),
         "created_at": iso(f["ts"]),
+    }
+
+
+_ID, _ROLE, _CONTENT, _TYPE, _TOKENS, _COST, _META, _TS = map(
+    MESSAGE_FIELDS.index, ("id", "role", "content", "type", "tokens", "cost", "meta", "ts")
+)
+
+
+def message_out_at(sid: str, uid: str, flat: Sequence[str], i: int) -> Row:
+    """``message_out`` of the entry at ``flat[i]``: its stream id, then its values in MESSAGE_FIELDS order
+    (the page script's reply), read in place."""
+    v = flat[i + 1 : i + 1 + len(MESSAGE_FIELDS)]
+    return {
+        "message_id": v[_ID],
+        "session_id": sid,
+        "user_id": uid,
+        "sequence": int(flat[i].partition("-")[0]),
+        "role": v[_ROLE],
+        "content": v[_CONTENT],
+        "message_type": v[_TYPE],
+        "metadata": orjson.Fragment(v[_META]),
+        "tokens_used": int(v[_TOKENS]),
+        "cost_usd": usd(v[_COST]),
+        "created_at": iso(v[_TS]),
     }
 
 

@@ -18,7 +18,7 @@ from session_svc import cold
 from session_svc.errors import MEMORY_NOT_FOUND, SESSION_NOT_FOUND, Conflict, NotFound, Unavailable
 from session_svc.keys import UserKeys
 from session_svc.models import MemoryCreate, MessageCreate, SessionCreate, SessionUpdate, to_micros
-from session_svc.record import LIST_FIELDS, MEMORY_ALL
+from session_svc.record import LIST_FIELDS, MEMORY_ALL, MESSAGE_FIELDS
 from session_svc.resources import Backend
 from session_svc.shapes import (
     Hash,
@@ -28,6 +28,7 @@ from session_svc.shapes import (
     list_item_out,
     memory_out,
     message_out,
+    message_out_at,
     new_id,
     now_us,
     pairs,
@@ -256,8 +257,9 @@ async def list_messages(b: Backend, sid: str, uid: str, page: int, page_size: in
         if lo < first and b.pg is not None:
             for seq, f in await cold.load_messages(b.pg, b.schema, sid, lo, min(hi, first - 1)):
                 messages.append(message_out(sid, uid, seq, f))
-        for entry_id, flat in reply[3]:
-            messages.append(message_out(sid, uid, int(entry_id.partition("-")[0]), pairs(flat)))
+        # [.., an entry's id, its values in MESSAGE_FIELDS order, ..]
+        for i in range(3, len(reply), 1 + len(MESSAGE_FIELDS)):
+            messages.append(message_out_at(sid, uid, reply, i))
     else:
         h = await _cold_hash(b, sid, uid)
         total = int(h["message_count"])
