@@ -278,10 +278,11 @@ async def _evict(settings: Settings, owners: Sequence[tuple[str, str]]) -> None:
 # Checking the data is what the table says -------------------------------------------------------------
 
 
-async def _count(r: aioredis.Redis, calls: Iterable[Callable[[Any], Any]]) -> list[Any]:
+async def _replies(r: aioredis.Redis, commands: Iterable[tuple[str, ...]]) -> list[Any]:
+    """One pipeline of ``commands`` (each a command and its arguments); their replies."""
     async with r.pipeline(transaction=False) as pipe:
-        for call in calls:
-            call(pipe)
+        for command in commands:
+            pipe.execute_command(*command)
         return list(await pipe.execute())
 
 
@@ -289,49 +290,29 @@ async def _verify(big: Settings, small: Settings, d: Data) -> dict[str, Any]:
     r = aioredis.Redis.from_url(big.redis_url, decode_responses=True)
     kb, ks = Keys(big.key_prefix, big.redis_buckets), Keys(small.key_prefix, small.redis_buckets)
     facts: dict[str, Any] = {}
+
+    def session_keys(o: tuple[str, str]) -> tuple[str, str]:
+        uk = kb.for_user(o[0])
+        return uk.session(o[1]), uk.messages(o[1])
+
     try:
-        facts["hot sessions (big prefix)"] = sum(
-            await _count(r, (lambda p, b=b: p.zcard(kb.hot(b)) for b in range(kb.buckets)))
-        )
-        facts["hot sessions (small prefix)"] = sum(
-            await _count(r, (lambda p, b=b: p.zcard(ks.hot(b)) for b in range(ks.buckets)))
-        )
-        big_u, small_u = kb.for_user("biguser"), kb.for_user("smalluser")
-        facts["sessions of biguser"] = await r.zcard(big_u.sessions)
-        facts["sessions of smalluser"] = await r.zcard(small_u.sessions)
-        long_u, short_u = kb.for_user("long"), kb.for_user("short")
-        facts["messages of the long session"] = (
-            int(await r.hget(long_u.session(d.long_sid), "message_count") or 0),
-            await r.xlen(long_u.messages(d.long_sid)),
-        )
-        facts["messages of the short session"] = (
-            int(await r.hget(short_u.session(d.short_sid), "message_count") or 0),
-            await r.xlen(short_u.messages(d.short_sid)),
-        )
-        facts["warm sessions in Redis"] = sum(
-            await _count(r, (lambda p, o=o: p.exists(kb.for_user(o[0]).session(o[1])) for o in d.warm))
-        )
-        facts["cold sessions still in Redis (session or messages key)"] = sum(
-            await _count(
-                r,
-                (
-                    lambda p, o=o: p.exists(kb.for_user(o[0]).session(o[1]), kb.for_user(o[0]).messages(o[1]))
-                    for o in d.cold
-                ),
-            )
-        )
-        facts["cold sessions in their user's index"] = sum(
-            x is not None
-            for x in await _count(
-                r, (lambda p, o=o: p.zscore(kb.for_user(o[0]).sessions, o[1]) for o in d.cold)
-            )
-        )
-        facts["rehydrations (big prefix)"] = sum(
-            int(x or 0)
-            for x in await _count(
-                r, (lambda p, b=b: p.hget(kb.stats(b), "rehydrations") for b in range(kb.buckets))
-            )
-        )
+        for name, k in (("big", kb), ("small", ks)):
+            zcards = await _replies(r, (("ZCARD", k.hot(b)) for b in range(k.buckets)))
+            facts[f"hot sessions ({name} prefix)"] = sum(zcards)
+        for user in ("biguser", "smalluser"):
+            facts[f"sessions of {user}"] = await r.zcard(kb.for_user(user).sessions)
+        for user, sid in (("long", d.long_sid), ("short", d.short_sid)):
+            skey, mkey = session_keys((user, sid))
+            count = int(await r.hget(skey, "message_count") or 0)
+            facts[f"messages of the {user} session"] = (count, await r.xlen(mkey))
+        warm = await _replies(r, (("EXISTS", session_keys(o)[0]) for o in d.warm))
+        facts["warm sessions in Redis"] = sum(warm)
+        cold = await _replies(r, (("EXISTS", *session_keys(o)) for o in d.cold))
+        facts["cold sessions still in Redis (session or messages key)"] = sum(cold)
+        listed = await _replies(r, (("ZSCORE", kb.for_user(uid).sessions, sid) for uid, sid in d.cold))
+        facts["cold sessions in their user's index"] = sum(x is not None for x in listed)
+        rehydrations = await _replies(r, (("HGET", kb.stats(b), "rehydrations") for b in range(kb.buckets)))
+        facts["rehydrations (big prefix)"] = sum(int(x or 0) for x in rehydrations)
     finally:
         await r.aclose()
     pg = await asyncpg.connect(big.database_url)
@@ -402,7 +383,7 @@ class Row:
 def _rows(d: Data, n_hot: int) -> list[Row]:
     """``n_hot``: sessions held in Redis under the big prefix, as counted."""
     s = "/api/v1/sessions"
-    n_user, n_msgs = len(d.hot), len(d.big_user), _size("GROWTH_MESSAGES", 100_000)
+    n_user, n_msgs = len(d.big_user), _size("GROWTH_MESSAGES", 100_000)
     small_uid, small_sid = d.small[0]
     hot_uid, hot_sid = d.hot[0]
     last = math.ceil(n_msgs / PAGE)
