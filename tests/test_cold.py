@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from session_svc import cold, store
 from session_svc.keys import Keys, bucket_of
-from session_svc.record import MemoryType
+from session_svc.record import LIST_FIELDS, MemoryType
 from session_svc.resources import Backend, pg_pool
 from tests import outbox_drain, pg_rows, support
 from tests.helpers import (
@@ -448,6 +448,25 @@ async def test_rehydration_gives_up_after_its_retries_with_a_503(
     stored = await pg_rows.pg_messages(pg, db_schema, sid)
     assert [m["content"] for m in stored] == ["one", "B0", "B1", "B2", "A"]
     assert (await list_messages(client, sid, user))["messages"] == [m1, *others, retry]
+
+
+async def test_a_cold_listing_reads_only_the_fields_it_shows(
+    client: Any, flusher: Flusher, backend: Backend
+) -> None:
+    """A listing never shows ``conversation_data`` or ``metadata``, so a cold one does not read them
+    from Postgres (up to 256 KiB each), and answers exactly as the hot one did."""
+    user = new_user()
+    big = {"history": "x" * 200_000}
+    sid = (await make_session(client, user, conversation_data=big, metadata={"m": 1}))["session_id"]
+    listing = f"/api/v1/users/{user}/sessions"
+    before = await answer(client, listing)
+    await outbox_drain.drain(flusher)
+    assert await sweep(backend, 0) == 1
+
+    assert backend.pg is not None
+    rows = await cold.load_sessions(backend.pg, backend.schema, [sid])
+    assert set(rows[sid]) == {"session_id", *LIST_FIELDS}
+    assert await answer(client, listing) == before
 
 
 async def test_a_pooled_query_is_one_round_trip_and_an_open_transaction_is_still_rolled_back(
