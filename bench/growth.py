@@ -13,7 +13,10 @@ measured in the same run and interleaved round by round, so the ratio holds on a
   session with 20;
 - cold reads (get, page of messages, user list) of sessions flushed to Postgres by the worker and then
   evicted from Redis (the expiry sweep's own ``EVICT`` script), beside the same reads of sessions
-  still hot; wrk's script walks a list of distinct sessions (users for the list).
+  still hot; wrk's script walks a list of distinct sessions (users for the list). Reads do not bring a
+  session back into Redis (only a write does), which is checked after the measurement;
+- a cold user list of sessions holding ``GROWTH_DOC_BYTES`` of ``conversation_data`` each, beside the
+  cold list of sessions holding ``{}`` (a listing does not show it, so it must not cost more).
 
 ``memory`` runs on a private ``redis-server`` (so that ``used_memory`` deltas count nothing but this
 data): ``INFO memory`` around creating sessions and appending messages of the benchmark's chat size,
@@ -116,14 +119,15 @@ class Filler:
         if pending:
             await flush()
 
-    async def sessions(self, owners: Sequence[tuple[str, str]]) -> None:
+    async def sessions(self, owners: Sequence[tuple[str, str]], conversation_data: str = "{}") -> None:
         """``owners``: (user id, session id)."""
 
         def create(uid: str, sid: str) -> Callable[[], Awaitable[Any]]:
             uk = self.keys.for_user(uid)
             return lambda: self.scripts.create_session(
-                uk, sid, title=_TITLE, conversation_data="{}", metadata=_METADATA, summary="", now=now_us()
-            )
+                uk, sid, title=_TITLE, conversation_data=conversation_data, metadata=_METADATA, summary="",
+                now=now_us(),
+            )  # fmt: skip
 
         await self._run(create(uid, sid) for uid, sid in owners)
 
@@ -165,6 +169,8 @@ class Data:
     short_sid: str  # user "short": PAGE messages
     warm: list[tuple[str, str]]  # hot group: users of PAGE sessions with PAGE messages each
     cold: list[tuple[str, str]]  # the same shape, flushed then evicted
+    cold_docs: list[tuple[str, str]]  # users of PAGE sessions with a large conversation_data, evicted
+    doc_bytes: int  # the size of that conversation_data
 
 
 async def _populate(big: Settings, small: Settings, batch: int) -> Data:
@@ -183,6 +189,8 @@ async def _populate(big: Settings, small: Settings, batch: int) -> Data:
         short_sid=str(uuid.uuid4()),
         warm=_group("w", max(1, n_warm // PAGE)),
         cold=_group("c", max(1, n_cold // PAGE)),
+        cold_docs=_group("d", max(1, _size("GROWTH_DOC_SESSIONS", 500) // PAGE)),
+        doc_bytes=_size("GROWTH_DOC_BYTES", 16_384),
     )
     r = aioredis.Redis.from_url(big.redis_url, decode_responses=True)
     try:
@@ -195,6 +203,8 @@ async def _populate(big: Settings, small: Settings, batch: int) -> Data:
         await fill.messages(_each([("short", d.short_sid)], PAGE))
         await fill.sessions(d.warm + d.cold)
         await fill.messages(_each(d.warm + d.cold, PAGE))
+        doc = json.dumps({"history": "x" * (d.doc_bytes - 16)}, separators=(",", ":"))
+        await fill.sessions(d.cold_docs, conversation_data=doc)
         small_fill = Filler(r, Keys(small.key_prefix, small.redis_buckets), batch)
         await small_fill.sessions(d.small)
         print(f"populated in {time.monotonic() - t0:.1f}s")
@@ -307,9 +317,11 @@ async def _verify(big: Settings, small: Settings, d: Data) -> dict[str, Any]:
             facts[f"messages of the {user} session"] = (count, await r.xlen(mkey))
         warm = await _replies(r, (("EXISTS", session_keys(o)[0]) for o in d.warm))
         facts["warm sessions in Redis"] = sum(warm)
-        cold = await _replies(r, (("EXISTS", *session_keys(o)) for o in d.cold))
+        cold = await _replies(r, (("EXISTS", *session_keys(o)) for o in d.cold + d.cold_docs))
         facts["cold sessions still in Redis (session or messages key)"] = sum(cold)
-        listed = await _replies(r, (("ZSCORE", kb.for_user(uid).sessions, sid) for uid, sid in d.cold))
+        listed = await _replies(
+            r, (("ZSCORE", kb.for_user(uid).sessions, sid) for uid, sid in d.cold + d.cold_docs)
+        )
         facts["cold sessions in their user's index"] = sum(x is not None for x in listed)
         rehydrations = await _replies(r, (("HGET", kb.stats(b), "rehydrations") for b in range(kb.buckets)))
         facts["rehydrations (big prefix)"] = sum(int(x or 0) for x in rehydrations)
@@ -319,7 +331,12 @@ async def _verify(big: Settings, small: Settings, d: Data) -> dict[str, Any]:
     try:
         cold_ids = [sid for _, sid in d.cold]
         facts["cold sessions in Postgres"] = await pg.fetchval(
-            f'SELECT count(*) FROM "{SCHEMA}".sessions WHERE session_id = ANY($1::text[])', cold_ids
+            f'SELECT count(*) FROM "{SCHEMA}".sessions WHERE session_id = ANY($1::text[])',
+            cold_ids + [sid for _, sid in d.cold_docs],
+        )
+        facts["conversation_data bytes of a large-document session"] = await pg.fetchval(
+            f'SELECT length(conversation_data::text) FROM "{SCHEMA}".sessions WHERE session_id = $1',
+            d.cold_docs[0][1],
         )
         facts["their messages in Postgres"] = await pg.fetchval(
             f'SELECT count(*) FROM "{SCHEMA}".session_messages WHERE session_id = ANY($1::text[])', cold_ids
@@ -338,14 +355,19 @@ def _check(facts: dict[str, Any], d: Data) -> None:
         "messages of the short session": (PAGE, PAGE),
         "warm sessions in Redis": len(d.warm),
         "cold sessions still in Redis (session or messages key)": 0,
-        "cold sessions in their user's index": len(d.cold),
-        "cold sessions in Postgres": len(d.cold),
+        "cold sessions in their user's index": len(d.cold) + len(d.cold_docs),
+        "cold sessions in Postgres": len(d.cold) + len(d.cold_docs),
         "their messages in Postgres": len(d.cold) * PAGE,
         "rehydrations (big prefix)": 0,
     }
     for name, value in facts.items():
         print(f"  {name:58} {value}")
     wrong = {n: (facts[n], v) for n, v in want.items() if facts[n] != v}
+    if facts["conversation_data bytes of a large-document session"] < d.doc_bytes - 32:
+        wrong["conversation_data bytes"] = (
+            facts["conversation_data bytes of a large-document session"],
+            d.doc_bytes,
+        )
     if facts["hot sessions (big prefix)"] < len(d.hot):
         wrong["hot sessions (big prefix)"] = (facts["hot sessions (big prefix)"], f">= {len(d.hot)}")
     if wrong:
@@ -428,6 +450,8 @@ def _rows(d: Data, n_hot: int) -> list[Row]:
             cycle=[msgs(o) for o in d.cold]),
         Row(f"user list of {PAGE}, {warm}", "", "/", cycle=users(d.warm)),
         Row(f"user list of {PAGE}, {cold}", f"user list of {PAGE}, {warm}", "/", cycle=users(d.cold)),
+        Row(f"user list of {PAGE}, cold, {d.doc_bytes // 1024} KiB conversation_data each",
+            f"user list of {PAGE}, {cold}", "/", cycle=users(d.cold_docs)),
     ]  # fmt: skip
 
 
@@ -502,8 +526,9 @@ def growth(env: dict[str, str]) -> None:
         wait_http(f"http://127.0.0.1:{SMALL_PORT}")
         d = asyncio.run(_populate(big, small, batch))
         took = asyncio.run(_flush_all(env, big))
-        print(f"worker flushed everything to Postgres in {took:.1f}s; evicting {len(d.cold):,} sessions")
-        asyncio.run(_evict(big, d.cold))
+        evict = d.cold + d.cold_docs
+        print(f"worker flushed everything to Postgres in {took:.1f}s; evicting {len(evict):,} sessions")
+        asyncio.run(_evict(big, evict))
         print("before measuring:")
         facts = asyncio.run(_verify(big, small, d))
         _check(facts, d)
