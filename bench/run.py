@@ -38,6 +38,7 @@ from bench.common import (
     wait_http,
     wrk,
 )
+from bench.growth import growth, memory
 from session_svc.settings import Settings
 
 
@@ -241,6 +242,8 @@ BENCHMARKS: dict[str, Callable[[dict[str, str]], None]] = {
     "clients": clients_table,
     "observability": observability_cost,
     "writethrough": writethrough,
+    "growth": growth,
+    "memory": memory,
 }
 
 

@@ -78,6 +78,14 @@ async def _check_layout_when_redis_answers(redis: Redis, keys: Keys) -> None:
             return
 
 
+async def _no_session_state(_: asyncpg.Connection) -> None:
+    """What the pool runs when a connection comes back, instead of asyncpg's default reset query
+    (``SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL``): a second round trip to
+    Postgres after every pooled query, which made a cold read cost two. Nothing here leaves session
+    state behind (no advisory lock, LISTEN, cursor or SET: single statements and managed
+    transactions only), and asyncpg still rolls back a transaction left open before calling this."""
+
+
 async def pg_pool(settings: Settings) -> asyncpg.Pool | None:
     if not settings.database_url:
         return None
@@ -89,6 +97,7 @@ async def pg_pool(settings: Settings) -> asyncpg.Pool | None:
         max_size=settings.db_pool_size,
         timeout=PG_CONNECT_TIMEOUT_S,
         command_timeout=PG_COMMAND_TIMEOUT_S,
+        reset=_no_session_state,
     )
 
 

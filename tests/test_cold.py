@@ -16,8 +16,8 @@ from redis.asyncio import Redis
 
 from session_svc import cold, store
 from session_svc.keys import Keys, bucket_of
-from session_svc.record import MemoryType
-from session_svc.resources import Backend
+from session_svc.record import LIST_FIELDS, MemoryType
+from session_svc.resources import Backend, pg_pool
 from tests import outbox_drain, pg_rows, support
 from tests.helpers import (
     SESSIONS,
@@ -448,3 +448,49 @@ async def test_rehydration_gives_up_after_its_retries_with_a_503(
     stored = await pg_rows.pg_messages(pg, db_schema, sid)
     assert [m["content"] for m in stored] == ["one", "B0", "B1", "B2", "A"]
     assert (await list_messages(client, sid, user))["messages"] == [m1, *others, retry]
+
+
+async def test_a_cold_listing_reads_only_the_fields_it_shows(
+    client: Any, flusher: Flusher, backend: Backend
+) -> None:
+    """A listing never shows ``conversation_data`` or ``metadata``, so a cold one does not read them
+    from Postgres (up to 256 KiB each), and answers exactly as the hot one did."""
+    user = new_user()
+    big = {"history": "x" * 200_000}
+    sid = (await make_session(client, user, conversation_data=big, metadata={"m": 1}))["session_id"]
+    listing = f"/api/v1/users/{user}/sessions"
+    before = await answer(client, listing)
+    await outbox_drain.drain(flusher)
+    assert await sweep(backend, 0) == 1
+
+    assert backend.pg is not None
+    rows = await cold.load_sessions(backend.pg, backend.schema, [sid])
+    assert set(rows[sid]) == {"session_id", *LIST_FIELDS}
+    assert await answer(client, listing) == before
+
+
+async def test_a_pooled_query_is_one_round_trip_and_an_open_transaction_is_still_rolled_back(
+    make_settings: Any,
+) -> None:
+    """The pool sends no reset query when a connection comes back (asyncpg's default one doubled the
+    cost of every cold read), yet a transaction left open is rolled back before the next acquirer."""
+    pool = await pg_pool(make_settings(db_pool_size=1))
+    assert pool is not None
+    seen: list[str] = []
+    try:
+        async with pool.acquire() as conn:
+            conn.add_query_logger(lambda q: seen.append(q.query))
+            await conn.fetchval("SELECT 1")
+        async with pool.acquire() as conn:  # the same connection (pool of one)
+            await conn.fetchval("SELECT 2")
+        assert seen == ["SELECT 1", "SELECT 2"]
+
+        async with pool.acquire() as conn:
+            tx = conn.transaction()
+            await tx.start()  # left open on purpose (not a managed transaction)
+            await conn.execute("SET LOCAL statement_timeout = 1234")
+        async with pool.acquire() as conn:
+            assert not conn.is_in_transaction()
+            assert await conn.fetchval("SHOW statement_timeout") != "1234ms"
+    finally:
+        await pool.close()
