@@ -37,6 +37,7 @@ from bench.common import (
     wait_http,
     wrk,
 )
+from bench.writebehind import writebehind
 from session_svc.settings import Settings
 
 
@@ -228,6 +229,7 @@ BENCHMARKS: dict[str, Callable[[dict[str, str]], None]] = {
     "hot": hot_table,
     "observability": observability_cost,
     "writethrough": writethrough,
+    "writebehind": writebehind,
 }
 
 
