@@ -21,6 +21,7 @@ WB_WORKERS (e.g. "1,2"), WB_PARTS (e.g. "load,cold").
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -30,6 +31,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -247,15 +249,16 @@ async def _measured_run(
     async def sample() -> None:
         while not done.is_set():
             lags.append((await backlog(r, settings))[1])
-            await asyncio.sleep(SAMPLE_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), SAMPLE_S)
 
     task = asyncio.create_task(sample())
     run = await asyncio.to_thread(run_paced, sids, rate, SECONDS)
     t_end = time.monotonic()
     done.set()
     await task
-    drain_s = await wait_drained(r, settings)
-    drain_after = time.monotonic() - t_end
+    await wait_drained(r, settings)
+    drain_after = time.monotonic() - t_end  # from the moment wrk stopped
     # Postgres against the acknowledgements.
     pg = await asyncpg.connect(settings.database_url)
     s = f'"{SCHEMA}"'
@@ -289,8 +292,7 @@ async def _measured_run(
         "missing": len(acked - in_pg), "extra": len(in_pg - acked),
         "late_max_ms": run.late_max_ms, "late_10": run.late_10, "in_flight": run.sent - run.acked - run.failed, "sessions_in_pg": len(per_session),
         "mismatched": len(mismatched), "samples": len(lags), "lag_p50": pctl(lags, 50),
-        "lag_p99": pctl(lags, 99), "lag_max": max(lags, default=0.0), "drain_s": drain_s,
-        "drain_after_s": drain_after,
+        "lag_p99": pctl(lags, 99), "lag_max": max(lags, default=0.0), "drain_after_s": drain_after,
     })  # fmt: skip
     ok = (
         result["missing"] == 0
@@ -405,10 +407,13 @@ async def drain(env: dict[str, str], settings: Settings, workers: int) -> dict[s
         return next(t for t, n in samples if n <= pred)
 
     t_drop, t90, t10, t_zero = first(entries - 1), first(0.9 * entries), first(0.1 * entries), samples[-1][0]
+    # The longest time the backlog did not go down once draining had started (a checkpoint, a stall).
+    progress = [t for (_, before), (t, n) in pairwise(samples) if n < before]
+    stall = max((b - a for a, b in pairwise(progress)), default=0.0)
     return {
         "workers": workers, "entries": entries, "start_s": t_drop, "total_s": t_zero,
         "rate_10_90": 0.8 * entries / (t10 - t90), "rate_from_drop": entries / (t_zero - t_drop),
-        "rate_incl_start": entries / t_zero, "rows_added": rows_after - rows_before, "rows": rows_after,
+        "rate_incl_start": entries / t_zero, "stall_s": stall, "rows_added": rows_after - rows_before, "rows": rows_after,
         "expected_rows": expected,
     }  # fmt: skip
 
@@ -437,9 +442,14 @@ def cold_backlog(env: dict[str, str], settings: Settings) -> dict[str, object]:
             f"{workers} worker(s): {d['entries']:.0f} entries (filled {added} in {secs:.1f}s, "
             f"{added / secs:.0f}/s); first drop {d['start_s']:.2f}s after start; 10%-90% slope "
             f"{d['rate_10_90']:.0f} rows/s ({d['ratio']:.1f}x one API process); from first drop "
-            f"{d['rate_from_drop']:.0f}/s; incl. start {d['rate_incl_start']:.0f}/s; "
+            f"{d['rate_from_drop']:.0f}/s; incl. start {d['rate_incl_start']:.0f}/s; longest stall "
+            f"{d['stall_s']:.1f}s; "
             f"+{d['rows_added']:.0f} rows; postgres {d['rows']:.0f} message rows, Redis counted "
             f"{d['expected_rows']:.0f} appends: {'OK' if d['rows'] == d['expected_rows'] else 'MISMATCH'}"
+        )
+    if len(rounds) > 1:
+        print(
+            f"{rounds[-1]['workers']:.0f} workers vs 1: {rounds[-1]['rate_10_90'] / rounds[0]['rate_10_90']:.2f}x"
         )
     return {"one_rps": one_rps, "one_p50": one_p50, "one_p99": one_p99, "rounds": rounds}
 
