@@ -39,6 +39,7 @@ from bench.common import (
     wrk,
 )
 from bench.growth import growth, memory
+from bench.writebehind import writebehind
 from session_svc.settings import Settings
 
 
@@ -244,6 +245,7 @@ BENCHMARKS: dict[str, Callable[[dict[str, str]], None]] = {
     "writethrough": writethrough,
     "growth": growth,
     "memory": memory,
+    "writebehind": writebehind,
 }
 
 
