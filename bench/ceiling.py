@@ -76,13 +76,17 @@ def append_app(settings: Settings) -> web.Application:
     return app
 
 
-def serve(kind: str, settings: Settings) -> None:
-    app = json_app() if kind == "json" else append_app(settings)
+def serve_app(app: web.Application, port: int) -> None:
+    """Serve ``app`` as the service serves: uvloop, the port shared with SO_REUSEPORT."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind(("127.0.0.1", settings.service_port))
+    sock.bind(("127.0.0.1", port))
     uvloop.install()
     web.run_app(app, sock=sock, print=None, access_log=None)
+
+
+def serve(kind: str, settings: Settings) -> None:
+    serve_app(json_app() if kind == "json" else append_app(settings), settings.service_port)
 
 
 def main() -> None:

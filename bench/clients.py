@@ -49,10 +49,10 @@ from typing import Any
 from urllib.parse import urlparse
 
 import orjson
-import uvloop
 from aiohttp import web
 from redis import exceptions as rex
 
+from bench.ceiling import serve_app
 from bench.common import POST_LUA, PY, ROOT, _median, bench_env, http, wait_http, wrk
 from session_svc import redis_client as rc
 from session_svc.keys import Keys
@@ -107,20 +107,36 @@ def _text(value: Any) -> Any:
 # Transports: what ``Script`` calls instead of the coalescer ------------------------------------------------
 
 
-class GlideTransport:
-    """``invoke_script`` per call; glide errors mapped to the redis-py ones the service answers 503 for
-    (a timeout or a lost connection: the outcome is unknown, as redis_client says)."""
+class _Transport:
+    """A client's script objects, made once per script."""
 
     def __init__(self, client: Any) -> None:
         self.client = client
         self._scripts: dict[str, Any] = {}
 
+    def script(self, sha: str, source: str) -> Any:
+        script = self._scripts.get(sha)
+        if script is None:
+            script = self._scripts[sha] = self.make(source)
+        return script
+
+    def make(self, source: str) -> Any:
+        raise NotImplementedError
+
+
+class GlideTransport(_Transport):
+    """``invoke_script`` per call; glide errors mapped to the redis-py ones the service answers 503 for
+    (a timeout or a lost connection: the outcome is unknown, as redis_client says)."""
+
+    def make(self, source: str) -> Any:
+        import glide
+
+        return glide.Script(source)
+
     async def call(self, sha: str, source: str, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         import glide
 
-        script = self._scripts.get(sha)
-        if script is None:
-            script = self._scripts[sha] = glide.Script(source)
+        script = self.script(sha, source)
         try:
             reply = await self.client.invoke_script(
                 script, keys=list(keys), args=[a if isinstance(a, str) else str(a) for a in args]
@@ -138,17 +154,14 @@ class GlideTransport:
         return _text(reply)
 
 
-class CoredisTransport:
-    def __init__(self, client: Any) -> None:
-        self.client = client
-        self._scripts: dict[str, Any] = {}
+class CoredisTransport(_Transport):
+    def make(self, source: str) -> Any:
+        return self.client.register_script(source)
 
     async def call(self, sha: str, source: str, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         from coredis import exceptions as cex
 
-        script = self._scripts.get(sha)
-        if script is None:
-            script = self._scripts[sha] = self.client.register_script(source)
+        script = self.script(sha, source)
         try:
             return await script(list(keys), list(args))
         except TimeoutError as exc:
@@ -283,11 +296,7 @@ def append_app(variant: str, settings: Settings) -> web.Application:
 
 
 def serve(variant: str, settings: Settings) -> None:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind(("127.0.0.1", settings.service_port))
-    uvloop.install()
-    web.run_app(append_app(variant, settings), sock=sock, print=None, access_log=None)
+    serve_app(append_app(variant, settings), settings.service_port)
 
 
 def service_glide() -> None:
