@@ -12,6 +12,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import BaseModel, ValidationError
 
 from session_svc.errors import SESSION_NOT_FOUND, BadRequest, NotFound
+from session_svc.typedefs import SETTINGS
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -29,6 +30,10 @@ def _problems(exc: ValidationError, where: str, path: Collection[str] = ()) -> l
 
 
 async def parse_body(request: web.Request, model: type[M]) -> M:
+    limit = request.app[SETTINGS].max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        # Decided from the header: never wait for (or read) a body that will be refused anyway.
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
     try:
         raw = await request.read()  # aiohttp raises 413 past client_max_size
     except web.RequestPayloadError as exc:  # chunked framing or Content-Encoding that does not decode

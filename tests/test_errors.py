@@ -5,6 +5,7 @@ Every failed request must leave the session, the user's listing and the stats ex
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -428,6 +429,25 @@ async def test_body_over_the_configured_limit_is_413(make_client: Any) -> None:
     assert await error_json(resp, 413) == TOO_LARGE_2048
 
     assert await snapshot(client, sid, owner) == before
+
+
+async def test_a_declared_length_over_the_limit_is_413_at_once(make_client: Any) -> None:
+    """A client announcing 100 MB and sending nothing gets its 413 straight away, not after a wait for a
+    body that would be refused anyway."""
+    client = await make_client(max_body_bytes=2048)
+    owner = new_user()
+    sid = await seeded_session(client, owner)
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    try:
+        writer.write(
+            f"POST {session_url(sid, '/messages')}?user_id={owner} HTTP/1.1\r\nHost: test\r\n"
+            "Content-Type: application/json\r\nContent-Length: 100000000\r\n\r\n".encode()
+        )
+        await writer.drain()
+        status = await asyncio.wait_for(reader.readline(), timeout=3)
+        assert status.split()[1] == b"413", status
+    finally:
+        writer.close()
 
 
 async def test_default_limit_is_one_mebibyte(client: Any) -> None:
