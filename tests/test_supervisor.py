@@ -59,14 +59,18 @@ def appends_counted(url: str) -> float:
     return 0.0
 
 
+def start_two(settings: Settings, tmp_path: Path) -> servers.ApiProcess:
+    """``python -m session_svc`` supervising two API processes on a free port."""
+    env = support.api_settings(settings.redis_url, settings.database_url, settings.db_schema,
+                               settings.key_prefix, servers.free_port())  # fmt: skip
+    env["SERVICE_PROCESSES"] = "2"
+    return servers.start_api(env, tmp_path)
+
+
 def test_two_processes_share_the_port_a_killed_one_is_replaced_and_sigterm_stops_all(
     settings: Settings, tmp_path: Path
 ) -> None:
-    port = servers.free_port()
-    env = support.api_settings(settings.redis_url, settings.database_url, settings.db_schema,
-                               settings.key_prefix, port)  # fmt: skip
-    env["SERVICE_PROCESSES"] = "2"
-    api = servers.start_api(env, tmp_path)
+    api = start_two(settings, tmp_path)
     try:
         api.wait_healthy()
         support.wait_sync(lambda: len(children(api.proc.pid)) == 2, "two API processes", 20)
@@ -112,11 +116,7 @@ def test_a_process_that_cannot_start_stops_the_supervisor(settings: Settings, tm
     after a few tries, with exit status 1, instead of restarting them forever."""
     with redis_sync.Redis.from_url(settings.redis_url) as r:
         r.hset(f"{settings.key_prefix}:meta", "buckets", "8")
-    port = servers.free_port()
-    env = support.api_settings(settings.redis_url, settings.database_url, settings.db_schema,
-                               settings.key_prefix, port)  # fmt: skip
-    env["SERVICE_PROCESSES"] = "2"
-    api = servers.start_api(env, tmp_path)
+    api = start_two(settings, tmp_path)
     try:
         assert api.proc.wait(timeout=60) == 1, api.tail()
     finally:
