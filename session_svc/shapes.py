@@ -113,19 +113,7 @@ def list_item_out(sid: str, h: Hash) -> Row:
 
 def message_out(sid: str, uid: str, seq: int, f: Hash) -> Row:
     """``f`` is a message as stored in the stream (and as ``cold.py`` rebuilds it from Postgres)."""
-    return {
-        "message_id": f["id"],
-        "session_id": sid,
-        "user_id": uid,
-        "sequence": seq,
-        "role": f["role"],
-        "content": f["content"],
-        "message_type": f["type"],
-        "metadata": orjson.Fragment(f["meta"]),
-        "tokens_used": int(f["tokens"]),
-        "cost_usd": usd(f["cost"]),
-        "created_at": iso(f["ts"]),
-    }
+    return message_row(sid, uid, seq, [f[name] for name in MESSAGE_FIELDS])
 
 
 _ID, _ROLE, _CONTENT, _TYPE, _TOKENS, _COST, _META, _TS = map(
@@ -133,15 +121,13 @@ _ID, _ROLE, _CONTENT, _TYPE, _TOKENS, _COST, _META, _TS = map(
 )
 
 
-def message_out_at(sid: str, uid: str, flat: Sequence[str], i: int) -> Row:
-    """``message_out`` of the entry at ``flat[i]``: its stream id, then its values in MESSAGE_FIELDS order
-    (the page script's reply), read in place."""
-    v = flat[i + 1 : i + 1 + len(MESSAGE_FIELDS)]
+def message_row(sid: str, uid: str, seq: int, v: Sequence[str]) -> Row:
+    """A message from its values in MESSAGE_FIELDS order (as the page script returns them)."""
     return {
         "message_id": v[_ID],
         "session_id": sid,
         "user_id": uid,
-        "sequence": int(flat[i].partition("-")[0]),
+        "sequence": seq,
         "role": v[_ROLE],
         "content": v[_CONTENT],
         "message_type": v[_TYPE],

@@ -28,7 +28,7 @@ from session_svc.shapes import (
     list_item_out,
     memory_out,
     message_out,
-    message_out_at,
+    message_row,
     new_id,
     now_us,
     pairs,
@@ -258,8 +258,10 @@ async def list_messages(b: Backend, sid: str, uid: str, page: int, page_size: in
             for seq, f in await cold.load_messages(b.pg, b.schema, sid, lo, min(hi, first - 1)):
                 messages.append(message_out(sid, uid, seq, f))
         # [.., an entry's id, its values in MESSAGE_FIELDS order, ..]
-        for i in range(3, len(reply), 1 + len(MESSAGE_FIELDS)):
-            messages.append(message_out_at(sid, uid, reply, i))
+        width = 1 + len(MESSAGE_FIELDS)
+        for i in range(3, len(reply), width):
+            seq = int(reply[i].partition("-")[0])
+            messages.append(message_row(sid, uid, seq, reply[i + 1 : i + width]))
     else:
         h = await _cold_hash(b, sid, uid)
         total = int(h["message_count"])
