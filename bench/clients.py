@@ -37,7 +37,6 @@ import importlib
 import os
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -53,7 +52,7 @@ from aiohttp import web
 from redis import exceptions as rex
 
 from bench.ceiling import serve_app
-from bench.common import POST_LUA, PY, ROOT, _median, bench_env, http, wait_http, wrk
+from bench.common import POST_LUA, PY, ROOT, _median, bench_env, http, stop, wait_http, wrk
 from session_svc import redis_client as rc
 from session_svc.keys import Keys
 from session_svc.redis_client import redis_client
@@ -335,14 +334,7 @@ _metrics_dirs: list[str] = []  # removed by stop_all
 
 
 def stop_all(started: list[subprocess.Popen[bytes]]) -> None:
-    for p in started:
-        p.send_signal(signal.SIGTERM)
-    for p in started:
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+    stop(started)
     while _metrics_dirs:
         shutil.rmtree(_metrics_dirs.pop(), ignore_errors=True)
 

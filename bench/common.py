@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterable
 from pathlib import Path
 
 import asyncpg
@@ -99,14 +101,38 @@ def _median(runs: list[tuple[float, float, float]]) -> tuple[float, float, float
     return tuple(sorted(r[i] for r in runs)[len(runs) // 2] for i in range(3))  # type: ignore[return-value]
 
 
-async def cleanup(settings: Settings) -> None:
-    r = aioredis.Redis.from_url(settings.redis_url)
-    async for key in r.scan_iter(match=f"{PREFIX}:*", count=1000):
-        await r.delete(key)
+async def drop_prefix(redis_url: str, prefix: str) -> None:
+    """Every key under ``prefix:`` (this run's, never another's), unlinked in batches."""
+    r = aioredis.Redis.from_url(redis_url)
+    batch: list[bytes] = []
+    async for key in r.scan_iter(match=f"{prefix}:*", count=5000):
+        batch.append(key)
+        if len(batch) >= 5000:
+            await r.unlink(*batch)
+            batch.clear()
+    if batch:
+        await r.unlink(*batch)
     await r.aclose()
+
+
+async def cleanup(settings: Settings) -> None:
+    await drop_prefix(settings.redis_url, PREFIX)
     pg = await asyncpg.connect(settings.database_url)
     await pg.execute(f'DROP SCHEMA IF EXISTS "{SCHEMA}" CASCADE')
     await pg.close()
+
+
+def stop(procs: Iterable[subprocess.Popen[bytes] | None]) -> None:
+    """SIGTERM to every process still running, then wait for each (killed after 30 s)."""
+    live = [p for p in procs if p is not None and p.poll() is None]
+    for p in live:
+        p.send_signal(signal.SIGTERM)
+    for p in live:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def bench_env() -> dict[str, str]:

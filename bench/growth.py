@@ -34,7 +34,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -58,6 +57,8 @@ from bench.common import (
     SCHEMA,
     _median,
     backlog,
+    drop_prefix,
+    stop,
     wait_http,
     wrk,
 )
@@ -222,14 +223,6 @@ def _start_worker(env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen([PY, "-m", "workers"], env=wenv, cwd=ROOT)
 
 
-def _stop(procs: Iterable[subprocess.Popen[bytes] | None]) -> None:
-    live = [p for p in procs if p is not None and p.poll() is None]
-    for p in live:
-        p.send_signal(signal.SIGTERM)
-    for p in live:
-        p.wait(timeout=30)
-
-
 async def _outbox_len(r: aioredis.Redis, keys: Keys) -> int:
     async with r.pipeline(transaction=False) as pipe:
         for b in range(keys.buckets):
@@ -259,7 +252,7 @@ async def _flush_all(env: dict[str, str], settings: Settings, trimmed: bool = Fa
                 length, since = now, time.monotonic()
         return elapsed
     finally:
-        _stop([worker])
+        stop([worker])
         await r.aclose()
 
 
@@ -497,19 +490,6 @@ def _table(rows: Sequence[Row], runs: dict[tuple[str, str], list[Result]], conns
             print(f"{row.name:60} {c:>5} {rps:8.0f} {p50:7.2f} {p99:7.2f} {ratio}")
 
 
-async def _drop_prefix(redis_url: str, prefix: str) -> None:
-    r = aioredis.Redis.from_url(redis_url)
-    batch: list[bytes] = []
-    async for key in r.scan_iter(match=f"{prefix}:*", count=5000):
-        batch.append(key)
-        if len(batch) >= 5000:
-            await r.unlink(*batch)
-            batch.clear()
-    if batch:
-        await r.unlink(*batch)
-    await r.aclose()
-
-
 def growth(env: dict[str, str]) -> None:
     """Cost as data grows: every row beside its small case, interleaved, medians of BENCH_REPEATS."""
     repeats = _size("BENCH_REPEATS", 3)
@@ -544,9 +524,9 @@ def growth(env: dict[str, str]) -> None:
             print(f"  {name:58} {after[name]}")
         _table(rows, runs, conns)
     finally:
-        _stop(started)
+        stop(started)
         for prefix in (PREFIX, SMALL_PREFIX):
-            asyncio.run(_drop_prefix(big.redis_url, prefix))
+            asyncio.run(drop_prefix(big.redis_url, prefix))
 
 
 # Memory --------------------------------------------------------------------------------------------------

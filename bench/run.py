@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from bench.common import (
     bench_env,
     cleanup,
     http,
+    stop,
     wait_http,
     wrk,
 )
@@ -105,10 +105,7 @@ def hot_table(env: dict[str, str]) -> None:
                         f"{rps / ceiling[0]:9.2f}x {rps / pool[0]:7.2f}x {p99 / ceiling_p99:7.2f}x"
                     )
         finally:
-            for p in started:
-                p.send_signal(signal.SIGTERM)
-            for p in started:
-                p.wait(timeout=30)
+            stop(started)
 
 
 def observability_cost(env: dict[str, str], rounds: int = 3) -> None:
@@ -132,8 +129,7 @@ def observability_cost(env: dict[str, str], rounds: int = 3) -> None:
                     wrk(path, POST_LUA, duration="2s")  # warm-up
                     results[name].append(wrk(path, POST_LUA))
                 finally:
-                    api.send_signal(signal.SIGTERM)
-                    api.wait(timeout=20)
+                    stop([api])
     base = sorted(r[0] for r in results["metrics off (METRICS=false)"])[rounds // 2]
     print(f"{'variant':55} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs off':>8}")
     for name, runs in results.items():
@@ -232,10 +228,7 @@ def writethrough(env: dict[str, str]) -> None:
 
         asyncio.run(drain())
     finally:
-        for p in (api, worker):
-            if p is not None:
-                p.send_signal(signal.SIGTERM)
-                p.wait(timeout=20)
+        stop([api, worker])
 
 
 BENCHMARKS: dict[str, Callable[[dict[str, str]], None]] = {

@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import os
 import re
-import signal
 import subprocess
 import tempfile
 import time
@@ -36,7 +35,7 @@ from itertools import pairwise
 import asyncpg
 import redis.asyncio as aioredis
 
-from bench.common import BASE, POST_LUA, PY, ROOT, SCHEMA, backlog, http, wait_http, wrk
+from bench.common import BASE, POST_LUA, PY, ROOT, SCHEMA, backlog, http, stop, wait_http, wrk
 from session_svc.keys import Keys
 from session_svc.scripts import Scripts
 from session_svc.settings import Settings
@@ -179,14 +178,6 @@ def run_paced(sids: Sequence[tuple[str, str]], rate: float, seconds: int) -> Pac
 
 def start(args: Sequence[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen([PY, "-m", *args], env=env, cwd=ROOT)
-
-
-def stop(procs: Sequence[subprocess.Popen[bytes]]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        p.wait(timeout=30)
 
 
 def make_sessions(n: int, tag: str) -> list[tuple[str, str]]:

@@ -72,7 +72,8 @@ _queries: dict[tuple[type[BaseModel], str, tuple[str, ...]], BaseModel] = {}
 def parse_query(request: web.Request, model: type[M], **path: str) -> M:
     """Query parameters (plus any path parameters given) into ``model``; a problem with a path parameter
     is reported at ``["path", name]``."""
-    # The raw (still percent-encoded) query string: decoded, "a%26b" and "a&b" would look alike.
+    # The query as sent (percent-encoded): what the parse result depends on, so two queries that parse
+    # differently never share an entry.
     raw = request.rel_url.raw_query_string
     key = (model, raw, tuple(path.values()))
     known = _queries.get(key)

@@ -10,7 +10,7 @@ from tests.helpers import make_session, session_url
 
 async def test_an_escaped_ampersand_and_a_real_one_stay_different_users(client: Any) -> None:
     # One escaped character apart: the first is user "cache&user", the second user "cache" (and a
-    # parameter "user"). A cache keyed on decoded text, or on the user id alone, would mix them up.
+    # parameter "user"). A cache keyed on anything that does not tell them apart would mix them up.
     owner = "cache&user"
     sid = (await make_session(client, owner))["session_id"]
     for _ in range(2):  # the second round is answered from the cache
