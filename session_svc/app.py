@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from session_svc import accesslog, metrics, openapi
+from session_svc import accesslog, auth, metrics, openapi
 from session_svc.consul import Registration
 from session_svc.middleware import error_middleware
 from session_svc.resources import open_backend
@@ -53,6 +53,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app.cleanup_ctx.append(_backend_ctx)
     app.cleanup_ctx.append(_consul_ctx)
     app.on_shutdown.append(_deregister)
+    auth.setup(app)
     setup_routes(app)
     openapi.setup(app)
     metrics.setup(app)

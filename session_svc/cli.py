@@ -25,8 +25,9 @@ from urllib.parse import urlsplit, urlunsplit
 from session_svc.settings import Settings
 
 HEALTH_TIMEOUT_S = 5.0
-# Settings whose whole value is a secret (CONSUL_TOKEN), printed as ``***`` when set.
-_SECRETS = ("_token", "_password", "_secret")
+# Settings whose whole value is a secret (CONSUL_TOKEN, AUTH_JWT_SECRET, AUTH_API_KEYS), printed as
+# ``***`` when set.
+_SECRETS = ("_token", "_password", "_secret", "_api_keys")
 
 
 def _masked(value: str) -> str:

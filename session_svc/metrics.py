@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, multiprocess
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from session_svc import telemetry
+from session_svc import auth, telemetry
 from session_svc.totals import Totals, TotalsCollector
 from session_svc.typedefs import BACKEND, SETTINGS
 
@@ -71,4 +71,4 @@ def setup(app: web.Application) -> None:
     if not app[SETTINGS].metrics:
         return
     app.cleanup_ctx.append(_publishing)  # after the backend's, which it needs
-    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/metrics", auth.ops(app[SETTINGS], metrics))

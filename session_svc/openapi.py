@@ -20,8 +20,9 @@ from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
-from session_svc import __version__, models
+from session_svc import __version__, auth, models
 from session_svc.middleware import json_response
+from session_svc.typedefs import SETTINGS
 from session_svc.views import ROUTES
 
 _REF = "#/components/schemas/{model}"
@@ -30,6 +31,9 @@ _ERROR_TEXT = {
     "cannot be parsed)",
     404: "Session not found (also for another user's session)",
     409: "The session's status forbids this change",
+    401: "No credentials, or bad ones (WWW-Authenticate says which)",
+    403: "These credentials may not do this: user_id is not the token's subject, or the route needs an "
+    "API key or the sessions:admin scope",
     413: "Request body too large",
     503: "Redis or PostgreSQL unreachable",
 }
@@ -91,8 +95,18 @@ def _parameters(
     return params
 
 
+_BEARER = {
+    "type": "http",
+    "scheme": "bearer",
+    "description": "AUTH_MODE=api_key: an API key of the service. AUTH_MODE=jwt: a JWT whose sub is the "
+    "user_id of the request, or whose scope holds sessions:admin (any user_id, stats, operations).",
+}
+
+
 @cache
-def document() -> dict[str, Any]:
+def document(auth_mode: str = "none", ops_open: bool = True) -> dict[str, Any]:
+    """The document for a service run with these settings: with AUTH_MODE other than none, the bearer
+    scheme, and 401/403 on every operation that asks for it."""
     wanted: list[tuple[type[BaseModel], JsonSchemaMode]] = [(models.ErrorOut, "serialization")]
     for r in ROUTES:
         wanted.append((r.response, "serialization"))
@@ -108,7 +122,9 @@ def document() -> dict[str, Any]:
                 "content": {"application/json": {"schema": refs[(r.response, "serialization")]}},
             }
         }
-        for code in r.errors:
+        checked = auth.asks(auth_mode, ops_open, r.access)
+        codes = sorted({*r.errors, 401, 403}) if checked else r.errors
+        for code in codes:
             responses[str(code)] = {
                 "description": _ERROR_TEXT[code],
                 "content": {"application/json": {"schema": refs[(models.ErrorOut, "serialization")]}},
@@ -119,6 +135,8 @@ def document() -> dict[str, Any]:
             "parameters": _parameters(r.path, r.query, components),
             "responses": responses,
         }
+        if auth_mode != "none":
+            op["security"] = [{"bearer": []}] if checked else []
         if r.description:
             op["description"] = r.description
         if r.body is not None:
@@ -129,12 +147,15 @@ def document() -> dict[str, Any]:
                 "content": {"application/json": {"schema": refs[(r.body, "validation")]}},
             }
         paths.setdefault(r.path, {})[r.method.lower()] = op
-    return {
+    doc: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "session_svc", "version": __version__},
         "paths": paths,
         "components": {"schemas": components},
     }
+    if auth_mode != "none":
+        doc["components"]["securitySchemes"] = {"bearer": _BEARER}
+    return doc
 
 
 # The files of the swagger-ui-py distribution that the page loads, and how each is served.
@@ -184,7 +205,8 @@ def _page() -> str:
 
 
 async def openapi_json(request: web.Request) -> web.Response:
-    return json_response(document())
+    settings = request.app[SETTINGS]
+    return json_response(document(settings.auth_mode, settings.auth_ops_open))
 
 
 async def docs(request: web.Request) -> web.Response:
@@ -202,6 +224,7 @@ async def docs_asset(request: web.Request) -> web.FileResponse:
 
 
 def setup(app: web.Application) -> None:
-    app.router.add_get("/openapi.json", openapi_json)
-    app.router.add_get("/docs", docs)
+    settings = app[SETTINGS]
+    app.router.add_get("/openapi.json", auth.ops(settings, openapi_json))
+    app.router.add_get("/docs", auth.ops(settings, docs))
     app.router.add_get("/docs/assets/{version}/{name}", docs_asset)

@@ -10,6 +10,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
+AUTH_MODES = ("none", "api_key", "jwt")
+# HS256 keys shorter than the hash output are refused (RFC 7518, 3.2).
+MIN_JWT_SECRET_BYTES = 32
+
 
 @dataclass(frozen=True, slots=True)
 class Settings:
@@ -63,6 +67,28 @@ class Settings:
     consul_token: str = ""
     consul_tags: str = "api,v1"
     consul_service_address: str = ""
+    # Who may call the API (session_svc/auth.py, README "Authentication"): none (a gateway in front
+    # authenticates), api_key (trusted backends, keys from AUTH_API_KEYS and/or AUTH_API_KEYS_FILE) or
+    # jwt (HS256 with AUTH_JWT_SECRET, or RS256/ES256 with the keys at AUTH_JWKS_URL).
+    auth_mode: str = "none"
+    auth_api_keys: str = ""
+    auth_api_keys_file: str = ""
+    auth_jwt_secret: str = ""
+    auth_jwks_url: str = ""
+    # Checked only when set: the token's aud must contain it, its iss must equal it.
+    auth_jwt_audience: str = ""
+    auth_jwt_issuer: str = ""
+    # Seconds of clock skew allowed on exp and nbf.
+    auth_jwt_leeway: float = 30.0
+    # Verified tokens remembered until they expire (0: verify every request).
+    auth_jwt_cache_size: int = 4096
+    # The JWKS is fetched again in the background once this old; an unknown key id fetches it at once,
+    # but never more often than every AUTH_JWKS_MIN_FETCH_INTERVAL seconds.
+    auth_jwks_cache_seconds: float = 300.0
+    auth_jwks_min_fetch_interval: float = 10.0
+    # /health/detailed, /metrics, /docs and /openapi.json open to anyone (true), or only to an API key
+    # or a token with the sessions:admin scope (false). /health is always open.
+    auth_ops_open: bool = True
     # Write-through and expiry (workers).
     # A session untouched this long leaves Redis once everything it holds is in Postgres.
     session_hot_ttl: int = 3600
@@ -111,8 +137,35 @@ class Settings:
             raise ValueError("SHUTDOWN_TIMEOUT must be more than 0 seconds")
         if not 0 < self.consul_port < 65536:
             raise ValueError("CONSUL_PORT must be a TCP port (1-65535)")
+        self._check_auth()
         for name in ("sweep_every_seconds", "reconcile_every_seconds"):
             every_schedule(getattr(self, name), name.upper())
+
+    def _check_auth(self) -> None:
+        """What can be told without I/O; the keys file is read (and refused if it holds no key) at
+        start-up, by ``auth``."""
+        if self.auth_mode not in AUTH_MODES:
+            raise ValueError(f"AUTH_MODE must be one of {', '.join(AUTH_MODES)}, got {self.auth_mode!r}")
+        if self.auth_mode == "api_key" and not (self.auth_api_keys.strip(", ") or self.auth_api_keys_file):
+            raise ValueError("AUTH_MODE=api_key needs AUTH_API_KEYS or AUTH_API_KEYS_FILE")
+        if self.auth_mode == "jwt":
+            if bool(self.auth_jwt_secret) == bool(self.auth_jwks_url):
+                raise ValueError(
+                    "AUTH_MODE=jwt needs exactly one of AUTH_JWT_SECRET (HS256) and AUTH_JWKS_URL "
+                    "(RS256/ES256)"
+                )
+            if self.auth_jwt_secret and len(self.auth_jwt_secret.encode()) < MIN_JWT_SECRET_BYTES:
+                raise ValueError(f"AUTH_JWT_SECRET must be at least {MIN_JWT_SECRET_BYTES} bytes (RFC 7518)")
+            if self.auth_jwks_url and not self.auth_jwks_url.startswith(("https://", "http://")):
+                raise ValueError("AUTH_JWKS_URL must be an http(s) URL")
+        if self.auth_mode == "none" and not self.auth_ops_open:
+            raise ValueError("AUTH_OPS_OPEN=false needs AUTH_MODE=api_key or jwt (nobody could be let in)")
+        if not 0 <= self.auth_jwt_leeway <= 300:
+            raise ValueError("AUTH_JWT_LEEWAY must be between 0 and 300 seconds")
+        if self.auth_jwt_cache_size < 0:
+            raise ValueError("AUTH_JWT_CACHE_SIZE must be 0 (off) or more")
+        if not self.auth_jwks_min_fetch_interval > 0 or not self.auth_jwks_cache_seconds > 0:
+            raise ValueError("AUTH_JWKS_CACHE_SECONDS and AUTH_JWKS_MIN_FETCH_INTERVAL must be above 0")
 
     @property
     def arq_url(self) -> str:

@@ -19,7 +19,7 @@ from typing import Any, Generic, TypeVar
 from aiohttp import web
 from pydantic import BaseModel
 
-from session_svc import __version__, heartbeat, models, outbox, redis_client, store
+from session_svc import __version__, auth, heartbeat, models, outbox, redis_client, store
 from session_svc.middleware import json_response
 from session_svc.resources import Backend
 from session_svc.settings import Settings
@@ -221,13 +221,15 @@ class Route:
     query: type[BaseModel] | None = None
     errors: tuple[int, ...] = field(default=())
     description: str = ""
+    # Who may call it when AUTH_MODE is not none (auth.Access).
+    access: auth.Access = "user"
 
 
 _S = "/api/v1/sessions/{session_id}"
 _SESSION_ERRORS = (400, 404, 503)
 
 ROUTES: tuple[Route, ...] = (
-    Route("GET", "/health", health, "Liveness", models.HealthOut),
+    Route("GET", "/health", health, "Liveness", models.HealthOut, access="public"),
     Route(
         "GET",
         "/health/detailed",
@@ -235,10 +237,17 @@ ROUTES: tuple[Route, ...] = (
         "Readiness of Redis, Postgres, the worker and the outbox (503: writes are refused)",
         models.HealthDetailedOut,
         errors=(503,),
+        access="ops",
     ),
     # Registered before the {session_id} routes so that "stats" is never taken for a session id.
     Route(
-        "GET", "/api/v1/sessions/stats", stats, "Service-wide exact totals", models.StatsOut, errors=(503,)
+        "GET",
+        "/api/v1/sessions/stats",
+        stats,
+        "Service-wide exact totals",
+        models.StatsOut,
+        errors=(503,),
+        access="admin",
     ),
     Route(
         "POST",
@@ -351,19 +360,29 @@ ROUTES: tuple[Route, ...] = (
 )
 
 
-def _adapt(route: Route) -> Callable[[web.Request], Awaitable[web.Response]]:
-    """The one place a request is read: what ``route`` declares, parsed into a ``Call``."""
+def _adapt(route: Route, checked: bool) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """The one place a request is read: what ``route`` declares, parsed into a ``Call``. When
+    ``checked`` (AUTH_MODE), the caller is authenticated before anything is parsed (401 before 400/404)
+    and authorized once it is, before any Redis call (a 403 changes nothing)."""
     has_sid = "{session_id}" in route.path
     # Path parameters other than the session id are validated with the query model (the user id).
     in_query = tuple(n for n in re.findall(r"{(\w+)", route.path) if n != "session_id")
 
     async def handle(request: web.Request) -> web.Response:
-        sid = session_id(request) if has_sid else ""
-        query = None
-        if route.query is not None:
-            path = {n: request.match_info[n] for n in in_query}
-            query = parse_query(request, route.query, **path)
-        body = await parse_body(request, route.body) if route.body is not None else None
+        try:
+            principal = await request.app[auth.AUTH].authenticate(request) if checked else None
+            sid = session_id(request) if has_sid else ""
+            query = None
+            if route.query is not None:
+                path = {n: request.match_info[n] for n in in_query}
+                query = parse_query(request, route.query, **path)
+            body = await parse_body(request, route.body) if route.body is not None else None
+            if principal is not None:
+                # The request's user: the user_id of the query (or path), or of the body (a new session).
+                user = getattr(query, "user_id", None) or getattr(body, "user_id", None)
+                auth.Guard.authorize(principal, route.access, user)
+        except auth.Denied as exc:
+            return exc.response()
         call: Call[Any, Any] = Call(request.app[BACKEND], request.app[SETTINGS], sid, query, body)
         answer = await route.handler(call)
         return answer if isinstance(answer, web.Response) else json_response(answer)
@@ -378,6 +397,7 @@ _BUSIEST_FIRST = (_S + "/messages", _S, _S + "/memory")
 
 
 def setup_routes(app: web.Application) -> None:
+    settings = app[SETTINGS]
     rank = {path: i for i, path in enumerate(_BUSIEST_FIRST)}
     for r in sorted(ROUTES, key=lambda r: rank.get(r.path, len(rank))):  # a stable sort
         # aiohttp's default variable pattern excludes braces; a user id may contain them.
@@ -385,4 +405,4 @@ def setup_routes(app: web.Application) -> None:
         # "stats" is never a session id, whatever the method: PUT /api/v1/sessions/stats is a 405
         # (Allow: GET), not a 404 for a session named "stats".
         path = path.replace("{session_id}", "{session_id:(?!stats$)[^/]+}")
-        app.router.add_route(r.method, path, _adapt(r))
+        app.router.add_route(r.method, path, _adapt(r, auth.checks(settings, r.access)))
