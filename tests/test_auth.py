@@ -10,6 +10,8 @@ import hashlib
 import hmac
 import json
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -23,10 +25,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from session_svc import auth, openapi
+from session_svc import auth, migrate, openapi
 from session_svc.settings import Settings
 from tests.helpers import SESSIONS, Client, error_json, new_user, ok_object, session_url
-from tests.support import eventually
+from tests.servers import free_port, running_api
+from tests.support import api_settings, delete_prefix, drop_schema, eventually, new_name
 
 KEY = "key-" + uuid.uuid4().hex  # 36 characters
 OTHER_KEY = "key-" + uuid.uuid4().hex
@@ -300,7 +303,7 @@ async def test_bad_tokens_are_401_invalid_token(signed: Client) -> None:
         "The token is malformed": "not.a.jwt",
     }
     # alg "none": an unsigned token must never pass.
-    cases["The token's algorithm is not accepted "] = jwt.encode(claims(user), None, algorithm="none")
+    cases["The token's algorithm is not accepted "] = jwt.encode(claims(user), "", algorithm="none")
     for why, token in cases.items():
         resp = await signed.get(f"/api/v1/users/{user}/sessions", headers=bearer(token))
         assert await refused(resp, 401, "invalid_token") == why.strip(), why
@@ -462,8 +465,6 @@ async def test_an_unknown_kid_fetches_the_rotated_jwks_at_most_once_per_interval
 
 async def test_an_unreachable_jwks_is_503_not_401(make_client: Callable[..., Awaitable[Client]]) -> None:
     """The service starts without its identity provider; tokens cannot be judged meanwhile: 503."""
-    from tests.servers import free_port
-
     client = await make_client(
         auth_mode="jwt",
         auth_jwks_url=f"http://127.0.0.1:{free_port()}/jwks",
@@ -476,3 +477,50 @@ async def test_an_unreachable_jwks_is_503_not_401(make_client: Callable[..., Awa
     )
     body = await error_json(resp, 503)
     assert "JWKS" in body["detail"]
+
+
+# The real process: nothing secret in its logs --------------------------------------------------------------
+
+
+def _call(base: str, method: str, path: str, token: str | None, body: dict[str, Any] | None = None) -> int:
+    headers = {"Content-Type": "application/json", **(bearer(token) if token is not None else {})}
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(base + path, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+@pytest.mark.parametrize("mode", ["api_key", "jwt"])
+def test_the_process_never_logs_a_key_or_a_token(mode: str, test_urls: Any, tmp_path: Path) -> None:
+    """``python -m session_svc`` with every log on (ACCESS_LOG, DEBUG's aiohttp access log, LOG_LEVEL
+    DEBUG): a good and a bad credential, on good and bad requests; neither appears in its output."""
+    prefix, schema, port = new_name("tauth"), new_name("tauth_"), free_port()
+    user = new_user()
+    good = KEY if mode == "api_key" else hs256(user)
+    bad = OTHER_KEY if mode == "api_key" else hs256(user, key="y" * 40)
+    settings = api_settings(test_urls.redis_url, test_urls.database_url, schema, prefix, port)
+    settings.update(ACCESS_LOG="true", DEBUG="true", LOG_LEVEL="DEBUG", AUTH_MODE=mode)
+    settings.update(
+        {"AUTH_API_KEYS": KEY}
+        if mode == "api_key"
+        else {"AUTH_JWT_SECRET": SECRET, "AUTH_JWT_AUDIENCE": AUDIENCE, "AUTH_JWT_ISSUER": ISSUER}
+    )
+    try:
+        migrate.upgrade(Settings(database_url=test_urls.database_url, db_schema=schema))
+        with running_api(settings, tmp_path) as api:
+            assert _call(api.url, "POST", SESSIONS, None, {"user_id": user}) == 401
+            assert _call(api.url, "POST", SESSIONS, bad, {"user_id": user}) == 401
+            assert _call(api.url, "POST", SESSIONS, good, {"user_id": user}) == 200
+            assert _call(api.url, "POST", SESSIONS, good, {"user_id": ""}) == 400
+            assert _call(api.url, "GET", session_url(str(uuid.uuid4())) + f"?user_id={user}", good) == 404
+            assert _call(api.url, "GET", f"/api/v1/users/{user}/sessions", bad) == 401
+        log = api.log.read_text()
+    finally:
+        delete_prefix(test_urls.redis_url, prefix)
+        drop_schema(test_urls.database_url, schema)
+    assert '"status":401' in log and '"status":200' in log, log[-2000:]  # the access log was on
+    for secret in (good, bad, *good.split("."), *bad.split("."), SECRET):
+        assert secret not in log, f"{secret[:8]}... in the log"

@@ -3,7 +3,10 @@ and every check, bounded by ``schemathesis.toml`` to about 20-30 s here. The int
 would report are dropped, each in its exact case, by ``tests/schemathesis_hooks.py``.
 
 The service runs as in production (its own runner, so aiohttp's own errors are JSON too), on a free
-port with its own key prefix and schema (migrated with ``python -m session_svc.migrate``, dropped after).
+port with its own key prefix and schema (migrated with ``python -m session_svc.migrate``, dropped after),
+once per AUTH_MODE: with an API key, and with an admin JWT (it may act for the random user ids that
+schemathesis makes up). With credentials, its ``ignored_auth`` check also sends each operation that
+declares the bearer scheme without them, and expects a 401.
 """
 
 from __future__ import annotations
@@ -13,11 +16,13 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 
 from tests import servers, support
@@ -31,12 +36,31 @@ class Service:
     url: str
     port: int
     log: Path
+    token: str | None
 
 
-@pytest.fixture(scope="module")
-def service(test_urls: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+API_KEY = "st-key-" + "k" * 24
+JWT_SECRET = "st-secret-" + "s" * 32
+
+
+def _auth(mode: str) -> tuple[dict[str, str], str | None]:
+    """The service's settings for ``mode`` and the bearer token schemathesis sends."""
+    if mode == "api_key":
+        return {"AUTH_MODE": mode, "AUTH_API_KEYS": API_KEY}, API_KEY
+    if mode == "jwt":
+        admin = {"sub": "schemathesis", "scope": "sessions:admin", "exp": int(time.time()) + 3600}
+        return {"AUTH_MODE": mode, "AUTH_JWT_SECRET": JWT_SECRET}, jwt.encode(admin, JWT_SECRET)
+    return {}, None
+
+
+@pytest.fixture(scope="module", params=["none", "api_key", "jwt"])
+def service(
+    request: pytest.FixtureRequest, test_urls: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Service]:
     prefix, schema, port = support.new_name("st"), support.new_name("st_"), servers.free_port()
     settings = support.api_settings(test_urls.redis_url, test_urls.database_url, schema, prefix, port)
+    extra, token = _auth(request.param)
+    settings.update(extra)
     env = support.service_env(**settings)
     log = tmp_path_factory.mktemp("schemathesis") / "service.log"
     try:
@@ -48,7 +72,7 @@ def service(test_urls: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             timeout=60,
         )
         with servers.running_api(settings, log.parent, log.stem) as api:
-            yield Service(api.url, port, api.log)
+            yield Service(api.url, port, api.log, token)
     finally:
         support.delete_prefix(test_urls.redis_url, prefix)
         support.drop_schema(test_urls.database_url, schema)
@@ -67,6 +91,8 @@ def test_schemathesis_finds_nothing(service: Service) -> None:
         f"{service.url}/openapi.json",
     ]
     command += ["--checks", "all", "--phases", "examples,coverage,fuzzing,stateful", "--no-color"]
+    if service.token is not None:
+        command += ["-H", f"Authorization: Bearer {service.token}"]
     # From the repository root: the config names its hooks file relative to it.
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
     if result.returncode != 0:
