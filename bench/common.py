@@ -37,10 +37,14 @@ wrk.body = '{"role":"user","content":"Hello, this is a benchmark message of a ty
 
 
 def http(
-    method: str, path: str, body: dict[str, object] | None = None, base: str = BASE
+    method: str,
+    path: str,
+    body: dict[str, object] | None = None,
+    base: str = BASE,
+    headers: dict[str, str] | None = None,
 ) -> dict[str, object]:
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(base + path, data=data, method=method)
+    req = urllib.request.Request(base + path, data=data, method=method, headers=headers or {})
     with urllib.request.urlopen(req, timeout=10) as resp:
         return json.loads(resp.read())  # type: ignore[no-any-return]
 

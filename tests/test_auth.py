@@ -528,3 +528,12 @@ def test_the_process_never_logs_a_key_or_a_token(mode: str, test_urls: Any, tmp_
     assert '"status":401' in log and '"status":200' in log, log[-2000:]  # the access log was on
     for secret in (good, bad, *good.split("."), *bad.split("."), SECRET):
         assert secret not in log, f"{secret[:8]}... in the log"
+
+
+def test_check_config_masks_keys_and_secrets() -> None:
+    from session_svc.cli import effective_settings
+
+    shown = dict(effective_settings(Settings(auth_mode="api_key", auth_api_keys=KEY, auth_jwt_secret=SECRET)))
+    assert shown["AUTH_API_KEYS"] == "***" and shown["AUTH_JWT_SECRET"] == "***"
+    assert KEY not in str(shown) and SECRET not in str(shown)
+    assert shown["AUTH_MODE"] == "api_key"
