@@ -344,7 +344,7 @@ class Guard:
             return
         if access != "user":
             raise _forbidden(f"This needs an API key or a token with the {ADMIN_SCOPE} scope")
-        if user is not None and user != principal.user:
+        if user != principal.user:  # a route of no user is closed to users (fail closed)
             raise _forbidden("user_id must be the token's subject (sub)")
 
 
