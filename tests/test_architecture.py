@@ -26,7 +26,7 @@ LAYERS: dict[str, int] = {
     "store": 2, "totals": 2,
     # HTTP
     "validation": 3, "middleware": 3, "openapi": 3, "typedefs": 3, "views": 3, "app": 3, "server": 3,
-    "metrics": 3, "accesslog": 3, "supervisor": 3, "cli": 3, "__main__": 3,
+    "metrics": 3, "accesslog": 3, "supervisor": 3, "cli": 3, "__main__": 3, "auth": 3,
 }  # fmt: skip
 HTTP = 3
 
