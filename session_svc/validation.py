@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Collection
 from typing import Any, TypeVar
@@ -11,7 +12,9 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import BaseModel, ValidationError
 
+from session_svc import models
 from session_svc.errors import SESSION_NOT_FOUND, BadRequest, NotFound
+from session_svc.telemetry import CONNECTIONS_CLOSED, RECORDER
 from session_svc.typedefs import SETTINGS
 
 M = TypeVar("M", bound=BaseModel)
@@ -30,12 +33,24 @@ def _problems(exc: ValidationError, where: str, path: Collection[str] = ()) -> l
 
 
 async def parse_body(request: web.Request, model: type[M]) -> M:
-    limit = request.app[SETTINGS].max_body_bytes
+    settings = request.app[SETTINGS]
+    limit = settings.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         # Decided from the header: never wait for (or read) a body that will be refused anyway.
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
     try:
-        raw = await request.read()  # aiohttp raises 413 past client_max_size
+        if request.content.is_eof():  # all there already (a small body comes with its headers)
+            raw = await request.read()
+        else:
+            async with asyncio.timeout(settings.body_timeout):
+                raw = await request.read()  # aiohttp raises 413 past client_max_size
+    except TimeoutError:
+        # A body that trickles or never comes. Abandon it: aiohttp would otherwise keep reading (and
+        # discarding) it for its lingering time after the 408, which closes the connection.
+        RECORDER.count(CONNECTIONS_CLOSED, ("body_timeout",))
+        request.protocol.close()
+        request.content.feed_eof()
+        raise web.HTTPRequestTimeout() from None
     except web.RequestPayloadError as exc:  # chunked framing or Content-Encoding that does not decode
         cause = exc.__cause__
         why = cause.message if isinstance(cause, HttpProcessingError) else str(exc)
@@ -53,13 +68,23 @@ async def parse_body(request: web.Request, model: type[M]) -> M:
         try:
             orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
+            if "depth limit" in str(exc):
+                raise BadRequest([TOO_DEEP]) from None
             detail = [{"type": "json_invalid", "loc": ["body"], "msg": f"Invalid JSON: {exc}"}]
             raise BadRequest(detail) from None
     try:
         # JSON mode: strict types, yet enum values arrive as the strings they are.
         return model.model_validate_json(raw)
     except ValidationError as exc:
-        raise BadRequest(_problems(exc, "body")) from None
+        problems = _problems(exc, "body")
+        if problems[0]["type"] == "json_invalid" and "recursion limit" in problems[0]["msg"]:
+            # pydantic's parser stops at 200 levels (whatever the field), before any field is seen; the
+            # fields that take JSON values allow models.MAX_JSON_DEPTH. The same answer for both.
+            raise BadRequest([TOO_DEEP]) from None
+        raise BadRequest(problems) from None
+
+
+TOO_DEEP = {"type": "json_too_deep", "loc": ["body"], "msg": models.TOO_DEEP}
 
 
 # Query strings already validated, by model: a chat client sends the same ``?user_id=...`` on every
