@@ -6,6 +6,7 @@ parsed in lax mode (``page=2`` is an int). Unknown body fields are ignored, as t
 
 from __future__ import annotations
 
+import math
 from decimal import Decimal
 from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated, Any
@@ -122,6 +123,8 @@ def _capped_json(limit: int) -> AfterValidator:
         # Only a value with that many brackets can nest that deep: the walk is for the rare one.
         if dumped.count(b"[") + dumped.count(b"{") > MAX_JSON_DEPTH and _deeper_than(value, MAX_JSON_DEPTH):
             raise PydanticCustomError("json_too_deep", TOO_DEEP)
+        if b"null" in dumped and _non_finite(value):  # orjson writes inf (1e400 parses as inf) as null
+            raise ValueError("numbers must be finite (1e400 is beyond a double's range)")
         if b"\\u0000" in dumped:
             raise ValueError("must not contain NUL characters (PostgreSQL cannot store them)")
         if len(dumped) > limit:
@@ -140,6 +143,17 @@ def _deeper_than(value: Any, limit: int) -> bool:
             return True
         children = item.values() if isinstance(item, dict) else item
         stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
+
+
+def _non_finite(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return True
+        if isinstance(item, (dict, list)):
+            stack.extend(item.values() if isinstance(item, dict) else item)
     return False
 
 

@@ -6,6 +6,7 @@ import asyncio
 import re
 from collections.abc import Collection
 from typing import Any, TypeVar
+from urllib.parse import unquote_to_bytes
 
 import orjson
 from aiohttp import web
@@ -100,10 +101,16 @@ def parse_query(request: web.Request, model: type[M], **path: str) -> M:
     # The query as sent (percent-encoded): what the parse result depends on, so two queries that parse
     # differently never share an entry.
     raw = request.rel_url.raw_query_string
+    if path and any("%" in v for v in path.values()) and not _utf8(request.rel_url.raw_path):
+        # yarl leaves an escape that does not decode as it came: "%FF" would read as the user "%FF".
+        raise BadRequest([_NOT_UTF8 | {"loc": ["path"]}])
     key = (model, raw, tuple(path.values()))
     known = _queries.get(key)
     if known is not None:
         return known  # type: ignore[return-value]  # keyed by its model
+    if "%" in raw and not _utf8(raw):
+        # yarl decodes such an escape as U+FFFD: "%FF" and "%FE" would both read as the same user.
+        raise BadRequest([_NOT_UTF8 | {"loc": ["query"]}])
     try:
         parsed = model.model_validate({**request.query, **path})
     except ValidationError as exc:
@@ -113,6 +120,17 @@ def parse_query(request: web.Request, model: type[M], **path: str) -> M:
             _queries.clear()
         _queries[key] = parsed
     return parsed
+
+
+_NOT_UTF8 = {"type": "utf8_invalid", "msg": "Percent-encoded bytes that are not UTF-8"}
+
+
+def _utf8(raw: str) -> bool:
+    try:
+        unquote_to_bytes(raw).decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
