@@ -1,5 +1,6 @@
 """The one middleware: every failure leaves as JSON ``{"detail": ...}``; every request is counted and
-timed by route template, carries an X-Request-ID, and is logged as one JSON line when ACCESS_LOG is on."""
+timed by route template, carries an X-Request-ID, and is logged as one JSON line when ACCESS_LOG is on.
+It also sheds load: past MAX_INFLIGHT requests in progress in this process, a 503 at once."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from aiohttp.typedefs import Handler
 from session_svc import redis_client
 from session_svc.accesslog import ACCESS_LOG
 from session_svc.errors import PG_UNAVAILABLE, ServiceError
-from session_svc.telemetry import PG_FAILURES, RECORDER, REDIS_FAILURES
+from session_svc.telemetry import PG_FAILURES, RECORDER, REDIS_FAILURES, SHED
 from session_svc.typedefs import SETTINGS
 
 log = logging.getLogger("session_svc")
@@ -60,36 +61,54 @@ def _route(request: web.Request) -> str:
     return route
 
 
+# Answered however loaded the process is: the load balancer's liveness and readiness checks, and the
+# scrape that shows the overload.
+_NEVER_SHED = frozenset({"/health", "/health/detailed", "/metrics"})
+_SHED_DETAIL = "Server busy: too many requests in progress; nothing was done, retry after 1 second"
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every answer: errors as JSON, counted (``telemetry``), with its X-Request-ID, and logged when
-    ACCESS_LOG is on. One middleware, not three: each layer costs on every request."""
+    ACCESS_LOG is on; past MAX_INFLIGHT requests in progress, a 503 at once. One middleware, not four:
+    each layer costs on every request."""
     settings = request.app[SETTINGS]
     rid = request.headers.get("X-Request-ID")
     if rid is None or not _REQUEST_ID.fullmatch(rid):
         rid = f"{_ID_PREFIX}{next(_ids):08x}"
-    if not (settings.metrics or settings.access_log):
-        resp = await _answer(request, handler)
-        resp.headers["X-Request-ID"] = rid
-        return resp
-    start = time.perf_counter()
+    observed = settings.metrics or settings.access_log
+    start = time.perf_counter() if observed else 0.0
+    # Counted with or without metrics: it is the load-shedding gauge as well.
     RECORDER.in_flight += 1
     status = 499  # the client went away and the handler was cancelled: nginx's "client closed request"
     try:
-        resp = await _answer(request, handler)
+        resp: web.StreamResponse
+        if RECORDER.in_flight > settings.max_inflight and request.path not in _NEVER_SHED:
+            resp = _shed()
+        else:
+            resp = await _answer(request, handler)
         status = resp.status
         resp.headers["X-Request-ID"] = rid
         return resp
     finally:
         RECORDER.in_flight -= 1
-        seconds = time.perf_counter() - start
-        route = _route(request)
-        if settings.metrics:
-            RECORDER.request(
-                route, request.method if request.method in _METHODS else "other", status, seconds
-            )
-        if settings.access_log:
-            request.app[ACCESS_LOG].add(request, route, status, seconds, rid)
+        if observed:
+            seconds = time.perf_counter() - start
+            route = _route(request)
+            if settings.metrics:
+                RECORDER.request(
+                    route, request.method if request.method in _METHODS else "other", status, seconds
+                )
+            if settings.access_log:
+                request.app[ACCESS_LOG].add(request, route, status, seconds, rid)
+
+
+def _shed() -> web.Response:
+    """Overloaded: answered before any work (the body is not even read), so a retry is always safe."""
+    RECORDER.count(SHED, ())
+    resp = json_response({"detail": _SHED_DETAIL}, 503)
+    resp.headers["Retry-After"] = "1"
+    return resp
 
 
 async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -104,7 +123,11 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         detail = _HTTP_DETAIL.get(exc.status, exc.reason)
         if exc.status == 413:
             detail = f"Request body too large (limit {request.app[SETTINGS].max_body_bytes} bytes)"
+        elif exc.status == 408:  # validation.parse_body: the body was abandoned, so is the connection
+            detail = f"Request body not received within {request.app[SETTINGS].body_timeout:g} s"
         resp = json_response({"detail": detail}, exc.status)
+        if exc.status == 408:
+            resp.force_close()
         # The body is ours, the headers stay the exception's: a 405 must say Allow (RFC 9110, 15.5.6).
         for name, value in exc.headers.items():
             if name.lower() not in _BODY_HEADERS:

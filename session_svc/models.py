@@ -6,12 +6,14 @@ parsed in lax mode (``page=2`` is an int). Unknown body fields are ignored, as t
 
 from __future__ import annotations
 
+import math
 from decimal import Decimal
 from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic_core import PydanticCustomError
 from typing_extensions import TypeAliasType
 
 from session_svc.record import MICROS, MemoryType
@@ -26,6 +28,11 @@ MAX_METADATA_BYTES = 16 * 1024
 MAX_CONVERSATION_BYTES = 256 * 1024
 MAX_TOKENS_PER_MESSAGE = 2**31 - 1
 MAX_COST_PER_MESSAGE = Decimal(1_000_000)
+# Levels of arrays and objects in a JSON field, its own object being the first: far beyond real metadata,
+# far below what the parsers and PostgreSQL take (pydantic's parser stops a body at 200, orjson writes
+# 255 at most).
+MAX_JSON_DEPTH = 64
+TOO_DEEP = f"JSON nests deeper than {MAX_JSON_DEPTH} levels of arrays and objects"
 
 
 class SessionStatus(StrEnum):
@@ -110,7 +117,14 @@ def _capped_json(limit: int) -> AfterValidator:
         try:
             dumped = orjson.dumps(value)
         except TypeError:  # orjson refuses what Redis/Postgres JSON could not hold either
+            if _deeper_than(value, MAX_JSON_DEPTH):
+                raise PydanticCustomError("json_too_deep", TOO_DEEP) from None
             raise ValueError("integers must fit in 64 bits") from None
+        # Only a value with that many brackets can nest that deep: the walk is for the rare one.
+        if dumped.count(b"[") + dumped.count(b"{") > MAX_JSON_DEPTH and _deeper_than(value, MAX_JSON_DEPTH):
+            raise PydanticCustomError("json_too_deep", TOO_DEEP)
+        if b"null" in dumped and _non_finite(value):  # orjson writes inf (1e400 parses as inf) as null
+            raise ValueError("numbers must be finite (1e400 is beyond a double's range)")
         if b"\\u0000" in dumped:
             raise ValueError("must not contain NUL characters (PostgreSQL cannot store them)")
         if len(dumped) > limit:
@@ -118,6 +132,29 @@ def _capped_json(limit: int) -> AfterValidator:
         return value
 
     return AfterValidator(check)
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests more than ``limit`` levels of lists and dicts; iterative, so any depth."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
+
+
+def _non_finite(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return True
+        if isinstance(item, (dict, list)):
+            stack.extend(item.values() if isinstance(item, dict) else item)
+    return False
 
 
 def _no_control_chars(value: str) -> str:

@@ -56,6 +56,18 @@ class Settings:
     # time (least recently written first) and background jobs that add data skip their round.
     redis_memory_high_water: float = 0.8
     max_body_bytes: int = 1024 * 1024
+    # Requests one API process works on at once; past it the next one is answered 503 with Retry-After
+    # at once instead of joining a queue that grows without bound. /health, /health/detailed and
+    # /metrics are always answered. High enough never to bite a healthy process (docs/decisions.md).
+    max_inflight: int = 256
+    # Seconds a client has to send a request's headers: counted from the connection's opening, and on a
+    # kept-alive connection from the first byte of the next request. Late: 408 and the connection closed.
+    header_timeout: float = 10.0
+    # Seconds a client has, once the headers arrived, to send the whole body. Late: 408, connection closed.
+    body_timeout: float = 30.0
+    # Connections one API process keeps open; a new one past it is closed at once (established ones,
+    # such as a load balancer's pool, are never sacrificed for it). Keep it below the open-files limit.
+    max_connections: int = 1000
     # On SIGTERM/SIGINT the API stops accepting connections and gives the requests in flight this many
     # seconds to finish; the worker gives the batch in hand as long to commit and be acknowledged.
     shutdown_timeout: float = 10.0
@@ -133,6 +145,10 @@ class Settings:
             raise ValueError("SERVICE_PROCESSES must be 0 (one per core) or more")
         if self.redis_breaker_failures < 1:
             raise ValueError("REDIS_BREAKER_FAILURES must be at least 1")
+        if self.max_inflight < 1 or self.max_connections < 1:
+            raise ValueError("MAX_INFLIGHT and MAX_CONNECTIONS must be at least 1")
+        if not (self.header_timeout > 0 and self.body_timeout > 0):
+            raise ValueError("HEADER_TIMEOUT and BODY_TIMEOUT must be more than 0 seconds")
         if not self.shutdown_timeout > 0:  # aiohttp takes 0 for "no timeout": wait forever
             raise ValueError("SHUTDOWN_TIMEOUT must be more than 0 seconds")
         if not 0 < self.consul_port < 65536:

@@ -89,10 +89,23 @@ PG_FAILURES = Counter(
     "Requests answered 503 because PostgreSQL was unavailable",
     registry=REGISTRY,
 )
+SHED = Counter(
+    "session_http_requests_shed_total",
+    "Requests answered 503 at once because MAX_INFLIGHT requests were in progress",
+    registry=REGISTRY,
+)
+CONNECTIONS_CLOSED = Counter(
+    "session_http_connections_closed_total",
+    "Connections the server closed on a client, by reason (header_timeout, body_timeout, over_capacity)",
+    ["reason"],
+    registry=REGISTRY,
+)
 
 
 for _reason in ("unreachable", "timeout", "oom", "circuit_open"):
     REDIS_FAILURES.labels(_reason)  # exported as 0 from the start, so rate() sees the first failure
+for _reason in ("header_timeout", "body_timeout", "over_capacity"):
+    CONNECTIONS_CLOSED.labels(_reason)
 
 
 class _Pending:

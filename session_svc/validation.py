@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Collection
 from typing import Any, TypeVar
+from urllib.parse import unquote_to_bytes
 
 import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import BaseModel, ValidationError
 
+from session_svc import models
 from session_svc.errors import SESSION_NOT_FOUND, BadRequest, NotFound
+from session_svc.telemetry import CONNECTIONS_CLOSED, RECORDER
 from session_svc.typedefs import SETTINGS
 
 M = TypeVar("M", bound=BaseModel)
@@ -30,12 +34,24 @@ def _problems(exc: ValidationError, where: str, path: Collection[str] = ()) -> l
 
 
 async def parse_body(request: web.Request, model: type[M]) -> M:
-    limit = request.app[SETTINGS].max_body_bytes
+    settings = request.app[SETTINGS]
+    limit = settings.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         # Decided from the header: never wait for (or read) a body that will be refused anyway.
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
     try:
-        raw = await request.read()  # aiohttp raises 413 past client_max_size
+        if request.content.is_eof():  # all there already (a small body comes with its headers)
+            raw = await request.read()
+        else:
+            async with asyncio.timeout(settings.body_timeout):
+                raw = await request.read()  # aiohttp raises 413 past client_max_size
+    except TimeoutError:
+        # A body that trickles or never comes. Abandon it: aiohttp would otherwise keep reading (and
+        # discarding) it for its lingering time after the 408, which closes the connection.
+        RECORDER.count(CONNECTIONS_CLOSED, ("body_timeout",))
+        request.protocol.close()
+        request.content.feed_eof()
+        raise web.HTTPRequestTimeout() from None
     except web.RequestPayloadError as exc:  # chunked framing or Content-Encoding that does not decode
         cause = exc.__cause__
         why = cause.message if isinstance(cause, HttpProcessingError) else str(exc)
@@ -53,13 +69,23 @@ async def parse_body(request: web.Request, model: type[M]) -> M:
         try:
             orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
+            if "depth limit" in str(exc):
+                raise BadRequest([TOO_DEEP]) from None
             detail = [{"type": "json_invalid", "loc": ["body"], "msg": f"Invalid JSON: {exc}"}]
             raise BadRequest(detail) from None
     try:
         # JSON mode: strict types, yet enum values arrive as the strings they are.
         return model.model_validate_json(raw)
     except ValidationError as exc:
-        raise BadRequest(_problems(exc, "body")) from None
+        problems = _problems(exc, "body")
+        if problems[0]["type"] == "json_invalid" and "recursion limit" in problems[0]["msg"]:
+            # pydantic's parser stops at 200 levels (whatever the field), before any field is seen; the
+            # fields that take JSON values allow models.MAX_JSON_DEPTH. The same answer for both.
+            raise BadRequest([TOO_DEEP]) from None
+        raise BadRequest(problems) from None
+
+
+TOO_DEEP = {"type": "json_too_deep", "loc": ["body"], "msg": models.TOO_DEEP}
 
 
 # Query strings already validated, by model: a chat client sends the same ``?user_id=...`` on every
@@ -75,10 +101,16 @@ def parse_query(request: web.Request, model: type[M], **path: str) -> M:
     # The query as sent (percent-encoded): what the parse result depends on, so two queries that parse
     # differently never share an entry.
     raw = request.rel_url.raw_query_string
+    if path and any("%" in v for v in path.values()) and not _utf8(request.rel_url.raw_path):
+        # yarl leaves an escape that does not decode as it came: "%FF" would read as the user "%FF".
+        raise BadRequest([_NOT_UTF8 | {"loc": ["path"]}])
     key = (model, raw, tuple(path.values()))
     known = _queries.get(key)
     if known is not None:
         return known  # type: ignore[return-value]  # keyed by its model
+    if "%" in raw and not _utf8(raw):
+        # yarl decodes such an escape as U+FFFD: "%FF" and "%FE" would both read as the same user.
+        raise BadRequest([_NOT_UTF8 | {"loc": ["query"]}])
     try:
         parsed = model.model_validate({**request.query, **path})
     except ValidationError as exc:
@@ -88,6 +120,17 @@ def parse_query(request: web.Request, model: type[M], **path: str) -> M:
             _queries.clear()
         _queries[key] = parsed
     return parsed
+
+
+_NOT_UTF8 = {"type": "utf8_invalid", "msg": "Percent-encoded bytes that are not UTF-8"}
+
+
+def _utf8(raw: str) -> bool:
+    try:
+        unquote_to_bytes(raw).decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+
+from session_svc import server
 
 Client = TestClient[web.Request, web.Application]
 
@@ -140,3 +145,55 @@ async def validation_locs(resp: Any) -> list[list[str | int]]:
         assert isinstance(item["msg"], str) and item["msg"]
         assert isinstance(item["loc"], list) and item["loc"][0] in ("body", "query", "path"), item
     return [item["loc"] for item in detail]
+
+
+# Raw HTTP over a real socket, for what aiohttp's client would not send (or would fix) ------------------
+
+Address = tuple[str, int]
+
+
+@contextlib.asynccontextmanager
+async def serving(app: web.Application) -> AsyncIterator[Address]:
+    """``app`` served as in production (``server.AppRunner``: no handler cancellation, the connection
+    bounds of its settings) on a free loopback port."""
+    runner = server.AppRunner(app)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        host, port = runner.addresses[0][:2]
+        yield host, port
+    finally:
+        await runner.cleanup()
+
+
+Response = tuple[int, dict[str, str], bytes]
+
+
+def parse_response(raw: bytes) -> Response:
+    """Status, headers (lower-case names) and body of one raw HTTP response."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+async def exchange(address: Address, *parts: bytes, within: float = 5.0) -> Response:
+    """Send raw bytes (pausing between parts), read until the server closes: status, headers, body."""
+    reader, writer = await asyncio.open_connection(*address)
+    try:
+        for part in parts:
+            writer.write(part)
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        raw = await asyncio.wait_for(reader.read(), within)
+    finally:
+        writer.close()
+    return parse_response(raw)
+
+
+async def read_response(reader: asyncio.StreamReader) -> Response:
+    """One response from a kept-alive connection (its body by Content-Length)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    status, headers, _ = parse_response(head)
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return status, headers, body

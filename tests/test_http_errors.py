@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from session_svc import server
-from tests.helpers import SESSIONS, error_json, session_url
+from tests.helpers import SESSIONS, Address, error_json, exchange, serving, session_url
 
 
 @pytest.mark.parametrize(
@@ -42,34 +42,9 @@ async def test_405_says_which_methods_are_allowed(
 
 
 @pytest.fixture
-async def served(app: web.Application) -> AsyncIterator[tuple[str, int]]:
-    """The app served as in production (``server.AppRunner``, no handler cancellation), on a free port."""
-    runner = server.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        host, port = runner.addresses[0][:2]
-        yield host, port
-    finally:
-        await runner.cleanup()
-
-
-async def exchange(address: tuple[str, int], *parts: bytes) -> tuple[int, dict[str, str], bytes]:
-    """Send raw bytes (pausing between parts), read until the server closes: status, headers, body."""
-    reader, writer = await asyncio.open_connection(*address)
-    try:
-        for part in parts:
-            writer.write(part)
-            await writer.drain()
-            await asyncio.sleep(0.05)
-        raw = await asyncio.wait_for(reader.read(), 5)
-    finally:
-        writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    status_line, *lines = head.decode().split("\r\n")
-    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
-    return int(status_line.split()[1]), headers, body
+async def served(app: web.Application) -> AsyncIterator[Address]:
+    async with serving(app) as address:
+        yield address
 
 
 def server_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -100,7 +75,7 @@ CREATE = b"POST /api/v1/sessions HTTP/1.1\r\n" + HEAD + b"Content-Type: applicat
     ids=["request-line-too-long", "header-too-long", "too-many-headers", "bad-method", "bad-chunk-size"],
 )
 async def test_unparsable_requests_get_a_json_400_logged_as_client_errors(
-    served: tuple[str, int], caplog: pytest.LogCaptureFixture, request_bytes: bytes, says: str
+    served: Address, caplog: pytest.LogCaptureFixture, request_bytes: bytes, says: str
 ) -> None:
     caplog.set_level(logging.INFO)
     status, headers, body = await exchange(served, request_bytes)
@@ -112,7 +87,7 @@ async def test_unparsable_requests_get_a_json_400_logged_as_client_errors(
 
 
 async def test_a_body_that_does_not_decode_is_a_400(
-    served: tuple[str, int], caplog: pytest.LogCaptureFixture
+    served: Address, caplog: pytest.LogCaptureFixture
 ) -> None:
     status, headers, body = await exchange(
         served, CREATE + b"Content-Encoding: gzip\r\nContent-Length: 5\r\n\r\n", b"abcde"
@@ -124,7 +99,7 @@ async def test_a_body_that_does_not_decode_is_a_400(
 
 
 async def test_a_client_leaving_mid_body_is_no_server_error(
-    served: tuple[str, int], caplog: pytest.LogCaptureFixture
+    served: Address, caplog: pytest.LogCaptureFixture
 ) -> None:
     _, writer = await asyncio.open_connection(*served)
     writer.write(CREATE + b"Content-Length: 100\r\n\r\n" + b'{"user_id": ')

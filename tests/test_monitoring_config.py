@@ -73,6 +73,8 @@ EXPORTED = SERVICE_WIDE | {
     "session_redis_failures_total",
     "session_postgres_query_duration_seconds",
     "session_postgres_failures_total",
+    "session_http_requests_shed_total",
+    "session_http_connections_closed_total",
     # worker, per process
     "session_flush_rows_total",
     "session_flush_batches_total",
