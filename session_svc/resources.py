@@ -30,10 +30,10 @@ log = logging.getLogger("session_svc")
 
 # Seconds between layout checks while Redis has not answered since the process started.
 LAYOUT_RETRY_S = 1.0
-# asyncpg: seconds to connect, seconds a statement may run; seconds a stopping process waits for its
-# connections to be released before closing them anyway (a statement hung on Postgres would hold it).
+# asyncpg: seconds to connect (a statement's own limit is PG_COMMAND_TIMEOUT); seconds a stopping
+# process waits for its connections to be released before closing them anyway (a statement hung on
+# Postgres would hold it).
 PG_CONNECT_TIMEOUT_S = 3
-PG_COMMAND_TIMEOUT_S = 10
 PG_CLOSE_TIMEOUT_S = 2.0
 
 
@@ -96,7 +96,7 @@ async def pg_pool(settings: Settings) -> asyncpg.Pool | None:
         min_size=0,
         max_size=settings.db_pool_size,
         timeout=PG_CONNECT_TIMEOUT_S,
-        command_timeout=PG_COMMAND_TIMEOUT_S,
+        command_timeout=settings.pg_command_timeout,
         reset=_no_session_state,
     )
 
