@@ -480,7 +480,7 @@ async def test_cold_reads_through_a_slow_then_black_holed_postgres_link(
 
     async def read_all() -> list[tuple[int, float, dict[str, Any]]]:
         # Two reads of each at once: 8, fewer than DB_POOL_SIZE (10), so none waits for a connection.
-        return list(await asyncio.gather(*(read(sid) for sid in cold * 2)))
+        return list(await asyncio.gather(*(read(sid) for sid in cold * 6)))
 
     with proxy_to(rig.pg_server.port) as proxy:
         await use_client(rig, aiohttp_client,
