@@ -33,10 +33,19 @@ from typing import Any
 import aiohttp
 import pytest
 import redis as redis_sync
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from session_svc import outbox
 from session_svc.app import create_app
-from session_svc.redis_client import REDIS_DOWN_DETAIL, REDIS_OOM_DETAIL, REDIS_UNKNOWN_DETAIL
+from session_svc.coalesce import Coalescer
+from session_svc.redis_client import (
+    REDIS_DOWN_DETAIL,
+    REDIS_OOM_DETAIL,
+    REDIS_UNKNOWN_DETAIL,
+    CircuitOpen,
+    redis_client,
+)
+from session_svc.settings import Settings
 from session_svc.typedefs import BACKEND
 from tests import pg_rows, servers, support, test_redis_faults
 from tests.proxy import proxy_to
@@ -74,6 +83,12 @@ def record(name: str, **figures: Any) -> None:
 
 def during(samples: list[Sample], start: float, end: float) -> list[Sample]:
     return [s for s in samples if start <= s.start < end]
+
+
+def within(samples: list[Sample], start: float, end: float) -> list[Sample]:
+    """Requests made and answered between ``start`` and ``end`` (one made just before a link came back
+    may be sent after it, and answered 200)."""
+    return [s for s in samples if start <= s.start and s.start + s.elapsed < end]
 
 
 async def outcomes(rig: Rig) -> dict[str, int]:
@@ -194,7 +209,7 @@ async def test_api_connections_killed_repeatedly_under_coalesced_appends(
         acked_lost=lost,
         **await outcomes(rig),
     )
-    assert kills >= rounds // 2, (kills, rounds)  # the API was using Redis when its connections died
+    assert kills >= 5, (kills, rounds)  # the API was using Redis when its connections died
     assert rig.ledger.unknown or rig.ledger.refused  # and some requests saw it
     assert lost == 0
 
@@ -268,13 +283,15 @@ async def test_api_connections_killed_while_a_long_script_runs(make_rig: Any, ai
 
 async def test_redis_link_slow_then_too_slow_then_black_holed(make_rig: Any, aiohttp_client: Any) -> None:
     """The API reaches Redis through the proxy; 8 writers append throughout.
-    - +150 ms each way (below REDIS_SOCKET_TIMEOUT, 1 s): every answer a correct 200, slower.
-    - +800 ms each way (the round trip is over the timeout): 503s within the timeouts, "outcome
-      unknown" for those sent (and the late commands do land: Redis gets them after the client gave up).
+    - +100 ms each way (well below REDIS_SOCKET_TIMEOUT, 2 s here: the proxy shares this process, and
+      so the CPU, with the app and the writers): every answer a correct 200, slower.
+    - +1.2 s each way for 5 s (the round trip is over the timeout): 503s within the timeouts, "outcome
+      unknown" for those sent (and the late commands do land: Redis gets them after the client gave up);
+      after the first round of timeouts the breaker is open, and the rest answer in milliseconds.
     - black-hole for 4 s: 503 within the timeouts, then in milliseconds once the breaker opens; health
       says Redis is unreachable.
     - back to normal: writes are acknowledged again without a restart."""
-    rig: Rig = await make_rig(())
+    rig: Rig = await make_rig((), redis_socket_timeout=2.0)
     with proxy_to(rig.redis_server.port) as proxy:
         await use_client(rig, aiohttp_client, redis_url=proxy.url("redis://127.0.0.1:{port}/0"))
         sids = [await rig.create(f"s{i}") for i in range(6)]
@@ -285,19 +302,19 @@ async def test_redis_link_slow_then_too_slow_then_black_holed(make_rig: Any, aio
         health: dict[str, Any] = {}
         try:
             await load.acked(50)
+            proxy.delay(up=0.1, down=0.1)  # returns once the proxy applies it: then mark the time
             marks["slow"] = time.monotonic()
-            proxy.delay(up=0.15, down=0.15)
             await asyncio.sleep(3)
+            proxy.delay(up=1.2, down=1.2)
             marks["too_slow"] = time.monotonic()
-            proxy.delay(up=0.8, down=0.8)
-            await asyncio.sleep(3)
-            marks["blackhole"] = time.monotonic()
+            await asyncio.sleep(5)
             proxy.blackhole()
+            marks["blackhole"] = time.monotonic()
             await asyncio.sleep(2)
             status, body, took = await rig.health()
             health = {"status": status, "reasons": body["reasons"], "took_s": round(took, 2)}
             await asyncio.sleep(2)
-            marks["normal"] = time.monotonic()
+            marks["normal"] = time.monotonic()  # before: a request answered 200 once the link is back
             proxy.normal()
             await load.acked(50)
         finally:
@@ -305,9 +322,9 @@ async def test_redis_link_slow_then_too_slow_then_black_holed(make_rig: Any, aio
             proxy.normal()
         lost = await settle(rig)
     samples = rig.ledger.samples
-    slow = during(samples, marks["slow"] + 0.5, marks["too_slow"])  # after requests of before drained
-    too_slow = during(samples, marks["too_slow"] + 0.5, marks["blackhole"])
-    holed = during(samples, marks["blackhole"] + 0.5, marks["normal"])
+    slow = within(samples, marks["slow"] + 0.5, marks["too_slow"])  # after requests of before drained
+    too_slow = within(samples, marks["too_slow"] + 0.5, marks["blackhole"])
+    holed = within(samples, marks["blackhole"] + 0.5, marks["normal"])
     figures = {
         f"{name}_{key}": value
         for name, hit in (("slow", slow), ("too_slow", too_slow), ("blackhole", holed))
@@ -322,14 +339,45 @@ async def test_redis_link_slow_then_too_slow_then_black_holed(make_rig: Any, aio
     recovery = first_ok_after(samples, marks["normal"])
     record("redis_link", **figures, health_during_blackhole=health, recovery_s=round(recovery, 3),
            acked_lost=lost, **await outcomes(rig))  # fmt: skip
-    assert {s.status for s in slow} == {200} and min(s.elapsed for s in slow) >= 0.3
+    assert {s.status for s in slow} == {200} and min(s.elapsed for s in slow) >= 0.2
     assert {s.status for s in too_slow} | {s.status for s in holed} == {503}
     assert max(s.elapsed for s in too_slow + holed) <= bound
-    assert statistics.median(s.elapsed for s in holed) < 0.05  # the breaker: no timeout per request
+    # The breaker: after the first round of timeouts, no request waits for one.
+    assert statistics.median(s.elapsed for s in too_slow) < 0.05
+    assert statistics.median(s.elapsed for s in holed) < 0.05
     assert health["status"] == 503 and any(r.startswith("Redis unreachable") for r in health["reasons"])
     assert rig.ledger.unknown  # sent and not answered in time: the answer did not pretend otherwise
     assert recovery < 5
     assert lost == 0
+
+
+async def test_a_coalesced_batch_timing_out_opens_the_breaker_for_all_its_callers(private_redis: Any) -> None:
+    """Eight script calls sent as one pipeline over a black-holed link time out together after
+    REDIS_SOCKET_TIMEOUT, each an "outcome unknown". They are eight callers that met Redis not
+    answering, as eight callers on their own connections would be: the breaker (3 failures) is open at
+    once, and the next call is refused in milliseconds ("nothing was written") instead of waiting for
+    another timeout, and another, one batch at a time."""
+    server = private_redis()
+    with proxy_to(server.port) as proxy:
+        settings = Settings(redis_url=proxy.url("redis://127.0.0.1:{port}/0"), redis_socket_timeout=1.0)
+        redis = redis_client(settings)
+        try:
+            source = "return 1"
+            sha = await redis.script_load(source)
+            coalescer = Coalescer(redis)
+            assert await coalescer.call(sha, source, [], []) == 1  # a pooled connection, in use
+            proxy.blackhole()
+            failed = await asyncio.gather(
+                *(coalescer.call(sha, source, [], []) for _ in range(8)), return_exceptions=True
+            )
+            assert all(isinstance(e, RedisTimeoutError) for e in failed), failed
+            t0 = time.monotonic()
+            with pytest.raises(CircuitOpen):
+                await coalescer.call(sha, source, [], [])
+            assert time.monotonic() - t0 < 0.5
+        finally:
+            proxy.normal()
+            await redis.aclose()
 
 
 async def test_redis_link_cut_repeatedly(make_rig: Any, aiohttp_client: Any) -> None:
@@ -462,7 +510,7 @@ async def test_cold_reads_through_a_slow_then_black_holed_postgres_link(
     await rig.quiescent()
     assert await sweep(rig.client.app[BACKEND], 0) == len(cold)
     hot = await rig.create("hot")
-    bound = rig.settings.pg_command_timeout + PG_CONNECT_TIMEOUT_S + 0.5
+    bound = rig.settings.pg_command_timeout + PG_CONNECT_TIMEOUT_S + 1.0  # unbounded queueing: 9 s
     wrong: list[str] = []
 
     async def get(sid: str) -> tuple[int, dict[str, Any]]:
