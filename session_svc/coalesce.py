@@ -62,6 +62,8 @@ class Coalescer:
 
     async def _run(self, batch: list[_Call]) -> None:
         redis_client.reset_outcome()  # this task's own flag: did this batch reach Redis?
+        breaker: redis_client.Breaker | None = getattr(self.redis.connection_pool, "breaker", None)
+        failures = breaker.failures if breaker is not None else 0
         try:
             replies = await self._pipeline(batch)
             again = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
@@ -72,6 +74,14 @@ class Coalescer:
                     replies[i] = reply
         except Exception as exc:
             unknown = redis_client.outcome_unknown()
+            if breaker is not None and breaker.failures > failures:
+                # The connection told the breaker once that Redis did not answer, for every caller of
+                # the batch. Each of them met that failure, as each did on a connection of its own
+                # before coalescing: count them all, or a black-holed Redis would keep every request
+                # waiting REDIS_SOCKET_TIMEOUT for three rounds (one batch each) before the breaker
+                # opened, instead of one.
+                for _ in batch[1:]:
+                    breaker.failure()
             for c in batch:
                 if not c.future.done():
                     c.future.set_result((False, exc, unknown))

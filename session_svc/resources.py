@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import cast
 
 import asyncpg
+from asyncpg.pool import PoolAcquireContext
 from redis.asyncio import Redis
 
 from session_svc.keys import Keys
@@ -30,10 +31,10 @@ log = logging.getLogger("session_svc")
 
 # Seconds between layout checks while Redis has not answered since the process started.
 LAYOUT_RETRY_S = 1.0
-# asyncpg: seconds to connect, seconds a statement may run; seconds a stopping process waits for its
-# connections to be released before closing them anyway (a statement hung on Postgres would hold it).
+# asyncpg: seconds to connect (a statement's own limit is PG_COMMAND_TIMEOUT); seconds a stopping
+# process waits for its connections to be released before closing them anyway (a statement hung on
+# Postgres would hold it).
 PG_CONNECT_TIMEOUT_S = 3
-PG_COMMAND_TIMEOUT_S = 10
 PG_CLOSE_TIMEOUT_S = 2.0
 
 
@@ -86,19 +87,38 @@ async def _no_session_state(_: asyncpg.Connection) -> None:
     transactions only), and asyncpg still rolls back a transaction left open before calling this."""
 
 
+class BoundedPool(asyncpg.Pool):
+    """A pool whose ``acquire()`` gives up after ``PG_CONNECT_TIMEOUT_S`` unless told otherwise, and so
+    do the queries run on the pool itself (``pool.fetchrow`` acquires without a timeout). The connect
+    timeout bounds one connection attempt, but not the wait for a free connection: with Postgres
+    black-holed, 24 concurrent cold reads on a pool of 10 queued behind each other's connection
+    attempts and answered after up to 9 s, three connect timeouts in a row. Now a request waits at
+    most this long for a connection (free or new) and ``PG_COMMAND_TIMEOUT`` for its statement, like
+    ``REDIS_POOL_TIMEOUT`` on the Redis side; a timeout is "unavailable" (503, or a retried batch)."""
+
+    def acquire(self, *, timeout: float | None = None) -> PoolAcquireContext[asyncpg.Record]:
+        return super().acquire(timeout=PG_CONNECT_TIMEOUT_S if timeout is None else timeout)
+
+
 async def pg_pool(settings: Settings) -> asyncpg.Pool | None:
     if not settings.database_url:
         return None
     # min_size=0: no connection is opened now, so the process starts (and serves from Redis) even
-    # while Postgres is down.
-    return await asyncpg.create_pool(
+    # while Postgres is down. The other arguments are asyncpg.create_pool's defaults.
+    pool = BoundedPool(
         settings.database_url,
         min_size=0,
         max_size=settings.db_pool_size,
+        max_queries=50_000,
+        max_inactive_connection_lifetime=300.0,
         timeout=PG_CONNECT_TIMEOUT_S,
-        command_timeout=PG_COMMAND_TIMEOUT_S,
+        command_timeout=settings.pg_command_timeout,
         reset=_no_session_state,
+        loop=None,
+        connection_class=asyncpg.Connection,
+        record_class=asyncpg.Record,
     )
+    return await pool
 
 
 @contextlib.asynccontextmanager

@@ -114,6 +114,10 @@ class Settings:
     # A pending entry idle this long (ms) is presumed orphaned by a dead worker and reclaimed.
     flush_claim_idle_ms: int = 30_000
     db_pool_size: int = 10
+    # Seconds one PostgreSQL statement may take (asyncpg's command_timeout) before it fails as
+    # unavailable: a cold read answers 503, the worker's batch is retried. It also bounds how long a
+    # hung or black-holed Postgres holds a request or a batch.
+    pg_command_timeout: float = 10.0
     # Consumer name of this worker in the outbox group; stable names recover their own work at restart.
     worker_name: str = ""
     # Port of the worker's Prometheus endpoint (0 = none).
@@ -151,6 +155,8 @@ class Settings:
             raise ValueError("HEADER_TIMEOUT and BODY_TIMEOUT must be more than 0 seconds")
         if not self.shutdown_timeout > 0:  # aiohttp takes 0 for "no timeout": wait forever
             raise ValueError("SHUTDOWN_TIMEOUT must be more than 0 seconds")
+        if not self.pg_command_timeout > 0:  # asyncpg takes None/0 for "no timeout": wait forever
+            raise ValueError("PG_COMMAND_TIMEOUT must be more than 0 seconds")
         if not 0 < self.consul_port < 65536:
             raise ValueError("CONSUL_PORT must be a TCP port (1-65535)")
         self._check_auth()
