@@ -537,3 +537,28 @@ def test_check_config_masks_keys_and_secrets() -> None:
     assert shown["AUTH_API_KEYS"] == "***" and shown["AUTH_JWT_SECRET"] == "***"
     assert KEY not in str(shown) and SECRET not in str(shown)
     assert shown["AUTH_MODE"] == "api_key"
+
+
+async def test_an_old_jwks_is_fetched_again_in_the_background(
+    jwks: JwksServer, make_client: Callable[..., Awaitable[Client]]
+) -> None:
+    """Once older than AUTH_JWKS_CACHE_SECONDS, the set is fetched again while requests go on with the
+    keys they have; a key the identity provider withdrew then stops working."""
+    jwks.keys = [public_jwk(EC1, "ec1", "ES256")]
+    client = await make_client(
+        auth_mode="jwt", auth_jwks_url=jwks.url, auth_jwks_cache_seconds=0.5, auth_jwks_min_fetch_interval=0.1
+    )
+    user = new_user()
+    url = f"/api/v1/users/{user}/sessions"
+    jwks.keys = [public_jwk(EC2, "ec2", "ES256")]  # ec1 withdrawn; the service does not know yet
+
+    async def ec1_refused() -> bool:
+        # A new token each time (jti), so the cache of verified tokens does not answer.
+        token = signed_by(EC1, "ec1", "ES256", user, jti=uuid.uuid4().hex)
+        resp = await client.get(url, headers=bearer(token))
+        assert resp.status in (200, 401), resp.status
+        return resp.status == 401
+
+    await eventually(ec1_refused, "the withdrawn key to be dropped", within=20, interval=0.2)
+    assert jwks.requests >= 2
+    await ok_object(await client.get(url, headers=bearer(signed_by(EC2, "ec2", "ES256", user))))
