@@ -52,6 +52,14 @@ class Settings:
     # time (least recently written first) and background jobs that add data skip their round.
     redis_memory_high_water: float = 0.8
     max_body_bytes: int = 1024 * 1024
+    # Seconds an Idempotency-Key's record (the first answer to a write) is kept: a retry with the same
+    # key within this time gets that answer again and writes nothing.
+    idempotency_ttl: int = 86_400
+    # Writes per minute and user, a token bucket in the user's Redis bucket shared by every API process
+    # (0 = no limit). The burst is the bucket's size: how many writes may come at once after a pause
+    # (0 = as many as the rate per minute).
+    rate_limit_writes_per_minute: int = 0
+    rate_limit_burst: int = 0
     # On SIGTERM/SIGINT the API stops accepting connections and gives the requests in flight this many
     # seconds to finish; the worker gives the batch in hand as long to commit and be acknowledged.
     shutdown_timeout: float = 10.0
@@ -109,6 +117,12 @@ class Settings:
             raise ValueError("REDIS_BREAKER_FAILURES must be at least 1")
         if not self.shutdown_timeout > 0:  # aiohttp takes 0 for "no timeout": wait forever
             raise ValueError("SHUTDOWN_TIMEOUT must be more than 0 seconds")
+        if self.idempotency_ttl < 1:
+            raise ValueError("IDEMPOTENCY_TTL must be at least 1 second")
+        if self.rate_limit_writes_per_minute < 0 or self.rate_limit_burst < 0:
+            raise ValueError(
+                "RATE_LIMIT_WRITES_PER_MINUTE and RATE_LIMIT_BURST must be 0 (off/default) or more"
+            )
         if not 0 < self.consul_port < 65536:
             raise ValueError("CONSUL_PORT must be a TCP port (1-65535)")
         for name in ("sweep_every_seconds", "reconcile_every_seconds"):

@@ -25,7 +25,14 @@ from session_svc.resources import Backend
 from session_svc.settings import Settings
 from session_svc.shapes import iso, now_us
 from session_svc.typedefs import BACKEND, SETTINGS
-from session_svc.validation import parse_body, parse_query, session_id
+from session_svc.validation import (
+    idempotency_key,
+    if_match,
+    if_none_match,
+    parse_body,
+    parse_query,
+    session_id,
+)
 
 SERVICE = "session_service"
 
@@ -42,6 +49,9 @@ class Call(Generic[Q, B]):
     sid: str  # the session id of the path ("" for routes without one)
     query: Q
     body: B
+    # Writes: Idempotency-Key and (PUT/DELETE) If-Match. Reads of a session: If-None-Match.
+    cond: store.Conditions = store.NO_CONDITIONS
+    if_none_match: frozenset[str] | None = None
 
 
 Empty = Call[None, None]
@@ -153,25 +163,43 @@ def _why(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-async def create_session(c: Call[None, models.SessionCreate]) -> dict[str, Any]:
-    return await store.create_session(c.backend, c.body)
+def _written(w: store.Written) -> web.Response:
+    resp = json_response(w.row)
+    if w.etag is not None:
+        resp.headers["ETag"] = w.etag
+    if w.replayed:
+        resp.headers["Idempotent-Replayed"] = "true"
+    return resp
 
 
-async def get_session(c: Call[models.OwnerQuery, None]) -> dict[str, Any]:
-    return await store.get_session(c.backend, c.sid, c.query.user_id)
+def _tagged(row: dict[str, Any], tag: str, if_none_match: frozenset[str] | None) -> web.Response:
+    """A read with its ETag, or 304 Not Modified when the client already holds that version."""
+    if if_none_match is not None and ("*" in if_none_match or tag in if_none_match):
+        return web.Response(status=304, headers={"ETag": tag})
+    resp = json_response(row)
+    resp.headers["ETag"] = tag
+    return resp
 
 
-async def update_session(c: Call[models.OwnerQuery, models.SessionUpdate]) -> dict[str, Any]:
-    return await store.update_session(c.backend, c.sid, c.query.user_id, c.body)
+async def create_session(c: Call[None, models.SessionCreate]) -> web.Response:
+    return _written(await store.create_session(c.backend, c.body, c.cond))
 
 
-async def end_session(c: Call[models.OwnerQuery, None]) -> dict[str, Any]:
-    await store.end_session(c.backend, c.sid, c.query.user_id)
-    return {"message": "Session ended successfully"}
+async def get_session(c: Call[models.OwnerQuery, None]) -> web.Response:
+    return _tagged(*await store.get_session(c.backend, c.sid, c.query.user_id), c.if_none_match)
 
 
-async def get_summary(c: Call[models.OwnerQuery, None]) -> dict[str, Any]:
-    return await store.get_summary(c.backend, c.sid, c.query.user_id)
+async def update_session(c: Call[models.OwnerQuery, models.SessionUpdate]) -> web.Response:
+    return _written(await store.update_session(c.backend, c.sid, c.query.user_id, c.body, c.cond))
+
+
+async def end_session(c: Call[models.OwnerQuery, None]) -> web.Response:
+    w = await store.end_session(c.backend, c.sid, c.query.user_id, c.cond)
+    return _written(store.Written({"message": "Session ended successfully"}, w.etag, w.replayed))
+
+
+async def get_summary(c: Call[models.OwnerQuery, None]) -> web.Response:
+    return _tagged(*await store.get_summary(c.backend, c.sid, c.query.user_id), c.if_none_match)
 
 
 async def list_user_sessions(c: Call[models.UserSessionsQuery, None]) -> dict[str, Any]:
@@ -183,8 +211,8 @@ async def stats(c: Empty) -> dict[str, Any]:
     return await store.stats(c.backend)
 
 
-async def append_message(c: Call[models.OwnerQuery, models.MessageCreate]) -> dict[str, Any]:
-    return await store.append_message(c.backend, c.sid, c.query.user_id, c.body)
+async def append_message(c: Call[models.OwnerQuery, models.MessageCreate]) -> web.Response:
+    return _written(await store.append_message(c.backend, c.sid, c.query.user_id, c.body, c.cond))
 
 
 async def list_messages(c: Call[models.MessagePageQuery, None]) -> dict[str, Any]:
@@ -192,8 +220,8 @@ async def list_messages(c: Call[models.MessagePageQuery, None]) -> dict[str, Any
     return await store.list_messages(c.backend, c.sid, q.user_id, q.page, q.page_size)
 
 
-async def create_memory(c: Call[models.OwnerQuery, models.MemoryCreate]) -> dict[str, Any]:
-    return await store.create_memory(c.backend, c.sid, c.query.user_id, c.body)
+async def create_memory(c: Call[models.OwnerQuery, models.MemoryCreate]) -> web.Response:
+    return _written(await store.create_memory(c.backend, c.sid, c.query.user_id, c.body, c.cond))
 
 
 async def get_memory(c: Call[models.MemoryQuery, None]) -> dict[str, Any]:
@@ -356,6 +384,9 @@ def _adapt(route: Route) -> Callable[[web.Request], Awaitable[web.Response]]:
     has_sid = "{session_id}" in route.path
     # Path parameters other than the session id are validated with the query model (the user id).
     in_query = tuple(n for n in re.findall(r"{(\w+)", route.path) if n != "session_id")
+    writes = route.method in ("POST", "PUT", "DELETE")
+    conditional = route.method in ("PUT", "DELETE")
+    cacheable = route.handler in (get_session, get_summary)
 
     async def handle(request: web.Request) -> web.Response:
         sid = session_id(request) if has_sid else ""
@@ -363,8 +394,15 @@ def _adapt(route: Route) -> Callable[[web.Request], Awaitable[web.Response]]:
         if route.query is not None:
             path = {n: request.match_info[n] for n in in_query}
             query = parse_query(request, route.query, **path)
+        cond = store.NO_CONDITIONS
+        if writes:
+            key = idempotency_key(request)
+            match = if_match(request) if conditional else ""
+            if key is not None or match:
+                cond = store.Conditions(key, match)
         body = await parse_body(request, route.body) if route.body is not None else None
-        call: Call[Any, Any] = Call(request.app[BACKEND], request.app[SETTINGS], sid, query, body)
+        inm = if_none_match(request) if cacheable else None
+        call: Call[Any, Any] = Call(request.app[BACKEND], request.app[SETTINGS], sid, query, body, cond, inm)
         answer = await route.handler(call)
         return answer if isinstance(answer, web.Response) else json_response(answer)
 
