@@ -122,9 +122,9 @@ def idempotency_key(request: web.Request) -> str | None:
 
 
 def _entity_tags(request: web.Request, name: str) -> list[tuple[bool, str]] | None:
-    """(weak, opaque tag) of each entity tag of the header; None for ``*``; a 400 if it is neither."""
+    """(weak, opaque tag) of each entity tag of the header; None for ``*``; BadRequest if neither."""
     raw = request.headers.getone(name)
-    if raw.strip() == "*":
+    if raw == "*":
         return None
     tags: list[tuple[bool, str]] = []
     pos = 0
@@ -139,10 +139,14 @@ def _entity_tags(request: web.Request, name: str) -> list[tuple[bool, str]] | No
 
 def if_match(request: web.Request) -> str:
     """If-Match for the update script: "" (absent), "*", or the versions it names as ",3,4,". Strong
-    comparison (RFC 9110, 13.1.1): a weak tag never matches, nor does a tag this service never makes."""
+    comparison (RFC 9110, 13.1.1): a weak tag never matches, nor does a tag this service never makes, nor
+    a value that is not a list of entity tags."""
     if "If-Match" not in request.headers:
         return ""
-    tags = _entity_tags(request, "If-Match")
+    try:
+        tags = _entity_tags(request, "If-Match")
+    except BadRequest:
+        return ","  # names no entity tag, so it matches nothing: 412, and the session stays as it is
     if tags is None:
         return "*"
     return "," + "".join(f"{tag}," for weak, tag in tags if not weak and tag.isdigit())
@@ -150,8 +154,11 @@ def if_match(request: web.Request) -> str:
 
 def if_none_match(request: web.Request) -> frozenset[str] | None:
     """If-None-Match of a read, as the entity tags it names (weak comparison: ``W/"7"`` is ``"7"``),
-    ``{"*"}`` for any; None when absent."""
+    ``{"*"}`` for any; None when absent or malformed."""
     if "If-None-Match" not in request.headers:
         return None
-    tags = _entity_tags(request, "If-None-Match")
+    try:
+        tags = _entity_tags(request, "If-None-Match")
+    except BadRequest:
+        return None  # a read is always safe to answer in full: ignore what cannot be understood
     return frozenset({"*"}) if tags is None else frozenset(f'"{tag}"' for _, tag in tags)

@@ -249,6 +249,18 @@ class Route:
     query: type[BaseModel] | None = None
     errors: tuple[int, ...] = field(default=())
     description: str = ""
+    # Answers carry the session's ETag (a GET also answers If-None-Match with 304).
+    etag: bool = False
+
+    @property
+    def writes(self) -> bool:
+        """Takes an Idempotency-Key, counts against the rate limit (422, 429)."""
+        return self.method in ("POST", "PUT", "DELETE")
+
+    @property
+    def conditional(self) -> bool:
+        """Takes If-Match (412)."""
+        return self.method in ("PUT", "DELETE")
 
 
 _S = "/api/v1/sessions/{session_id}"
@@ -275,7 +287,8 @@ ROUTES: tuple[Route, ...] = (
         "Create a session",
         models.SessionOut,
         body=models.SessionCreate,
-        errors=(400, 413, 503),
+        errors=(400, 413, 422, 429, 503),
+        etag=True,
     ),
     Route(
         "GET",
@@ -285,6 +298,7 @@ ROUTES: tuple[Route, ...] = (
         models.SessionOut,
         query=models.OwnerQuery,
         errors=_SESSION_ERRORS,
+        etag=True,
     ),
     Route(
         "PUT",
@@ -294,7 +308,8 @@ ROUTES: tuple[Route, ...] = (
         models.SessionOut,
         body=models.SessionUpdate,
         query=models.OwnerQuery,
-        errors=(400, 404, 409, 413, 503),
+        errors=(400, 404, 409, 412, 413, 422, 429, 503),
+        etag=True,
     ),
     Route(
         "DELETE",
@@ -303,7 +318,8 @@ ROUTES: tuple[Route, ...] = (
         "End a session (idempotent)",
         models.MessageText,
         query=models.OwnerQuery,
-        errors=(400, 404, 409, 503),
+        errors=(400, 404, 409, 412, 422, 429, 503),
+        etag=True,
         description=(
             "Ends the session: its status becomes `ended` and it takes no more messages or memories. "
             "Nothing is deleted: the session, its messages and its memories stay readable, so a GET "
@@ -328,6 +344,7 @@ ROUTES: tuple[Route, ...] = (
         models.SessionSummaryOut,
         query=models.OwnerQuery,
         errors=_SESSION_ERRORS,
+        etag=True,
     ),
     Route(
         "POST",
@@ -337,7 +354,7 @@ ROUTES: tuple[Route, ...] = (
         models.MessageOut,
         body=models.MessageCreate,
         query=models.OwnerQuery,
-        errors=(400, 404, 409, 413, 503),
+        errors=(400, 404, 409, 413, 422, 429, 503),
     ),
     Route(
         "GET",
@@ -356,7 +373,7 @@ ROUTES: tuple[Route, ...] = (
         models.MemoryOut,
         body=models.MemoryCreate,
         query=models.OwnerQuery,
-        errors=(400, 404, 409, 413, 503),
+        errors=(400, 404, 409, 413, 422, 429, 503),
     ),
     Route(
         "GET",
@@ -384,9 +401,8 @@ def _adapt(route: Route) -> Callable[[web.Request], Awaitable[web.Response]]:
     has_sid = "{session_id}" in route.path
     # Path parameters other than the session id are validated with the query model (the user id).
     in_query = tuple(n for n in re.findall(r"{(\w+)", route.path) if n != "session_id")
-    writes = route.method in ("POST", "PUT", "DELETE")
-    conditional = route.method in ("PUT", "DELETE")
-    cacheable = route.handler in (get_session, get_summary)
+    writes, conditional = route.writes, route.conditional
+    cacheable = route.etag and route.method == "GET"
 
     async def handle(request: web.Request) -> web.Response:
         sid = session_id(request) if has_sid else ""
