@@ -39,6 +39,7 @@ from bench.common import (
     wrk,
 )
 from bench.growth import growth, memory
+from bench.guards import guards
 from bench.writebehind import writebehind
 from session_svc.settings import Settings
 
@@ -239,6 +240,7 @@ BENCHMARKS: dict[str, Callable[[dict[str, str]], None]] = {
     "growth": growth,
     "memory": memory,
     "writebehind": writebehind,
+    "guards": guards,
 }
 
 
