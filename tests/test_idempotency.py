@@ -177,11 +177,12 @@ async def test_put_and_delete_replay_their_first_answer(client: Any) -> None:
     user = new_user()
     sid = (await make_session(client, user, title="a"))["session_id"]
     url, p = session_url(sid), {"user_id": user}
-    first = await client.put(url, params=p, json={"title": "b"}, headers={KEY: "put"})
+    put = {"title": 'b \u00fc \U0001f600 / "q" \\', "metadata": {"z": "\u00e9", "a": [1.5, None]}}
+    first = await client.put(url, params=p, json=put, headers={KEY: "put"})
     first_body = await first.read()
     # Someone else changes the session; the retry still answers what the first PUT answered.
     assert (await client.put(url, params=p, json={"title": "c"})).status == 200
-    again = await client.put(url, params=p, json={"title": "b"}, headers={KEY: "put"})
+    again = await client.put(url, params=p, json=put, headers={KEY: "put"})
     assert again.status == 200 and await again.read() == first_body
     assert again.headers["ETag"] == first.headers["ETag"] == '"2"'
     assert (await get_session(client, sid, user))["title"] == "c"  # the retry wrote nothing
