@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import orjson
 import pytest
 from redis.asyncio import Redis
 
 from session_svc.keys import Keys, bucket_of
+from session_svc.redis_client import REDIS_UNKNOWN_DETAIL
 from session_svc.resources import Backend
 from tests import outbox_drain
 from tests.helpers import (
@@ -27,6 +29,7 @@ from tests.helpers import (
     session_url,
     stats,
 )
+from tests.support import eventually
 from workers.expiry import sweep
 from workers.flush import Flusher
 
@@ -115,8 +118,6 @@ async def test_keys_are_per_user(client: Any, settings: Any) -> None:
 
 
 async def _json(answer: tuple[int, bytes, Any]) -> dict[str, Any]:
-    import orjson
-
     got: dict[str, Any] = orjson.loads(answer[1])
     return got
 
@@ -254,4 +255,31 @@ async def test_the_longest_key_and_every_visible_character_are_accepted(client: 
         a = await post(client, session_url(sid, "/messages"), key, user, msg)
         b = await post(client, session_url(sid, "/messages"), key, user, msg)
         assert a[0] == b[0] == 200 and a[1] == b[1]
+    assert await count(client, sid, user) == 2
+
+
+async def test_a_retry_after_a_lost_reply_writes_once(make_client: Any, private_redis: Any) -> None:
+    """What the key is for: Redis takes the write but its reply is lost (a 503 "outcome unknown"); the
+    client retries with the same key and gets the write's answer, not a second message."""
+    server = private_redis()
+    client = await make_client(redis_url=server.url, redis_socket_timeout=0.5)
+    user = new_user()
+    sid = (await make_session(client, user))["session_id"]
+    msg = {"role": "user", "content": "maybe"}
+    assert (await post(client, session_url(sid, "/messages"), "warm", user, msg))[0] == 200  # script loaded
+    server.pause()
+    try:
+        lost = await post(client, session_url(sid, "/messages"), "lost", user, msg)
+        assert lost[0] == 503 and lost[1] == orjson.dumps({"detail": REDIS_UNKNOWN_DETAIL})
+    finally:
+        server.resume()
+
+    async def applied() -> bool:
+        resp = await client.get(session_url(sid), params={"user_id": user})
+        return resp.status == 200 and (await resp.json())["message_count"] == 2
+
+    await eventually(applied, "the write whose reply was lost to be applied", within=10)
+    retry = await post(client, session_url(sid, "/messages"), "lost", user, msg)
+    assert retry[0] == 200 and retry[2]["Idempotent-Replayed"] == "true"
+    assert orjson.loads(retry[1])["sequence"] == 2
     assert await count(client, sid, user) == 2
