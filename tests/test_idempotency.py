@@ -283,3 +283,27 @@ async def test_a_retry_after_a_lost_reply_writes_once(make_client: Any, private_
     assert retry[0] == 200 and retry[2]["Idempotent-Replayed"] == "true"
     assert orjson.loads(retry[1])["sequence"] == 2
     assert await count(client, sid, user) == 2
+
+
+async def test_the_openapi_document_describes_the_headers_and_answers(client: Any) -> None:
+    doc = await ok_object(await client.get("/openapi.json"))
+    for path, method in (
+        (SESSIONS, "post"),
+        ("/api/v1/sessions/{session_id}/messages", "post"),
+        ("/api/v1/sessions/{session_id}/memory", "post"),
+        ("/api/v1/sessions/{session_id}", "put"),
+        ("/api/v1/sessions/{session_id}", "delete"),
+    ):
+        op = doc["paths"][path][method]
+        headers = {p["name"] for p in op["parameters"] if p["in"] == "header"}
+        assert KEY in headers, (path, method)
+        assert ("If-Match" in headers) == (method != "post"), (path, method)
+        assert {"422", "429"} <= set(op["responses"]), (path, method)
+        assert "Retry-After" in op["responses"]["429"]["headers"]
+    put = doc["paths"]["/api/v1/sessions/{session_id}"]["put"]
+    assert "ETag" in put["responses"]["412"]["headers"] and "ETag" in put["responses"]["200"]["headers"]
+    get = doc["paths"]["/api/v1/sessions/{session_id}"]["get"]
+    assert "304" in get["responses"]
+    assert "If-None-Match" in {p["name"] for p in get["parameters"] if p["in"] == "header"}
+    assert not [p for p in doc["paths"]["/api/v1/sessions/{session_id}/messages"]["get"]["parameters"]
+                if p["in"] == "header"]  # fmt: skip
