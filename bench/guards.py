@@ -45,15 +45,22 @@ VARIANTS: dict[str, tuple[dict[str, str], str]] = {
 
 
 def guards(env: dict[str, str], rounds: int | None = None) -> None:
+    """``BENCH_BASELINE_TREE``: a checkout of the code before these features (``git archive main``);
+    its plain append runs as one more variant, so "no key, no limit" can be compared with before."""
     rounds = rounds or int(os.environ.get("BENCH_REPEATS", "3"))
+    baseline = os.environ.get("BENCH_BASELINE_TREE")
+    variants = dict(VARIANTS)
+    if baseline:
+        variants = {"baseline tree: plain": ({"PYTHONPATH": baseline}, POST_LUA), **variants}
     duration = os.environ.get("BENCH_ROW_DURATION", "6s")
-    results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in VARIANTS}
+    results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in variants}
     print(
         f"\n# idempotency and rate limit: POST message, wrk -t1 -c{CONNECTIONS} -d{duration}, median of {rounds}"
     )
     for i in range(rounds):
-        for name, (extra, lua) in VARIANTS.items():
-            api = subprocess.Popen([PY, "-m", "session_svc"], env={**env, **extra}, cwd=ROOT)
+        for name, (extra, lua) in variants.items():
+            cwd = baseline if name.startswith("baseline") and baseline else ROOT
+            api = subprocess.Popen([PY, "-m", "session_svc"], env={**env, **extra}, cwd=cwd)
             try:
                 wait_http()
                 user = f"bench-guard-{i}-{len(results[name])}-{abs(hash(name)) % 1000}"
