@@ -30,7 +30,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
@@ -140,9 +140,9 @@ return reply
     return Lua(keys=(*lua.keys, "idem", "limit"), args=(*lua.args, *guard_args), body=body)
 
 
-@dataclass(frozen=True, slots=True)
-class Guard:
-    """The checks of one guarded write (``guarded``): its idempotency record and the user's limit."""
+class Guard(NamedTuple):
+    """The checks of one guarded write (``guarded``): its idempotency record and the user's limit.
+    (A named tuple: built on every guarded write, and a frozen dataclass costs several times more.)"""
 
     idem_key: str  # the record's key (in the user's bucket); unused when ``fingerprint`` is empty
     fingerprint: str  # FINGERPRINT_LEN hex digits, or "" without an Idempotency-Key

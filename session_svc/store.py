@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
 from pydantic import BaseModel
@@ -135,8 +134,7 @@ def _check(reply: Sequence[Any], what: str) -> None:
 # Idempotency, preconditions, rate limits ---------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Conditions:
+class Conditions(NamedTuple):
     """What a write request says besides its body (read by ``views._adapt``)."""
 
     idempotency_key: str | None = None
@@ -147,9 +145,9 @@ class Conditions:
 NO_CONDITIONS = Conditions()
 
 
-@dataclass(frozen=True, slots=True)
-class Written:
-    """A write's answer: the JSON, the session's ETag when it has one, and whether it was replayed."""
+class Written(NamedTuple):
+    """A write's answer: the JSON, the session's ETag when it has one, and whether it was replayed.
+    (Named tuples: one is built on every write, and a frozen dataclass costs several times more.)"""
 
     row: Row
     etag: str | None = None
@@ -170,7 +168,8 @@ def _canonical(value: Any) -> Any:
 def _fingerprint(op: str, uid: str, sid: str, body: BaseModel | None, if_match: str = "") -> str:
     """The request as validated, keys sorted: a client that re-serialises the same body is the same
     request, a different value is another one."""
-    doc = [op, uid, sid, if_match, dict(body) if body is not None else None]
+    # ``__dict__``: the validated fields (extra ones are ignored); ``dict(body)`` is 50x slower.
+    doc = [op, uid, sid, if_match, body.__dict__ if body is not None else None]
     raw = orjson.dumps(doc, default=_canonical, option=orjson.OPT_SORT_KEYS)
     return hashlib.blake2b(raw, digest_size=FINGERPRINT_LEN // 2).hexdigest()
 
