@@ -44,6 +44,13 @@ VARIANTS: dict[str, tuple[dict[str, str], str]] = {
 }
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux ``/proc``)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def guards(env: dict[str, str], rounds: int | None = None) -> None:
     """``BENCH_BASELINE_TREE``: a checkout of the code before these features (``git archive main``);
     its plain append runs as one more variant, so "no key, no limit" can be compared with before."""
@@ -54,6 +61,7 @@ def guards(env: dict[str, str], rounds: int | None = None) -> None:
         variants = {"baseline tree: plain": ({"PYTHONPATH": baseline}, POST_LUA), **variants}
     duration = os.environ.get("BENCH_ROW_DURATION", "6s")
     results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in variants}
+    cpu_us: dict[str, list[float]] = {name: [] for name in variants}
     print(
         f"\n# idempotency and rate limit: POST message, wrk -t1 -c{CONNECTIONS} -d{duration}, median of {rounds}"
     )
@@ -67,14 +75,24 @@ def guards(env: dict[str, str], rounds: int | None = None) -> None:
                 sid = http("POST", "/api/v1/sessions", {"user_id": user})["session_id"]
                 path = f"/api/v1/sessions/{sid}/messages?user_id={user}"
                 wrk(path, lua, duration="2s")  # warm-up
-                results[name].append(wrk(path, lua, duration=duration))
+                cpu = _cpu_seconds(api.pid)
+                rps, p50, p99 = wrk(path, lua, duration=duration)
+                # CPU per request of the API process: what a variant costs, whatever else runs on the box.
+                cpu_us[name].append((_cpu_seconds(api.pid) - cpu) / (rps * float(duration.rstrip("s"))) * 1e6)
+                results[name].append((rps, p50, p99))
             finally:
                 stop([api])
     base = sorted(r[0] for r in results["plain (no key, no limit)"])[rounds // 2]
-    print(f"{'variant':45} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs plain':>9}")
+    base_cpu = sorted(cpu_us["plain (no key, no limit)"])[rounds // 2]
+    print(
+        f"{'variant':45} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs plain':>9} {'CPU µs/req':>11} {'vs plain':>9}"
+    )
     for name, runs in results.items():
         rps, p50, p99 = (sorted(x[j] for x in runs)[rounds // 2] for j in range(3))
-        print(f"{name:45} {rps:9.0f} {p50:8.2f} {p99:8.2f} {rps / base:8.3f}x")
+        cpu = sorted(cpu_us[name])[rounds // 2]
+        print(
+            f"{name:45} {rps:9.0f} {p50:8.2f} {p99:8.2f} {rps / base:8.3f}x {cpu:11.0f} {cpu / base_cpu:8.3f}x"
+        )
     asyncio.run(_record_bytes(env))
 
 
