@@ -40,6 +40,7 @@ from bench.common import (
     wrk,
 )
 from bench.growth import growth, memory
+from bench.guards import guards
 from bench.writebehind import writebehind
 from session_svc.settings import Settings
 
@@ -241,6 +242,7 @@ BENCHMARKS: dict[str, Callable[[dict[str, str]], None]] = {
     "memory": memory,
     "writebehind": writebehind,
     "auth": auth_table,
+    "guards": guards,
 }
 
 

@@ -4,7 +4,12 @@ ServiceError
 ├── NotFound      404  no such session/memory for this user (another user's session looks the same)
 ├── Conflict      409  the session's state forbids the change
 ├── BadRequest    400  input that the models cannot express (the detail is the guide's list shape)
+├── PreconditionFailed  412  If-Match names another version of the session (carries its ETag)
+├── KeyReused     422  an Idempotency-Key sent again with another request
+├── TooManyWrites 429  the user's write rate limit (carries Retry-After)
 └── Unavailable   503  Redis or PostgreSQL cannot be reached
+
+An error's ``headers`` are sent with its JSON answer.
 
 ``PG_UNAVAILABLE`` is the one definition of "PostgreSQL cannot be reached right now" (as opposed to
 "this data cannot be written"): the API answers 503 for it, and the worker pauses and retries without
@@ -13,6 +18,7 @@ counting a delivery.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import asyncpg
@@ -30,9 +36,10 @@ PG_UNAVAILABLE: tuple[type[BaseException], ...] = (
 class ServiceError(Exception):
     status = 500
 
-    def __init__(self, detail: Any) -> None:
+    def __init__(self, detail: Any, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
+        self.headers = headers
 
 
 class NotFound(ServiceError):
@@ -45,6 +52,18 @@ class Conflict(ServiceError):
 
 class BadRequest(ServiceError):
     status = 400
+
+
+class PreconditionFailed(ServiceError):
+    status = 412
+
+
+class KeyReused(ServiceError):
+    status = 422
+
+
+class TooManyWrites(ServiceError):
+    status = 429
 
 
 class Unavailable(ServiceError):

@@ -13,11 +13,17 @@ Layout (``P`` is the key prefix, ``{bNN}`` the hash tag of a bucket of users):
     P:{bNN}:dead             STREAM  outbox entries that kept failing (dead letters)
     P:{bNN}:hot              ZSET    sessions held in Redis, score = last write (microseconds)
     P:{bNN}:g:<sid>          STRING  version an evicted session left Redis with (expires after a day)
+    P:{bNN}:i:<uid>/<key>    STRING  first answer to a write sent with Idempotency-Key <key>: request
+                                     fingerprint + what rebuilds the answer (expires: IDEMPOTENCY_TTL)
+    P:{bNN}:rl:<uid>         HASH    the user's write token bucket: tokens ``t``, time ``ts`` (expires
+                                     once it would be full again)
     P:meta                   HASH    layout facts (bucket count) checked at start-up
     P:workers                HASH    worker heartbeats, field = consumer name, value = JSON
 
 The bucket is chosen by user id, so a session, its user's indexes, its bucket's stats and the outbox
 shard it writes to all share one hash slot: every script touches one slot and Redis Cluster works.
+A user id never contains ``/`` (it is a URL path segment), so ``i:<uid>/<key>`` names one (user, key)
+pair whatever either contains.
 """
 
 from __future__ import annotations
@@ -113,6 +119,13 @@ class UserKeys:
     def prefix(self) -> str:
         """``P:{bNN}:``, to which scripts append ``<suffix>:<sid>``."""
         return f"{self.tag}:"
+
+    def idempotency(self, key: str) -> str:
+        return f"{self.tag}:i:{self.user_id}/{key}"
+
+    @property
+    def rate_limit(self) -> str:
+        return f"{self.tag}:rl:{self.user_id}"
 
     def gone(self, sid: str) -> str:
         return f"{self.tag}:{GONE}:{sid}"

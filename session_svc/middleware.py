@@ -116,7 +116,10 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except ServiceError as exc:
-        return json_response({"detail": exc.detail}, exc.status)
+        resp = json_response({"detail": exc.detail}, exc.status)
+        if exc.headers:
+            resp.headers.update(exc.headers)
+        return resp
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

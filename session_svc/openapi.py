@@ -34,8 +34,60 @@ _ERROR_TEXT = {
     401: "No credentials, or bad ones (WWW-Authenticate says which)",
     403: "These credentials may not do this: user_id is not the token's subject, or the route needs an "
     "API key or the sessions:admin scope",
+    412: "If-Match names another version of the session: it changed since it was read. The ETag header "
+    "carries the current version; nothing was written",
     413: "Request body too large",
+    422: "This Idempotency-Key was already used for a different request (method, path, session, If-Match "
+    "or body); nothing was written",
+    429: "Too many writes for this user (RATE_LIMIT_WRITES_PER_MINUTE); Retry-After says in how many "
+    "seconds to retry; nothing was written",
     503: "Redis or PostgreSQL unreachable",
+}
+_ETAG_HEADER = {
+    "description": 'The session\'s version as a strong entity tag, e.g. "7". Every write to the session '
+    "changes it, messages and memories too.",
+    "schema": {"type": "string"},
+}
+_REPLAYED_HEADER = {
+    "description": "`true` when this is the recorded answer of an earlier request with the same "
+    "Idempotency-Key (absent otherwise)",
+    "schema": {"type": "string", "enum": ["true"]},
+}
+_ERROR_HEADERS = {
+    412: {"ETag": _ETAG_HEADER},
+    429: {
+        "Retry-After": {
+            "description": "Whole seconds until the user may write again",
+            "schema": {"type": "integer", "minimum": 1},
+        }
+    },
+}
+_IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": "Makes the write safe to retry: a request with the same key, user and request (same "
+    "method, path, session and body, any key order) within IDEMPOTENCY_TTL (24 h) answers the first "
+    "answer again (header `Idempotent-Replayed: true`) and writes nothing; the same key with another "
+    "request is a 422. Only successful answers are kept. 1 to 255 visible ASCII characters (400 otherwise).",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[\\x21-\\x7e]+$"},
+}
+_IF_MATCH = {
+    "name": "If-Match",
+    "in": "header",
+    "required": False,
+    "description": 'Change the session only if its ETag is one of these (`"7"`, a list, or `*` for any '
+    'existing session); 412 otherwise. Strong comparison: a weak tag (`W/"7"`) never matches, nor does '
+    "a value that is not a list of entity tags.",
+    "schema": {"type": "string"},
+}
+_IF_NONE_MATCH = {
+    "name": "If-None-Match",
+    "in": "header",
+    "required": False,
+    "description": "304 Not Modified, with no body, when the session's ETag is among these (or `*`); "
+    "weak comparison. A value that is not a list of entity tags is ignored.",
+    "schema": {"type": "string"},
 }
 
 
@@ -122,6 +174,15 @@ def document(auth_mode: str = "none", ops_open: bool = True) -> dict[str, Any]:
                 "content": {"application/json": {"schema": refs[(r.response, "serialization")]}},
             }
         }
+        if r.etag:
+            responses["200"]["headers"] = {"ETag": _ETAG_HEADER}
+        if r.writes:
+            responses["200"].setdefault("headers", {})["Idempotent-Replayed"] = _REPLAYED_HEADER
+        if r.etag and r.method == "GET":
+            responses["304"] = {
+                "description": "Not Modified (If-None-Match)",
+                "headers": {"ETag": _ETAG_HEADER},
+            }
         checked = auth.asks(auth_mode, ops_open, r.access)
         codes = sorted({*r.errors, 401, 403}) if checked else r.errors
         for code in codes:
@@ -129,10 +190,15 @@ def document(auth_mode: str = "none", ops_open: bool = True) -> dict[str, Any]:
                 "description": _ERROR_TEXT[code],
                 "content": {"application/json": {"schema": refs[(models.ErrorOut, "serialization")]}},
             }
+            if code in _ERROR_HEADERS:
+                responses[str(code)]["headers"] = _ERROR_HEADERS[code]
+        headers = [_IDEMPOTENCY_KEY] if r.writes else []
+        headers += [_IF_MATCH] if r.conditional else []
+        headers += [_IF_NONE_MATCH] if r.etag and r.method == "GET" else []
         op: dict[str, Any] = {
             "summary": r.summary,
             "operationId": r.handler.__name__,
-            "parameters": _parameters(r.path, r.query, components),
+            "parameters": _parameters(r.path, r.query, components) + headers,
             "responses": responses,
         }
         if auth_mode != "none":

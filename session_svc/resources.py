@@ -46,6 +46,10 @@ class Backend:
     # None when the service runs without Postgres: nothing is ever cold then.
     pg: asyncpg.Pool | None = None
     schema: str = "dev"
+    # Writes (``store.py``): how long an Idempotency-Key's answer is kept; the per-user rate limit.
+    idempotency_ttl: int = 86_400
+    rate_per_minute: int = 0
+    rate_burst: int = 0
 
 
 async def check_layout(redis: Redis, keys: Keys) -> None:
@@ -138,7 +142,16 @@ async def open_backend(
             log.warning("Redis unavailable at start (%r); the layout is checked once it answers", exc)
             later = asyncio.create_task(_check_layout_when_redis_answers(redis, keys))
         pg = await pg_pool(settings)
-        yield Backend(redis, keys, Scripts(redis, coalesce), pg, settings.db_schema)
+        yield Backend(
+            redis,
+            keys,
+            Scripts(redis, coalesce),
+            pg,
+            settings.db_schema,
+            settings.idempotency_ttl,
+            settings.rate_limit_writes_per_minute,
+            settings.rate_limit_burst or settings.rate_limit_writes_per_minute,
+        )
     finally:
         if later is not None:
             later.cancel()

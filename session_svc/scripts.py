@@ -30,7 +30,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
@@ -72,6 +72,93 @@ class Lua:
             lines.append(f"local {', '.join(self.args)} = {bound}")
         lines.append(f"local REST = {len(self.args) + 1}")
         return "\n".join(lines) + "\n" + self.body
+
+
+# Idempotency records and rate limits -------------------------------------------------------------------
+
+# Length of a request fingerprint (hex digits); a record starts with it.
+FINGERPRINT_LEN = 32
+
+
+def guarded(lua: Lua) -> Lua:
+    """``lua`` behind the checks of a write sent with an Idempotency-Key or under a rate limit, in the
+    same script (so still one round trip, and atomic with the write):
+
+    1. Idempotency: if ``idem`` holds a record, the reply is ``{'replay', record}`` when it starts with
+       this request's fingerprint ``idem_fp``, else ``{'mismatch'}``; nothing is written, nothing
+       charged. ``idem_fp`` empty: no key was sent.
+    2. Rate limit (``rl_rate`` writes per minute, ``'0'`` = off): the user's token bucket ``limit``
+       (size ``rl_burst``) is refilled for the time since its last write; under one token, the reply is
+       ``{'limited', seconds until one is there}`` and nothing is written.
+    3. The write itself. Only an ``ok`` reply takes a token and records ``idem_fp .. idem_made ..
+       extra`` for ``idem_ttl`` seconds, where ``extra`` is what the script made (a sequence number, or
+       the session hash as JSON). Failures (missing, cold, conflict, precondition) are not recorded:
+       they wrote nothing, and a retry is evaluated afresh (``cold`` is retried after a rehydration, and
+       must not be taken for an answer).
+
+    ``rl_now`` is the caller's clock (microseconds). A process whose clock is behind the bucket's last
+    write refills nothing until it catches up: skew delays tokens, it never creates any.
+    """
+    body = f"""
+local function write()
+{lua.body}
+end
+if idem_fp ~= '' then
+  local rec = redis.call('GET', idem)
+  if rec then
+    if string.sub(rec, 1, {FINGERPRINT_LEN}) == idem_fp then return {{'replay', rec}} end
+    return {{'mismatch'}}
+  end
+end
+local rl_per_us, rl_cap, rl_tokens, rl_ts
+if rl_rate ~= '0' then
+  rl_per_us, rl_cap, rl_ts = tonumber(rl_rate) / 60e6, tonumber(rl_burst), tonumber(rl_now)
+  rl_tokens = rl_cap
+  local b = redis.call('HMGET', limit, 't', 'ts')
+  if b[1] then
+    local last = tonumber(b[2])
+    if rl_ts < last then rl_ts = last end
+    rl_tokens = math.min(rl_cap, tonumber(b[1]) + (rl_ts - last) * rl_per_us)
+  end
+  if rl_tokens < 1 then return {{'limited', math.max(1, math.ceil((1 - rl_tokens) / rl_per_us / 1e6))}} end
+end
+local reply = write()
+if reply[1] == 'ok' then
+  if rl_rate ~= '0' then
+    redis.call('HSET', limit, 't', rl_tokens - 1, 'ts', rl_ts)
+    redis.call('PEXPIRE', limit, math.ceil(rl_cap / rl_per_us / 1000) + 1000)
+  end
+  if idem_fp ~= '' then
+    local extra = reply[2] or ''
+    if type(extra) == 'table' then extra = cjson.encode(extra) end
+    redis.call('SET', idem, idem_fp .. idem_made .. extra, 'EX', idem_ttl)
+  end
+end
+return reply
+"""
+    guard_args = ("idem_fp", "idem_made", "idem_ttl", "rl_rate", "rl_burst", "rl_now")
+    return Lua(keys=(*lua.keys, "idem", "limit"), args=(*lua.args, *guard_args), body=body)
+
+
+class Guard(NamedTuple):
+    """The checks of one guarded write (``guarded``): its idempotency record and the user's limit.
+    (A named tuple: built on every guarded write, and a frozen dataclass costs several times more.)"""
+
+    idem_key: str  # the record's key (in the user's bucket); unused when ``fingerprint`` is empty
+    fingerprint: str  # FINGERPRINT_LEN hex digits, or "" without an Idempotency-Key
+    made: str  # what the caller made for this request (ids, times), stored to rebuild the answer
+    ttl: int  # seconds the record is kept
+    limit_key: str
+    rate: int  # writes per minute, 0 = no limit
+    burst: int
+    now: int  # microseconds
+
+    def keys(self) -> dict[str, str]:
+        return {"idem": self.idem_key, "limit": self.limit_key}
+
+    def args(self) -> dict[str, Arg]:
+        return {"idem_fp": self.fingerprint, "idem_made": self.made, "idem_ttl": self.ttl,
+                "rl_rate": self.rate, "rl_burst": self.burst, "rl_now": self.now}  # fmt: skip
 
 
 class Script:
@@ -170,14 +257,19 @@ return {'ok', redis.call('HGETALL', session)}
 # The guide's state machine: active -> completed -> archived, active -> ended. Asking for the current
 # status is allowed; a request that changes nothing writes nothing (so ending twice is a no-op).
 # ``idle_before`` (housekeeping): change the session only if its last activity is older than that.
-# REST: field/value pairs to set.
+# ``if_match`` (If-Match): "" or "*" (any session), else the versions it may have, as ",3,4,"; any other
+# version is ``{'precondition', v}`` and nothing changes. REST: field/value pairs to set.
 UPDATE_SESSION = Lua(
     keys=("session", "user_index", "active_index", "stats", "outbox", "hot"),
-    args=("sid", "uid", "now", "new_status", "idle_before"),
+    args=("sid", "uid", "now", "new_status", "idle_before", "if_match"),
     body=_OWNER
     + f"""
 local state = owner_state(session, user_index, sid, uid)
 if state then return {{state}} end
+if if_match ~= '' and if_match ~= '*' then
+  local v = redis.call('HGET', session, 'v')
+  if not string.find(if_match, ',' .. v .. ',', 1, true) then return {{'precondition', v}} end
+end
 local cur = redis.call('HGET', session, 'status')
 local moves = {{active = {{completed = true, ended = true}}, completed = {{archived = true}}}}
 if idle_before ~= '' and tonumber(redis.call('HGET', session, 'last_activity')) >= tonumber(idle_before) then
@@ -541,6 +633,13 @@ class Scripts:
         self._get_session = Script(redis, GET_SESSION, "get_session", c)
         self._update_session = Script(redis, UPDATE_SESSION, "update_session", c)
         self._append_message = Script(redis, APPEND_MESSAGE, "append_message", c)
+        # The same writes behind an idempotency record and a rate limit (``guarded``): a request with
+        # neither runs the plain script, exactly as before.
+        self._guarded = {
+            name: Script(redis, guarded(lua), name, c)
+            for name, lua in (("create_session", CREATE_SESSION), ("update_session", UPDATE_SESSION),
+                              ("append_message", APPEND_MESSAGE), ("create_memory", CREATE_MEMORY))
+        }  # fmt: skip
         self._list_messages = Script(redis, LIST_MESSAGES, "list_messages", c)
         self._create_memory = Script(redis, CREATE_MEMORY, "create_memory", c)
         self._list_memories = Script(redis, LIST_MEMORIES, "list_memories", c)
@@ -565,13 +664,28 @@ class Scripts:
         metadata: str,
         summary: str,
         now: int,
+        guard: Guard | None = None,
     ) -> Awaitable[Any]:
-        return self._create_session(
+        return self._write(
+            self._create_session,
+            guard,
             {"session": uk.session(sid), "user_index": uk.sessions, "active_index": uk.active,
              "stats": uk.stats, "outbox": uk.outbox, "hot": uk.hot},
             {"sid": sid, "uid": uk.user_id, "title": title, "conversation_data": conversation_data,
              "metadata": metadata, "session_summary": summary, "now": now},
         )  # fmt: skip
+
+    def _write(
+        self,
+        plain: Script,
+        guard: Guard | None,
+        keys: dict[str, str],
+        args: dict[str, Arg],
+        rest: Sequence[Arg] = (),
+    ) -> Awaitable[Any]:
+        if guard is None:
+            return plain(keys, args, rest)
+        return self._guarded[plain.name]({**keys, **guard.keys()}, {**args, **guard.args()}, rest)
 
     def get_session(self, uk: UserKeys, sid: str) -> Awaitable[Any]:
         return self._get_session(
@@ -579,18 +693,35 @@ class Scripts:
         )
 
     def update_session(
-        self, uk: UserKeys, sid: str, *, now: int, status: str, idle_before: str, fields: Sequence[str]
+        self,
+        uk: UserKeys,
+        sid: str,
+        *,
+        now: int,
+        status: str,
+        idle_before: str,
+        fields: Sequence[str],
+        if_match: str = "",
+        guard: Guard | None = None,
     ) -> Awaitable[Any]:
-        return self._update_session(
+        """``if_match``: "" (no condition), "*" or the versions that may be replaced, as ",3,4,"."""
+        return self._write(
+            self._update_session,
+            guard,
             {"session": uk.session(sid), "user_index": uk.sessions, "active_index": uk.active,
              "stats": uk.stats, "outbox": uk.outbox, "hot": uk.hot},
-            {"sid": sid, "uid": uk.user_id, "now": now, "new_status": status, "idle_before": idle_before},
+            {"sid": sid, "uid": uk.user_id, "now": now, "new_status": status, "idle_before": idle_before,
+             "if_match": if_match},
             fields,
         )  # fmt: skip
 
-    def append_message(self, uk: UserKeys, sid: str, message: Mapping[str, Arg]) -> Awaitable[Any]:
+    def append_message(
+        self, uk: UserKeys, sid: str, message: Mapping[str, Arg], guard: Guard | None = None
+    ) -> Awaitable[Any]:
         """``message``: the stream fields of ``record.MESSAGE_FIELDS``."""
-        return self._append_message(
+        return self._write(
+            self._append_message,
+            guard,
             {"session": uk.session(sid), "messages": uk.messages(sid), "user_index": uk.sessions,
              "active_index": uk.active, "stats": uk.stats, "outbox": uk.outbox, "hot": uk.hot},
             {"sid": sid, "uid": uk.user_id, **{arg: message[f] for arg, f in _MESSAGE_ARG_OF}},
@@ -603,9 +734,11 @@ class Scripts:
         )
 
     def create_memory(
-        self, uk: UserKeys, sid: str, *, now: int, memory_type: str, doc: str
+        self, uk: UserKeys, sid: str, *, now: int, memory_type: str, doc: str, guard: Guard | None = None
     ) -> Awaitable[Any]:
-        return self._create_memory(
+        return self._write(
+            self._create_memory,
+            guard,
             {"session": uk.session(sid), "memories": uk.memories(sid), "index_all": uk.memory_index(sid),
              "index_type": uk.memory_index(sid, memory_type), "user_index": uk.sessions,
              "active_index": uk.active, "stats": uk.stats, "outbox": uk.outbox, "hot": uk.hot},

@@ -68,6 +68,14 @@ class Settings:
     # Connections one API process keeps open; a new one past it is closed at once (established ones,
     # such as a load balancer's pool, are never sacrificed for it). Keep it below the open-files limit.
     max_connections: int = 1000
+    # Seconds an Idempotency-Key's record (the first answer to a write) is kept: a retry with the same
+    # key within this time gets that answer again and writes nothing.
+    idempotency_ttl: int = 86_400
+    # Writes per minute and user, a token bucket in the user's Redis bucket shared by every API process
+    # (0 = no limit). The burst is the bucket's size: how many writes may come at once after a pause
+    # (0 = as many as the rate per minute).
+    rate_limit_writes_per_minute: int = 0
+    rate_limit_burst: int = 0
     # On SIGTERM/SIGINT the API stops accepting connections and gives the requests in flight this many
     # seconds to finish; the worker gives the batch in hand as long to commit and be acknowledged.
     shutdown_timeout: float = 10.0
@@ -157,6 +165,12 @@ class Settings:
             raise ValueError("SHUTDOWN_TIMEOUT must be more than 0 seconds")
         if not self.pg_command_timeout > 0:  # asyncpg takes None/0 for "no timeout": wait forever
             raise ValueError("PG_COMMAND_TIMEOUT must be more than 0 seconds")
+        if self.idempotency_ttl < 1:
+            raise ValueError("IDEMPOTENCY_TTL must be at least 1 second")
+        if self.rate_limit_writes_per_minute < 0 or self.rate_limit_burst < 0:
+            raise ValueError(
+                "RATE_LIMIT_WRITES_PER_MINUTE and RATE_LIMIT_BURST must be 0 (off/default) or more"
+            )
         if not 0 < self.consul_port < 65536:
             raise ValueError("CONSUL_PORT must be a TCP port (1-65535)")
         self._check_auth()

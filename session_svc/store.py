@@ -5,21 +5,43 @@ registered scripts and, when configured, the asyncpg pool) and plain values, and
 dicts in the guide's shapes (``shapes.py``). Hot paths are one script call (``scripts.py``). A session
 whose data has left Redis (``cold``) is read from Postgres with the same shapes (``cold.py``), and
 brought back into Redis before it is written to.
+
+Writes take the request's ``Conditions``. With an Idempotency-Key or a rate limit they run the guarded
+variant of their script (``scripts.guarded``): the record of the first answer is checked, the user's
+token bucket charged and the answer recorded in the same script as the write. A record holds the
+request's fingerprint and what Python made for the first request (ids, times) plus what the script
+made (the sequence number; for PUT/DELETE the session hash), so a replay rebuilds the first answer
+byte for byte from the retry's own body, which the fingerprint proves is the same. Objects sent with
+a key (``metadata``, ``conversation_data``) are stored with sorted keys, so a retry that serialises
+them in another order still gets the very same bytes.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from decimal import Decimal
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
+from pydantic import BaseModel
 
 from session_svc import cold
-from session_svc.errors import MEMORY_NOT_FOUND, SESSION_NOT_FOUND, Conflict, NotFound, Unavailable
+from session_svc.errors import (
+    MEMORY_NOT_FOUND,
+    SESSION_NOT_FOUND,
+    Conflict,
+    KeyReused,
+    NotFound,
+    PreconditionFailed,
+    TooManyWrites,
+    Unavailable,
+)
 from session_svc.keys import UserKeys
 from session_svc.models import MemoryCreate, MessageCreate, SessionCreate, SessionUpdate, to_micros
 from session_svc.record import LIST_FIELDS, MEMORY_ALL, MESSAGE_FIELDS
 from session_svc.resources import Backend
+from session_svc.scripts import FINGERPRINT_LEN, Guard
 from session_svc.shapes import (
     Hash,
     Row,
@@ -91,22 +113,99 @@ def _check(reply: Sequence[Any], what: str) -> None:
         raise NotFound(SESSION_NOT_FOUND)
     if state == "conflict":
         raise Conflict(f"Session is {reply[1]}: {what}")
+    if state == "precondition":
+        tag = etag(reply[1])
+        raise PreconditionFailed(
+            f"Precondition failed: If-Match does not match the session's current ETag {tag}; "
+            "read it again and redo the change",
+            {"ETag": tag},
+        )
+    if state == "mismatch":
+        raise KeyReused(
+            "Idempotency-Key was already used for a different request (another method, path, session, "
+            "If-Match or body); send a new key for a new request"
+        )
+    if state == "limited":
+        raise TooManyWrites(
+            f"Too many writes for this user; retry after {reply[1]} s", {"Retry-After": str(reply[1])}
+        )
+
+
+# Idempotency, preconditions, rate limits ---------------------------------------------------------------
+
+
+class Conditions(NamedTuple):
+    """What a write request says besides its body (read by ``views._adapt``)."""
+
+    idempotency_key: str | None = None
+    # If-Match: "" (none), "*", or the versions the session may have, as ",3,4," (``validation``).
+    if_match: str = ""
+
+
+NO_CONDITIONS = Conditions()
+
+
+class Written(NamedTuple):
+    """A write's answer: the JSON, the session's ETag when it has one, and whether it was replayed.
+    (Named tuples: one is built on every write, and a frozen dataclass costs several times more.)"""
+
+    row: Row
+    etag: str | None = None
+    replayed: bool = False
+
+
+def etag(version: str | int) -> str:
+    """The session's strong entity tag: its version ``v``, which every write bumps."""
+    return f'"{version}"'
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, Decimal):  # cost_usd: 0.00010 and 0.0001 are one amount
+        return str(value.normalize())
+    raise TypeError(type(value).__name__)
+
+
+def _fingerprint(op: str, uid: str, sid: str, body: BaseModel | None, if_match: str = "") -> str:
+    """The request as validated, keys sorted: a client that re-serialises the same body is the same
+    request, a different value is another one."""
+    # ``__dict__``: the validated fields (extra ones are ignored); ``dict(body)`` is 50x slower.
+    doc = [op, uid, sid, if_match, body.__dict__ if body is not None else None]
+    raw = orjson.dumps(doc, default=_canonical, option=orjson.OPT_SORT_KEYS)
+    return hashlib.blake2b(raw, digest_size=FINGERPRINT_LEN // 2).hexdigest()
+
+
+def _guard(
+    b: Backend, uk: UserKeys, cond: Conditions, fp: str, made: Sequence[Any], now: int
+) -> Guard | None:
+    if cond.idempotency_key is None and not b.rate_per_minute:
+        return None
+    return Guard(
+        uk.idempotency(cond.idempotency_key or ""), fp, dumps(made) + "\n", b.idempotency_ttl,
+        uk.rate_limit, b.rate_per_minute, b.rate_burst, now,
+    )  # fmt: skip
+
+
+def _record(rec: str) -> tuple[list[Any], str]:
+    """A replayed record: what Python made for the first request, and what its script made."""
+    made, _, extra = rec[FINGERPRINT_LEN:].partition("\n")
+    return orjson.loads(made), extra
+
+
+def _json(value: Any, sort: bool) -> str:
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode() if sort else dumps(value)
 
 
 # Sessions --------------------------------------------------------------------------------------------
 
 
-async def create_session(b: Backend, body: SessionCreate) -> Row:
-    sid = new_id()
-    now = now_us()
-    uk = b.keys.for_user(body.user_id)
-    h: Hash = {
+def _new_session(sid: str, now: int, body: SessionCreate, sort: bool) -> Hash:
+    return {
         "session_id": sid,
         "user_id": body.user_id,
         "title": body.title,
         "status": "active",
-        "conversation_data": dumps(body.conversation_data),
-        "metadata": dumps(body.metadata),
+        "conversation_data": _json(body.conversation_data, sort),
+        "metadata": _json(body.metadata, sort),
         "session_summary": body.session_summary,
         "message_count": "0",
         "total_tokens": "0",
@@ -115,7 +214,17 @@ async def create_session(b: Backend, body: SessionCreate) -> Row:
         "created_at": str(now),
         "updated_at": str(now),
         "last_activity": str(now),
+        "v": "1",
     }
+
+
+async def create_session(b: Backend, body: SessionCreate, cond: Conditions = NO_CONDITIONS) -> Written:
+    sid = new_id()
+    now = now_us()
+    uk = b.keys.for_user(body.user_id)
+    idem = cond.idempotency_key is not None
+    h = _new_session(sid, now, body, idem)
+    fp = _fingerprint("create_session", body.user_id, "", body) if idem else ""
     reply = await b.scripts.create_session(
         uk,
         sid,
@@ -124,9 +233,13 @@ async def create_session(b: Backend, body: SessionCreate) -> Row:
         metadata=h["metadata"],
         summary=body.session_summary,
         now=now,
+        guard=_guard(b, uk, cond, fp, (sid, now), now),
     )
+    if reply[0] == "replay":
+        (sid, now), _ = _record(reply[1])
+        return Written(session_out(_new_session(sid, now, body, idem)), etag(1), replayed=True)
     _check(reply, "cannot create")
-    return session_out(h)
+    return Written(session_out(h), etag(1))
 
 
 async def _session_hash(b: Backend, sid: str, uid: str) -> Hash:
@@ -137,15 +250,20 @@ async def _session_hash(b: Backend, sid: str, uid: str) -> Hash:
     return await _cold_hash(b, sid, uid)
 
 
-async def get_session(b: Backend, sid: str, uid: str) -> Row:
-    return session_out(await _session_hash(b, sid, uid))
+async def get_session(b: Backend, sid: str, uid: str) -> tuple[Row, str]:
+    """The session and its ETag (the same for the same state, hot or cold: Postgres keeps ``v``)."""
+    h = await _session_hash(b, sid, uid)
+    return session_out(h), etag(h["v"])
 
 
-async def get_summary(b: Backend, sid: str, uid: str) -> Row:
-    return summary_out(await _session_hash(b, sid, uid))
+async def get_summary(b: Backend, sid: str, uid: str) -> tuple[Row, str]:
+    h = await _session_hash(b, sid, uid)
+    return summary_out(h), etag(h["v"])
 
 
-async def update_session(b: Backend, sid: str, uid: str, body: SessionUpdate) -> Row:
+async def update_session(
+    b: Backend, sid: str, uid: str, body: SessionUpdate, cond: Conditions = NO_CONDITIONS
+) -> Written:
     fields: list[str] = []
     if body.title is not None:
         fields += ["title", body.title]
@@ -156,11 +274,14 @@ async def update_session(b: Backend, sid: str, uid: str, body: SessionUpdate) ->
     if body.session_summary is not None:
         fields += ["session_summary", body.session_summary]
     status = body.status.value if body.status is not None else ""
-    return await _set_session(b, sid, uid, status, fields)
+    fp = _fingerprint("update_session", uid, sid, body, cond.if_match) if cond.idempotency_key else ""
+    return await _set_session(b, sid, uid, status, fields, cond=cond, fp=fp)
 
 
-async def end_session(b: Backend, sid: str, uid: str) -> None:
-    await _set_session(b, sid, uid, "ended", [])
+async def end_session(b: Backend, sid: str, uid: str, cond: Conditions = NO_CONDITIONS) -> Written:
+    """The answer's ``row`` is the session as it was left (the route answers a fixed message)."""
+    fp = _fingerprint("end_session", uid, sid, None, cond.if_match) if cond.idempotency_key else ""
+    return await _set_session(b, sid, uid, "ended", [], cond=cond, fp=fp)
 
 
 async def set_status_if_idle(b: Backend, sid: str, uid: str, status: str, idle_before_us: int) -> bool:
@@ -174,19 +295,34 @@ async def set_status_if_idle(b: Backend, sid: str, uid: str, status: str, idle_b
 
 
 async def _set_session(
-    b: Backend, sid: str, uid: str, status: str, fields: list[str], idle_before_us: int | None = None
-) -> Row:
+    b: Backend,
+    sid: str,
+    uid: str,
+    status: str,
+    fields: list[str],
+    idle_before_us: int | None = None,
+    cond: Conditions = NO_CONDITIONS,
+    fp: str = "",
+) -> Written:
     uk = b.keys.for_user(uid)
-    guard = "" if idle_before_us is None else str(idle_before_us)
+    idle = "" if idle_before_us is None else str(idle_before_us)
+    # Housekeeping (idle_before_us) is the service's own write: never rate limited.
+    guard = None if idle_before_us is not None else _guard(b, uk, cond, fp, (), now_us())
 
     def call() -> Awaitable[Any]:
         return b.scripts.update_session(
-            uk, sid, now=now_us(), status=status, idle_before=guard, fields=fields
-        )
+            uk, sid, now=now_us(), status=status, idle_before=idle, fields=fields,
+            if_match=cond.if_match, guard=guard,
+        )  # fmt: skip
 
     reply = await _write(b, uk, sid, uid, call)
-    _check(reply, f"it cannot become {status}" if status else "cannot update")
-    return session_out(pairs(reply[1]))
+    replayed = reply[0] == "replay"
+    if replayed:
+        h = pairs(orjson.loads(_record(reply[1])[1]))
+    else:
+        _check(reply, f"it cannot become {status}" if status else "cannot update")
+        h = pairs(reply[1])
+    return Written(session_out(h), etag(h["v"]), replayed)
 
 
 async def list_user_sessions(b: Backend, uid: str, active_only: bool, page: int, page_size: int) -> Row:
@@ -229,21 +365,34 @@ async def stats(b: Backend) -> Row:
 # Messages --------------------------------------------------------------------------------------------
 
 
-async def append_message(b: Backend, sid: str, uid: str, body: MessageCreate) -> Row:
-    uk = b.keys.for_user(uid)
-    message = {  # record.MESSAGE_FIELDS
-        "id": new_id(),
+def _message(mid: str, ts: int, body: MessageCreate, sort: bool) -> Hash:
+    return {  # record.MESSAGE_FIELDS
+        "id": mid,
         "role": body.role.value,
         "content": body.content,
         "type": body.message_type.value,
         "tokens": str(body.tokens_used),
         "cost": str(to_micros(body.cost_usd)),  # type: ignore[arg-type]  # validated into a Decimal
-        "meta": dumps(body.metadata),
-        "ts": str(now_us()),
+        "meta": _json(body.metadata, sort),
+        "ts": str(ts),
     }
-    reply = await _write(b, uk, sid, uid, lambda: b.scripts.append_message(uk, sid, message))
+
+
+async def append_message(
+    b: Backend, sid: str, uid: str, body: MessageCreate, cond: Conditions = NO_CONDITIONS
+) -> Written:
+    uk = b.keys.for_user(uid)
+    idem = cond.idempotency_key is not None
+    mid, ts = new_id(), now_us()
+    message = _message(mid, ts, body, idem)
+    fp = _fingerprint("append_message", uid, sid, body) if idem else ""
+    guard = _guard(b, uk, cond, fp, (mid, ts), ts)
+    reply = await _write(b, uk, sid, uid, lambda: b.scripts.append_message(uk, sid, message, guard))
+    if reply[0] == "replay":
+        (mid, ts), seq = _record(reply[1])
+        return Written(message_out(sid, uid, int(seq), _message(mid, ts, body, idem)), replayed=True)
     _check(reply, "only an active session takes new messages")
-    return message_out(sid, uid, int(reply[1]), message)
+    return Written(message_out(sid, uid, int(reply[1]), message))
 
 
 async def list_messages(b: Backend, sid: str, uid: str, page: int, page_size: int) -> Row:
@@ -274,26 +423,38 @@ async def list_messages(b: Backend, sid: str, uid: str, page: int, page_size: in
 # Memories --------------------------------------------------------------------------------------------
 
 
-async def create_memory(b: Backend, sid: str, uid: str, body: MemoryCreate) -> Row:
-    uk = b.keys.for_user(uid)
-    mtype = body.memory_type.value
-    now = now_us()
-    doc = dumps(
+def _memory_doc(mid: str, now: int, body: MemoryCreate, sort: bool) -> str:
+    return dumps(
         {
-            "memory_id": new_id(),
-            "memory_type": mtype,
+            "memory_id": mid,
+            "memory_type": body.memory_type.value,
             "content": body.content,
-            "metadata": body.metadata,
+            "metadata": orjson.Fragment(_json(body.metadata, sort)),
             "created_at": iso(now),
         }
     )
 
+
+async def create_memory(
+    b: Backend, sid: str, uid: str, body: MemoryCreate, cond: Conditions = NO_CONDITIONS
+) -> Written:
+    uk = b.keys.for_user(uid)
+    mtype = body.memory_type.value
+    idem = cond.idempotency_key is not None
+    mid, now = new_id(), now_us()
+    doc = _memory_doc(mid, now, body, idem)
+    fp = _fingerprint("create_memory", uid, sid, body) if idem else ""
+    guard = _guard(b, uk, cond, fp, (mid, now), now)
+
     def call() -> Awaitable[Any]:
-        return b.scripts.create_memory(uk, sid, now=now, memory_type=mtype, doc=doc)
+        return b.scripts.create_memory(uk, sid, now=now, memory_type=mtype, doc=doc, guard=guard)
 
     reply = await _write(b, uk, sid, uid, call)
+    if reply[0] == "replay":
+        (mid, now), _ = _record(reply[1])
+        return Written(memory_out(sid, uid, _memory_doc(mid, now, body, idem)), replayed=True)
     _check(reply, "it no longer takes memories")
-    return memory_out(sid, uid, doc)
+    return Written(memory_out(sid, uid, doc))
 
 
 async def list_memories(

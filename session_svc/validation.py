@@ -142,3 +142,66 @@ def session_id(request: web.Request) -> str:
     if not _CANONICAL_UUID.fullmatch(raw):  # what str(uuid.UUID(raw)) gives back unchanged
         raise NotFound(SESSION_NOT_FOUND)
     return raw
+
+
+# Request headers -------------------------------------------------------------------------------------
+
+IDEMPOTENCY_KEY = "Idempotency-Key"
+_VISIBLE_ASCII = re.compile(r"[\x21-\x7e]{1,255}")
+# One entity tag of a list (RFC 9110, 8.8.3), then a comma or the end.
+_ETAG = re.compile(r'[ \t]*(W/)?"([\x21\x23-\x7e]*)"[ \t]*(?:,|$)')
+
+
+def _header_problem(name: str, msg: str) -> BadRequest:
+    return BadRequest([{"type": "header_invalid", "loc": ["header", name], "msg": msg}])
+
+
+def idempotency_key(request: web.Request) -> str | None:
+    """The Idempotency-Key header, if sent: 1 to 255 visible ASCII characters, else a 400."""
+    key = request.headers.get(IDEMPOTENCY_KEY)
+    if key is not None and not _VISIBLE_ASCII.fullmatch(key):
+        raise _header_problem(IDEMPOTENCY_KEY, "must be 1 to 255 visible ASCII characters (no spaces)")
+    return key
+
+
+def _entity_tags(request: web.Request, name: str) -> list[tuple[bool, str]] | None:
+    """(weak, opaque tag) of each entity tag of the header; None for ``*``; BadRequest if neither."""
+    raw = request.headers.getone(name)
+    if raw == "*":
+        return None
+    tags: list[tuple[bool, str]] = []
+    pos = 0
+    while pos < len(raw) or not tags:
+        m = _ETAG.match(raw, pos)
+        if m is None:
+            raise _header_problem(name, 'must be "*" or a list of entity tags such as "7"')
+        tags.append((m[1] is not None, m[2]))
+        pos = m.end()
+    return tags
+
+
+def if_match(request: web.Request) -> str:
+    """If-Match for the update script: "" (absent), "*", or the versions it names as ",3,4,". Strong
+    comparison (RFC 9110, 13.1.1): a weak tag never matches, nor does a tag this service never makes, nor
+    a value that is not a list of entity tags."""
+    if "If-Match" not in request.headers:
+        return ""
+    try:
+        tags = _entity_tags(request, "If-Match")
+    except BadRequest:
+        return ","  # names no entity tag, so it matches nothing: 412, and the session stays as it is
+    if tags is None:
+        return "*"
+    return "," + "".join(f"{tag}," for weak, tag in tags if not weak and tag.isdigit())
+
+
+def if_none_match(request: web.Request) -> frozenset[str] | None:
+    """If-None-Match of a read, as the entity tags it names (weak comparison: ``W/"7"`` is ``"7"``),
+    ``{"*"}`` for any; None when absent or malformed."""
+    if "If-None-Match" not in request.headers:
+        return None
+    try:
+        tags = _entity_tags(request, "If-None-Match")
+    except BadRequest:
+        return None  # a read is always safe to answer in full: ignore what cannot be understood
+    return frozenset({"*"}) if tags is None else frozenset(f'"{tag}"' for _, tag in tags)

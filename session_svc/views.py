@@ -25,7 +25,14 @@ from session_svc.resources import Backend
 from session_svc.settings import Settings
 from session_svc.shapes import iso, now_us
 from session_svc.typedefs import BACKEND, SETTINGS
-from session_svc.validation import parse_body, parse_query, session_id
+from session_svc.validation import (
+    idempotency_key,
+    if_match,
+    if_none_match,
+    parse_body,
+    parse_query,
+    session_id,
+)
 
 SERVICE = "session_service"
 
@@ -42,6 +49,9 @@ class Call(Generic[Q, B]):
     sid: str  # the session id of the path ("" for routes without one)
     query: Q
     body: B
+    # Writes: Idempotency-Key and (PUT/DELETE) If-Match. Reads of a session: If-None-Match.
+    cond: store.Conditions = store.NO_CONDITIONS
+    if_none_match: frozenset[str] | None = None
 
 
 Empty = Call[None, None]
@@ -153,25 +163,43 @@ def _why(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-async def create_session(c: Call[None, models.SessionCreate]) -> dict[str, Any]:
-    return await store.create_session(c.backend, c.body)
+def _written(w: store.Written) -> web.Response:
+    resp = json_response(w.row)
+    if w.etag is not None:
+        resp.headers["ETag"] = w.etag
+    if w.replayed:
+        resp.headers["Idempotent-Replayed"] = "true"
+    return resp
 
 
-async def get_session(c: Call[models.OwnerQuery, None]) -> dict[str, Any]:
-    return await store.get_session(c.backend, c.sid, c.query.user_id)
+def _tagged(row: dict[str, Any], tag: str, if_none_match: frozenset[str] | None) -> web.Response:
+    """A read with its ETag, or 304 Not Modified when the client already holds that version."""
+    if if_none_match is not None and ("*" in if_none_match or tag in if_none_match):
+        return web.Response(status=304, headers={"ETag": tag})
+    resp = json_response(row)
+    resp.headers["ETag"] = tag
+    return resp
 
 
-async def update_session(c: Call[models.OwnerQuery, models.SessionUpdate]) -> dict[str, Any]:
-    return await store.update_session(c.backend, c.sid, c.query.user_id, c.body)
+async def create_session(c: Call[None, models.SessionCreate]) -> web.Response:
+    return _written(await store.create_session(c.backend, c.body, c.cond))
 
 
-async def end_session(c: Call[models.OwnerQuery, None]) -> dict[str, Any]:
-    await store.end_session(c.backend, c.sid, c.query.user_id)
-    return {"message": "Session ended successfully"}
+async def get_session(c: Call[models.OwnerQuery, None]) -> web.Response:
+    return _tagged(*await store.get_session(c.backend, c.sid, c.query.user_id), c.if_none_match)
 
 
-async def get_summary(c: Call[models.OwnerQuery, None]) -> dict[str, Any]:
-    return await store.get_summary(c.backend, c.sid, c.query.user_id)
+async def update_session(c: Call[models.OwnerQuery, models.SessionUpdate]) -> web.Response:
+    return _written(await store.update_session(c.backend, c.sid, c.query.user_id, c.body, c.cond))
+
+
+async def end_session(c: Call[models.OwnerQuery, None]) -> web.Response:
+    w = await store.end_session(c.backend, c.sid, c.query.user_id, c.cond)
+    return _written(store.Written({"message": "Session ended successfully"}, w.etag, w.replayed))
+
+
+async def get_summary(c: Call[models.OwnerQuery, None]) -> web.Response:
+    return _tagged(*await store.get_summary(c.backend, c.sid, c.query.user_id), c.if_none_match)
 
 
 async def list_user_sessions(c: Call[models.UserSessionsQuery, None]) -> dict[str, Any]:
@@ -183,8 +211,8 @@ async def stats(c: Empty) -> dict[str, Any]:
     return await store.stats(c.backend)
 
 
-async def append_message(c: Call[models.OwnerQuery, models.MessageCreate]) -> dict[str, Any]:
-    return await store.append_message(c.backend, c.sid, c.query.user_id, c.body)
+async def append_message(c: Call[models.OwnerQuery, models.MessageCreate]) -> web.Response:
+    return _written(await store.append_message(c.backend, c.sid, c.query.user_id, c.body, c.cond))
 
 
 async def list_messages(c: Call[models.MessagePageQuery, None]) -> dict[str, Any]:
@@ -192,8 +220,8 @@ async def list_messages(c: Call[models.MessagePageQuery, None]) -> dict[str, Any
     return await store.list_messages(c.backend, c.sid, q.user_id, q.page, q.page_size)
 
 
-async def create_memory(c: Call[models.OwnerQuery, models.MemoryCreate]) -> dict[str, Any]:
-    return await store.create_memory(c.backend, c.sid, c.query.user_id, c.body)
+async def create_memory(c: Call[models.OwnerQuery, models.MemoryCreate]) -> web.Response:
+    return _written(await store.create_memory(c.backend, c.sid, c.query.user_id, c.body, c.cond))
 
 
 async def get_memory(c: Call[models.MemoryQuery, None]) -> dict[str, Any]:
@@ -223,6 +251,18 @@ class Route:
     description: str = ""
     # Who may call it when AUTH_MODE is not none (auth.Access).
     access: auth.Access = "user"
+    # Answers carry the session's ETag (a GET also answers If-None-Match with 304).
+    etag: bool = False
+
+    @property
+    def writes(self) -> bool:
+        """Takes an Idempotency-Key, counts against the rate limit (422, 429)."""
+        return self.method in ("POST", "PUT", "DELETE")
+
+    @property
+    def conditional(self) -> bool:
+        """Takes If-Match (412)."""
+        return self.method in ("PUT", "DELETE")
 
 
 _S = "/api/v1/sessions/{session_id}"
@@ -256,7 +296,8 @@ ROUTES: tuple[Route, ...] = (
         "Create a session",
         models.SessionOut,
         body=models.SessionCreate,
-        errors=(400, 413, 503),
+        errors=(400, 413, 422, 429, 503),
+        etag=True,
     ),
     Route(
         "GET",
@@ -266,6 +307,7 @@ ROUTES: tuple[Route, ...] = (
         models.SessionOut,
         query=models.OwnerQuery,
         errors=_SESSION_ERRORS,
+        etag=True,
     ),
     Route(
         "PUT",
@@ -275,7 +317,8 @@ ROUTES: tuple[Route, ...] = (
         models.SessionOut,
         body=models.SessionUpdate,
         query=models.OwnerQuery,
-        errors=(400, 404, 409, 413, 503),
+        errors=(400, 404, 409, 412, 413, 422, 429, 503),
+        etag=True,
     ),
     Route(
         "DELETE",
@@ -284,7 +327,8 @@ ROUTES: tuple[Route, ...] = (
         "End a session (idempotent)",
         models.MessageText,
         query=models.OwnerQuery,
-        errors=(400, 404, 409, 503),
+        errors=(400, 404, 409, 412, 422, 429, 503),
+        etag=True,
         description=(
             "Ends the session: its status becomes `ended` and it takes no more messages or memories. "
             "Nothing is deleted: the session, its messages and its memories stay readable, so a GET "
@@ -309,6 +353,7 @@ ROUTES: tuple[Route, ...] = (
         models.SessionSummaryOut,
         query=models.OwnerQuery,
         errors=_SESSION_ERRORS,
+        etag=True,
     ),
     Route(
         "POST",
@@ -318,7 +363,7 @@ ROUTES: tuple[Route, ...] = (
         models.MessageOut,
         body=models.MessageCreate,
         query=models.OwnerQuery,
-        errors=(400, 404, 409, 413, 503),
+        errors=(400, 404, 409, 413, 422, 429, 503),
     ),
     Route(
         "GET",
@@ -337,7 +382,7 @@ ROUTES: tuple[Route, ...] = (
         models.MemoryOut,
         body=models.MemoryCreate,
         query=models.OwnerQuery,
-        errors=(400, 404, 409, 413, 503),
+        errors=(400, 404, 409, 413, 422, 429, 503),
     ),
     Route(
         "GET",
@@ -367,6 +412,8 @@ def _adapt(route: Route, checked: bool) -> Callable[[web.Request], Awaitable[web
     has_sid = "{session_id}" in route.path
     # Path parameters other than the session id are validated with the query model (the user id).
     in_query = tuple(n for n in re.findall(r"{(\w+)", route.path) if n != "session_id")
+    writes, conditional = route.writes, route.conditional
+    cacheable = route.etag and route.method == "GET"
 
     async def handle(request: web.Request) -> web.Response:
         try:
@@ -376,6 +423,12 @@ def _adapt(route: Route, checked: bool) -> Callable[[web.Request], Awaitable[web
             if route.query is not None:
                 path = {n: request.match_info[n] for n in in_query}
                 query = parse_query(request, route.query, **path)
+            cond = store.NO_CONDITIONS
+            if writes:
+                key = idempotency_key(request)
+                match = if_match(request) if conditional else ""
+                if key is not None or match:
+                    cond = store.Conditions(key, match)
             body = await parse_body(request, route.body) if route.body is not None else None
             if principal is not None:
                 # The request's user: the user_id of the query (or path), or of the body (a new session).
@@ -383,7 +436,8 @@ def _adapt(route: Route, checked: bool) -> Callable[[web.Request], Awaitable[web
                 auth.Guard.authorize(principal, route.access, user)
         except auth.Denied as exc:
             return exc.response()
-        call: Call[Any, Any] = Call(request.app[BACKEND], request.app[SETTINGS], sid, query, body)
+        inm = if_none_match(request) if cacheable else None
+        call: Call[Any, Any] = Call(request.app[BACKEND], request.app[SETTINGS], sid, query, body, cond, inm)
         answer = await route.handler(call)
         return answer if isinstance(answer, web.Response) else json_response(answer)
 
