@@ -222,7 +222,8 @@ async def make_cold(flusher: Flusher, backend: Backend, redis: Redis, sid: str) 
 async def test_json_nested_exactly_to_the_limit_is_kept_hot_and_cold(
     client: Any, flusher: Flusher, backend: Backend, redis: Redis
 ) -> None:
-    deepest = deep_value(MAX_JSON_DEPTH)
+    # More brackets than levels, so that the depth is walked, not just bounded by counting them.
+    deepest = {**deep_value(MAX_JSON_DEPTH), "more": [{"a": [1]}, [2]]}
     sid = (await make_session(client, USER, metadata=deepest, conversation_data=deepest))["session_id"]
     message = await add_message(client, sid, USER, metadata=deepest)
     hot = await get_session(client, sid, USER)
