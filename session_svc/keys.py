@@ -8,11 +8,15 @@ Layout (``P`` is the key prefix, ``{bNN}`` the hash tag of a bucket of users):
     P:{bNN}:yi:<sid>:<type>  ZSET    memory seqs of one type (``*`` = all types), score = seq
     P:{bNN}:u:<uid>          ZSET    a user's sessions, score = last activity (microseconds)
     P:{bNN}:ua:<uid>         ZSET    the same, active sessions only
+    P:{bNN}:ut:<uid>         HASH    entries trimmed from ``u:<uid>``: ``n`` how many, ``w`` the latest
+                                     last activity among them (older sessions are listed from Postgres)
     P:{bNN}:stats            HASH    exact service-wide counters of this bucket
     P:{bNN}:outbox           STREAM  change log drained into PostgreSQL by the workers
     P:{bNN}:dead             STREAM  outbox entries that kept failing (dead letters)
     P:{bNN}:hot              ZSET    sessions held in Redis, score = last write (microseconds)
     P:{bNN}:g:<sid>          STRING  version an evicted session left Redis with (expires after a day)
+    P:{bNN}:cold             ZSET    evicted sessions that are not active, ``<sid>/<uid>``, score = last
+                                     activity: the candidates for trimming from their user's index
     P:meta                   HASH    layout facts (bucket count) checked at start-up
     P:workers                HASH    worker heartbeats, field = consumer name, value = JSON
 
@@ -30,6 +34,8 @@ from session_svc.record import MEMORY_ALL
 # Suffixes of the per-session keys. Scripts that find a session's keys from its bucket's prefix (the
 # sweep, the user listing) have them generated into their source from here.
 SESSION, MESSAGES, MEMORIES, MEMORY_INDEX, GONE = "s", "m", "y", "yi", "g"
+# Suffixes of the per-user keys, for the same reason (the trim of the user indexes).
+USER_INDEX, ACTIVE_INDEX, TRIMMED = "u", "ua", "ut"
 
 
 def bucket_of(user_id: str, buckets: int) -> int:
@@ -73,6 +79,9 @@ class Keys:
     def hot(self, bucket: int) -> str:
         return f"{self.tag(bucket)}:hot"
 
+    def cold(self, bucket: int) -> str:
+        return f"{self.tag(bucket)}:cold"
+
     @property
     def meta(self) -> str:
         return f"{self.prefix}:meta"
@@ -91,11 +100,15 @@ class UserKeys:
 
     @property
     def sessions(self) -> str:
-        return f"{self.tag}:u:{self.user_id}"
+        return f"{self.tag}:{USER_INDEX}:{self.user_id}"
 
     @property
     def active(self) -> str:
-        return f"{self.tag}:ua:{self.user_id}"
+        return f"{self.tag}:{ACTIVE_INDEX}:{self.user_id}"
+
+    @property
+    def trimmed(self) -> str:
+        return f"{self.tag}:{TRIMMED}:{self.user_id}"
 
     @property
     def stats(self) -> str:

@@ -42,6 +42,30 @@ async def sweep(b: Backend, hot_ttl_s: int, page: int = 500) -> int:
     return total
 
 
+async def trim_user_indexes(b: Backend, retention_s: int, page: int = 500) -> int:
+    """Bound the user indexes: remove sessions last active more than ``retention_s`` ago that have left
+    Redis and are not active from their user's index (``scripts.TRIM_USER_INDEXES``). They stay
+    listed, from Postgres (``store.list_user_sessions``), counted by the user's ``trimmed`` hash; a
+    GET or a write finds them in Postgres. ``retention_s`` <= 0 keeps every entry. Returns how many.
+
+    Candidates come from each bucket's ``cold`` set (filled by the eviction), oldest first, a page per
+    script call: no scan, and each call is bounded.
+    """
+    if retention_s <= 0:
+        return 0
+    cutoff = now_us() - retention_s * 1_000_000
+    total = 0
+    for bucket in range(b.keys.buckets):
+        while True:
+            trimmed, seen = await b.scripts.trim_user_indexes(b.keys, bucket, cutoff, page)
+            total += int(trimmed)
+            if int(seen) < page:
+                break
+    if total:
+        log.info("trimmed %d old sessions from their users' indexes", total)
+    return total
+
+
 async def relieve_memory(b: Backend, high_water: float, page: int = 200) -> int:
     """While Redis uses more than ``high_water`` of its maxmemory, evict flushed sessions whatever their
     idle time, least recently written first (across buckets), a page at a time. Returns how many.
