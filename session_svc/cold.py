@@ -105,18 +105,25 @@ async def load_sessions(pool: asyncpg.Pool, schema: str, uid: str, sids: list[st
 
 @_timed
 async def list_older(
-    pool: asyncpg.Pool, schema: str, uid: str, boundary_us: int, offset: int, limit: int
+    pool: asyncpg.Pool,
+    schema: str,
+    uid: str,
+    boundary_us: int,
+    skip: list[str],
+    offset: int,
+    limit: int,
 ) -> list[Hash]:
-    """The listed fields of a user's sessions last active at or before ``boundary_us``, newest first:
-    the part of a user listing that the sweep trimmed from Redis. A keyset on the listing's index
-    (user_id, last_activity DESC, session_id DESC) from the boundary; ``offset`` rows within it, since
-    the API pages by number."""
+    """The listed fields of a user's sessions last active at or before ``boundary_us``, newest first,
+    but those in ``skip``: the part of a user listing that the sweep trimmed from Redis. A keyset on
+    the listing's index (user_id, last_activity DESC, session_id DESC) from the boundary; ``offset``
+    rows within it, since the API pages by number."""
     rows = await pool.fetch(
         f"""SELECT {_LIST_COLUMNS} FROM "{schema}".sessions
-            WHERE user_id = $1 AND last_activity <= {_US_PARAM}
-            ORDER BY last_activity DESC, session_id DESC OFFSET $3 LIMIT $4""",
+            WHERE user_id = $1 AND last_activity <= {_US_PARAM} AND NOT session_id = ANY($3::text[])
+            ORDER BY last_activity DESC, session_id DESC OFFSET $4 LIMIT $5""",
         uid,
         boundary_us,
+        skip,
         offset,
         limit,
     )

@@ -319,19 +319,31 @@ return {'ok', total, seqs, docs}
 # first ranks), followed by every session of the user with last activity <= w, which only Postgres
 # holds in full (keyset (last_activity, session_id) <= w); ``total`` adds the trimmed count. With
 # ``every`` = 0 (the active index: active sessions are never trimmed) it is the index alone.
-# Reply: {total, sids, rows, newer, w or ''}.
+# A trimmed session written again is back in the index, newer than ``w``, while Postgres may still have
+# its old row (until the worker commits the write): those (``back:<sid>`` in ``trimmed``, unflushed)
+# are named in ``skip``, for the Postgres part to leave out. Read-only, so it runs on a full Redis.
+# Reply: {total, sids, rows, newer, w or '', skip}.
 LIST_USER_SESSIONS = Lua(
     keys=("user_index", "trimmed"),
     args=("bucket_prefix", "start", "stop", "every"),
     body=f"""
 local total = redis.call('ZCARD', user_index)
-local newer, w = total, ''
+local newer, w, skip = total, '', {{}}
 if every == '1' then
   local t = redis.call('HMGET', trimmed, 'n', 'w')
   if t[1] and tonumber(t[1]) > 0 then
     w = t[2]
     newer = redis.call('ZCOUNT', user_index, '(' .. w, '+inf')
     total = total + tonumber(t[1])
+    local fields = redis.call('HKEYS', trimmed)
+    for _, f in ipairs(fields) do
+      if string.sub(f, 1, 5) == 'back:' then
+        local sid = string.sub(f, 6)
+        local h = redis.call('HMGET', bucket_prefix .. '{k.SESSION}:' .. sid, 'v', 'fv')
+        local score = redis.call('ZSCORE', user_index, sid)
+        if h[1] and h[1] ~= h[2] and score and tonumber(score) > tonumber(w) then skip[#skip + 1] = sid end
+      end
+    end
   end
 end
 local sids, rows = {{}}, {{}}
@@ -340,7 +352,7 @@ if tonumber(start) <= last then sids = redis.call('ZREVRANGE', user_index, start
 for i, sid in ipairs(sids) do
   rows[i] = redis.call('HMGET', bucket_prefix .. '{k.SESSION}:' .. sid, {lua_strings(LIST_FIELDS)})
 end
-return {{total, sids, rows, newer, w}}
+return {{total, sids, rows, newer, w, skip}}
 """,
 )
 
@@ -376,9 +388,15 @@ for i = last + 1, #ARGV, 3 do
   redis.call('ZADD', index_prefix .. ARGV[i + 1], ARGV[i], ARGV[i])
 end
 if not redis.call('ZSCORE', user_index, sid) then
-  -- Trimmed from the index by the sweep: it is counted there no more.
+  -- Trimmed from the index by the sweep: counted there no more, and marked ``back`` until it leaves
+  -- Redis again (see LIST_USER_SESSIONS).
   local n = tonumber(redis.call('HGET', trimmed, 'n') or '0')
-  if n > 1 then redis.call('HINCRBY', trimmed, 'n', -1) elseif n == 1 then redis.call('DEL', trimmed) end
+  if n > 1 then
+    redis.call('HINCRBY', trimmed, 'n', -1)
+    redis.call('HSET', trimmed, 'back:' .. sid, 1)
+  elseif n == 1 then
+    redis.call('DEL', trimmed)
+  end
 end
 redis.call('ZADD', user_index, 'NX', h['last_activity'], sid)
 if h['status'] == 'active' then redis.call('ZADD', active_index, 'NX', h['last_activity'], sid) end
@@ -428,6 +446,7 @@ for i = REST, #ARGV do
     redis.call('ZREM', hot, sid)
     redis.call('SET', bucket_prefix .. '{k.GONE}:' .. sid, h[1], 'EX', {GONE_TTL_S})
     if h[4] ~= 'active' then redis.call('ZADD', cold, h[6], sid .. '/' .. h[5]) end
+    redis.call('HDEL', bucket_prefix .. '{k.TRIMMED}:' .. h[5], 'back:' .. sid)
     evicted = evicted + 1
   end
 end

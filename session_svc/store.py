@@ -193,7 +193,9 @@ async def list_user_sessions(b: Backend, uid: str, active_only: bool, page: int,
     uk = b.keys.for_user(uid)
     start = (page - 1) * page_size
     stop = start + page_size - 1
-    total, sids, rows, newer, boundary = await b.scripts.list_user_sessions(uk, active_only, start, stop)
+    total, sids, rows, newer, boundary, skip = await b.scripts.list_user_sessions(
+        uk, active_only, start, stop
+    )
     hashes: dict[str, Hash] = {}
     cold_ids: list[str] = []
     for sid, values in zip(sids, rows, strict=True):
@@ -207,10 +209,9 @@ async def list_user_sessions(b: Backend, uid: str, active_only: bool, page: int,
     newer = int(newer)
     if boundary and stop >= newer and b.pg is not None:
         # Past the index's entries newer than the trimmed ones: continue from Postgres.
-        skip = max(0, start - newer)
-        older = await cold.list_older(b.pg, b.schema, uid, int(boundary), skip, stop - start + 1 - len(sids))
-        listed = set(sids)  # a session written again since may still have its old row (flush lag)
-        sessions += [list_item_out(h["session_id"], h) for h in older if h["session_id"] not in listed]
+        offset, limit = max(0, start - newer), stop - start + 1 - len(sids)
+        older = await cold.list_older(b.pg, b.schema, uid, int(boundary), skip, offset, limit)
+        sessions += [list_item_out(h["session_id"], h) for h in older]
     return {"sessions": sessions, "total": int(total), "page": page, "page_size": page_size}
 
 

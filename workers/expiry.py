@@ -46,13 +46,11 @@ async def trim_user_indexes(b: Backend, retention_s: int, page: int = 500) -> in
     """Bound the user indexes: remove sessions last active more than ``retention_s`` ago that have left
     Redis and are not active from their user's index (``scripts.TRIM_USER_INDEXES``). They stay
     listed, from Postgres (``store.list_user_sessions``), counted by the user's ``trimmed`` hash; a
-    GET or a write finds them in Postgres. ``retention_s`` <= 0 keeps every entry. Returns how many.
+    GET or a write finds them in Postgres. Returns how many.
 
     Candidates come from each bucket's ``cold`` set (filled by the eviction), oldest first, a page per
     script call: no scan, and each call is bounded.
     """
-    if retention_s <= 0:
-        return 0
     cutoff = now_us() - retention_s * 1_000_000
     total = 0
     for bucket in range(b.keys.buckets):
