@@ -457,7 +457,8 @@ return evicted
 # Bounds the user indexes: of the bucket's ``cold`` sessions (evicted, not active) last active before
 # ``cutoff``, at most ``most`` per call, removes each from its user's index and counts it in the user's
 # ``trimmed`` hash (``n``, and ``w`` the latest last activity trimmed), unless it is back in Redis (a
-# write rehydrated it: it enters ``cold`` again when next evicted), or active, or active since. Member:
+# write rehydrated it: when next evicted it enters ``cold`` again, with its new last activity). Active
+# sessions never enter ``cold`` (EVICT), and no session becomes active again. Member:
 # ``<sid>/<uid>`` (a session id is 36 characters). The keys are built from the bucket's prefix, in the
 # bucket's slot. ``allow-oom``: it frees memory. Returns {trimmed, candidates looked at}.
 TRIM_USER_INDEXES = Lua(
@@ -473,8 +474,7 @@ for _, m in ipairs(members) do
   if redis.call('EXISTS', bucket_prefix .. '{k.SESSION}:' .. sid) == 0 then
     local uidx = bucket_prefix .. '{k.USER_INDEX}:' .. uid
     local score = redis.call('ZSCORE', uidx, sid)
-    if score and tonumber(score) < tonumber(cutoff)
-        and not redis.call('ZSCORE', bucket_prefix .. '{k.ACTIVE_INDEX}:' .. uid, sid) then
+    if score then
       redis.call('ZREM', uidx, sid)
       local t = bucket_prefix .. '{k.TRIMMED}:' .. uid
       redis.call('HINCRBY', t, 'n', 1)

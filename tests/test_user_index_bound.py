@@ -171,6 +171,11 @@ async def test_a_trimmed_session_is_read_and_written_from_postgres_and_counted_o
     assert await redis.hget(uk.trimmed, "n") == "2"
     for size in (1, 4):
         assert await _paged(client, user, size) == listing["sessions"]
+    # Flushed and evicted again: the same listing, and the mark that kept its old row out is gone.
+    await outbox_drain.drain(flusher)
+    assert await sweep(backend, 0) == 3
+    assert await _everything(client, user) == listing
+    assert sorted(await redis.hkeys(uk.trimmed)) == ["n", "w"]
 
 
 async def test_another_users_trimmed_session_is_not_found(
@@ -208,3 +213,25 @@ async def test_active_sessions_and_recent_ones_are_never_trimmed(
     assert await redis.zrange(uk.active, 0, -1) == [active]
     assert await trim_user_indexes(backend, 0) == 0  # nothing left to look at
     assert [x["session_id"] for x in (await _everything(client, user))["sessions"]] == [done, active]
+
+
+async def test_a_session_back_in_redis_before_the_trim_is_not_trimmed(
+    client: Any, flusher: Flusher, backend: Backend, redis: Redis
+) -> None:
+    """Evicted (so a trim candidate), then written again before the sweep trims: it stays in the index
+    and listed, and is a candidate again only once it has left Redis again."""
+    user = new_user()
+    sid = (await make_session(client, user, title="back"))["session_id"]
+    await update_session(client, sid, user, status="completed")
+    await outbox_drain.drain(flusher)
+    assert await sweep(backend, 0) == 1
+    await add_memory(client, sid, user, memory_type="entity", content="again")  # rehydrates it
+    assert await trim_user_indexes(backend, 0) == 0
+    uk = backend.keys.for_user(user)
+    assert await redis.zscore(uk.sessions, sid) is not None
+    listing = await _everything(client, user)
+    assert ([x["session_id"] for x in listing["sessions"]], listing["total"]) == ([sid], 1)
+    await outbox_drain.drain(flusher)
+    assert await sweep(backend, 0) == 1
+    assert await trim_user_indexes(backend, 0) == 1
+    assert await _everything(client, user) == listing
