@@ -15,10 +15,10 @@ Layout (``P`` is the key prefix, ``{bNN}`` the hash tag of a bucket of users):
     P:{bNN}:dead             STREAM  outbox entries that kept failing (dead letters)
     P:{bNN}:hot              ZSET    sessions held in Redis, score = last write (microseconds)
     P:{bNN}:g:<sid>          STRING  version an evicted session left Redis with (expires after a day)
-    P:{bNN}:cold             ZSET    evicted sessions that are not active, ``<sid>/<uid>``, score = last
-                                     activity: the candidates for trimming from their user's index
     P:meta                   HASH    layout facts (bucket count) checked at start-up
     P:workers                HASH    worker heartbeats, field = consumer name, value = JSON
+    P:trimmed_until          STRING  the trim of the user indexes has looked at every session last
+                                     written before this time (microseconds)
 
 The bucket is chosen by user id, so a session, its user's indexes, its bucket's stats and the outbox
 shard it writes to all share one hash slot: every script touches one slot and Redis Cluster works.
@@ -79,9 +79,6 @@ class Keys:
     def hot(self, bucket: int) -> str:
         return f"{self.tag(bucket)}:hot"
 
-    def cold(self, bucket: int) -> str:
-        return f"{self.tag(bucket)}:cold"
-
     @property
     def meta(self) -> str:
         return f"{self.prefix}:meta"
@@ -89,6 +86,10 @@ class Keys:
     @property
     def workers(self) -> str:
         return f"{self.prefix}:workers"
+
+    @property
+    def trimmed_until(self) -> str:
+        return f"{self.prefix}:trimmed_until"
 
 
 @dataclass(frozen=True, slots=True)

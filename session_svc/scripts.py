@@ -423,11 +423,11 @@ _INDEX_KEYS = ", ".join(f"yi .. '{t}'" for t in (MEMORY_ALL, *MemoryType))
 # indexes keep the session id (that is how a cold session is still listed and found), and a marker
 # ``g:<sid>`` keeps the version it left with, so a stale copy read before the eviction can never be
 # brought back. The marker only has to outlive a request that read Postgres before the eviction: it
-# expires after a day. A session that is not active also enters the bucket's ``cold`` set, from which
-# ``TRIM_USER_INDEXES`` later trims old ones out of their user's index. ``allow-oom``: eviction is how a
-# full Redis gets its memory back.
+# expires after a day. A ``back`` mark in the user's ``trimmed`` hash (see LIST_USER_SESSIONS) goes
+# with the session: its row in Postgres is current now. ``allow-oom``: eviction is how a full Redis gets
+# its memory back.
 EVICT = Lua(
-    keys=("hot", "cold"),
+    keys=("hot",),
     args=("bucket_prefix", "cutoff"),
     allow_oom=True,
     body=f"""
@@ -435,7 +435,7 @@ local evicted = 0
 for i = REST, #ARGV do
   local sid = ARGV[i]
   local skey = bucket_prefix .. '{k.SESSION}:' .. sid
-  local h = redis.call('HMGET', skey, 'v', 'fv', 'stuck', 'status', 'user_id', 'last_activity')
+  local h = redis.call('HMGET', skey, 'v', 'fv', 'stuck', 'user_id')
   local score = redis.call('ZSCORE', hot, sid)
   if not h[1] then
     redis.call('ZREM', hot, sid)
@@ -445,8 +445,7 @@ for i = REST, #ARGV do
       {_INDEX_KEYS})
     redis.call('ZREM', hot, sid)
     redis.call('SET', bucket_prefix .. '{k.GONE}:' .. sid, h[1], 'EX', {GONE_TTL_S})
-    if h[4] ~= 'active' then redis.call('ZADD', cold, h[6], sid .. '/' .. h[5]) end
-    redis.call('HDEL', bucket_prefix .. '{k.TRIMMED}:' .. h[5], 'back:' .. sid)
+    redis.call('HDEL', bucket_prefix .. '{k.TRIMMED}:' .. h[4], 'back:' .. sid)
     evicted = evicted + 1
   end
 end
@@ -454,24 +453,21 @@ return evicted
 """,
 )
 
-# Bounds the user indexes: of the bucket's ``cold`` sessions (evicted, not active) last active before
-# ``cutoff``, at most ``most`` per call, removes each from its user's index and counts it in the user's
-# ``trimmed`` hash (``n``, and ``w`` the latest last activity trimmed), unless it is back in Redis (a
-# write rehydrated it: when next evicted it enters ``cold`` again, with its new last activity). Active
-# sessions never enter ``cold`` (EVICT), and no session becomes active again. Member:
-# ``<sid>/<uid>`` (a session id is 36 characters). The keys are built from the bucket's prefix, in the
-# bucket's slot. ``allow-oom``: it frees memory. Returns {trimmed, candidates looked at}.
+# Bounds the user indexes. REST: (sid, uid) pairs of sessions of this bucket that Postgres says are not
+# active and were last written before the retention (``workers/expiry.trim_user_indexes``). Each that is
+# not held in Redis (not in ``hot``: nothing newer than Postgres) and is still in its user's index leaves
+# the index and is counted in the user's ``trimmed`` hash (``n``, and ``w`` the latest last activity
+# trimmed). The other keys are built from the bucket's prefix, in the bucket's slot; running it twice
+# changes nothing more. ``allow-oom``: it frees memory. Returns how many were trimmed.
 TRIM_USER_INDEXES = Lua(
-    keys=("cold",),
-    args=("bucket_prefix", "cutoff", "most"),
+    keys=("hot",),
+    args=("bucket_prefix",),
     allow_oom=True,
     body=f"""
-local members = redis.call('ZRANGEBYSCORE', cold, '-inf', '(' .. cutoff, 'LIMIT', 0, most)
 local trimmed = 0
-for _, m in ipairs(members) do
-  redis.call('ZREM', cold, m)
-  local sid, uid = string.sub(m, 1, 36), string.sub(m, 38)
-  if redis.call('EXISTS', bucket_prefix .. '{k.SESSION}:' .. sid) == 0 then
+for i = REST, #ARGV, 2 do
+  local sid, uid = ARGV[i], ARGV[i + 1]
+  if not redis.call('ZSCORE', hot, sid) then
     local uidx = bucket_prefix .. '{k.USER_INDEX}:' .. uid
     local score = redis.call('ZSCORE', uidx, sid)
     if score then
@@ -484,7 +480,7 @@ for _, m in ipairs(members) do
     end
   end
 end
-return {{trimmed, #members}}
+return trimmed
 """,
 )
 
@@ -739,15 +735,18 @@ class Scripts:
 
     def evict(self, keys: k.Keys, bucket: int, cutoff_us: int, sids: Sequence[str]) -> Awaitable[Any]:
         return self._evict(
-            {"hot": keys.hot(bucket), "cold": keys.cold(bucket)},
-            {"bucket_prefix": keys.prefix_of(bucket), "cutoff": cutoff_us},
-            sids,
+            {"hot": keys.hot(bucket)}, {"bucket_prefix": keys.prefix_of(bucket), "cutoff": cutoff_us}, sids
         )
 
-    def trim_user_indexes(self, keys: k.Keys, bucket: int, cutoff_us: int, most: int) -> Awaitable[Any]:
+    def trim_user_indexes(
+        self, keys: k.Keys, bucket: int, sessions: Sequence[tuple[str, str]], client: Pipeline
+    ) -> Awaitable[Any]:
+        """``sessions``: (sid, uid) pairs of this bucket."""
         return self._trim_user_indexes(
-            {"cold": keys.cold(bucket)},
-            {"bucket_prefix": keys.prefix_of(bucket), "cutoff": cutoff_us, "most": most},
+            {"hot": keys.hot(bucket)},
+            {"bucket_prefix": keys.prefix_of(bucket)},
+            [x for pair in sessions for x in pair],
+            client=client,
         )
 
     def mark_flushed(

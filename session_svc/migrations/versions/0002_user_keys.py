@@ -12,6 +12,9 @@ user, and a user's sessions, messages and memories then live on one shard. The k
 - ``session_memories``: PRIMARY KEY (user_id, session_id, seq), UNIQUE (user_id, memory_id), FOREIGN
   KEY (user_id, session_id).
 
+Beside them, an index for the worker's trim of the user indexes in Redis (sessions that are not active,
+by last write: ``workers/expiry.trim_user_indexes``).
+
 Every table already carries ``user_id`` (NOT NULL), so nothing is backfilled. Each new key is a superset
 of the old one, so existing data cannot violate it. On a database that already holds data the locks stay
 short: the new unique indexes are built CONCURRENTLY first (outside the transaction; writes go on; a
@@ -43,6 +46,8 @@ _INDEXES = (
         "sessions", "sessions_user_keyset_active", "user_id, last_activity DESC, session_id DESC", False,
         "WHERE is_active",
     ),
+    # The trim of the user indexes in Redis: sessions that are not active, by their last write.
+    ("sessions", "sessions_trim", "updated_at, session_id", False, "WHERE status <> 'active'"),
     # A session's memories of one type (cold reads).
     ("session_memories", "session_memories_user_type", "user_id, session_id, memory_type, seq", False, ""),
 )  # fmt: skip
