@@ -1,6 +1,6 @@
 """What one Redis node spends per request, and what a user's index costs: the inputs of docs/scale.md.
 
-``python -m bench.capacity`` (under ``flock /tmp/bench.lock``). A private redis-server (no persistence,
+``scripts/bench.sh capacity`` (or ``python -m bench.capacity``; under ``flock /tmp/bench.lock``). A private redis-server (no persistence,
 ``latency-tracking no``) on a free port, the service's own scripts through ``session_svc.scripts``, no
 HTTP: each kind of call is sent CAP_CALLS times, pipelined by 500 (as the coalescer batches a busy loop
 turn), and its cost is read from Redis itself: ``INFO cpu`` (the server's whole CPU, parsing and replies
@@ -35,7 +35,7 @@ from workers.flush import Flusher
 CALLS = int(os.environ.get("CAP_CALLS", "20000"))
 SESSIONS = int(os.environ.get("CAP_SESSIONS", "1000"))
 BATCH = 500
-DATABASE_URL = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+DATABASE_URL = os.environ.get("DATABASE_URL") or "postgresql://postgres@127.0.0.1:5432/test"
 MESSAGE = {
     "role": "user",
     "content": "Hello, this is a benchmark message of a typical chat size.",
@@ -76,7 +76,12 @@ async def _pipelined(r: Redis, calls: list[object]) -> None:
             await pipe.execute()
 
 
-async def main() -> None:
+def capacity(env: dict[str, str]) -> None:
+    """``scripts/bench.sh capacity``: on the run's PostgreSQL (a schema of its own), a private Redis."""
+    asyncio.run(main(env.get("DATABASE_URL") or DATABASE_URL))
+
+
+async def main(database_url: str = DATABASE_URL) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="cap-redis-"))
     port = _free_port()
     proc = subprocess.Popen(
@@ -85,10 +90,10 @@ async def main() -> None:
         stdout=subprocess.DEVNULL,
     )  # fmt: skip
     schema = f"cap{os.getpid()}"
-    settings = Settings(database_url=DATABASE_URL, db_schema=schema)
+    settings = Settings(database_url=database_url, db_schema=schema)
     await asyncio.to_thread(migrate.upgrade, settings)
     r = Redis(port=port, decode_responses=True)
-    pool = await asyncpg.create_pool(DATABASE_URL, min_size=1, max_size=2)
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
     try:
         for _ in range(50):
             try:
@@ -181,7 +186,7 @@ async def main() -> None:
         proc.terminate()
         proc.wait()
         shutil.rmtree(workdir, ignore_errors=True)
-        conn = await asyncpg.connect(DATABASE_URL)
+        conn = await asyncpg.connect(database_url)
         await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         await conn.close()
 

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import asyncpg
 import redis.asyncio as aioredis
 
+from bench.capacity import capacity
 from bench.clients import clients_table
 from bench.common import (
     CONNECTIONS,
@@ -239,6 +240,7 @@ BENCHMARKS: dict[str, Callable[[dict[str, str]], None]] = {
     "growth": growth,
     "memory": memory,
     "writebehind": writebehind,
+    "capacity": capacity,
 }
 
 
