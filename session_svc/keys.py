@@ -17,8 +17,8 @@ Layout (``P`` is the key prefix, ``{bNN}`` the hash tag of a bucket of users):
     P:{bNN}:g:<sid>          STRING  version an evicted session left Redis with (expires after a day)
     P:meta                   HASH    layout facts (bucket count) checked at start-up
     P:workers                HASH    worker heartbeats, field = consumer name, value = JSON
-    P:trimmed_until          STRING  the trim of the user indexes has looked at every session last
-                                     written before this time (microseconds)
+    P:trimmed_until          STRING  ``<us>/<sid>``: the trim of the user indexes has looked at every
+                                     session up to this (last write in microseconds, session id)
 
 The bucket is chosen by user id, so a session, its user's indexes, its bucket's stats and the outbox
 shard it writes to all share one hash slot: every script touches one slot and Redis Cluster works.

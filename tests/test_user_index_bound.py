@@ -14,6 +14,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from session_svc.resources import Backend
+from session_svc.shapes import now_us
 from tests import outbox_drain
 from tests.helpers import (
     add_memory,
@@ -239,3 +240,26 @@ async def test_a_session_back_in_redis_is_not_trimmed(
     assert await redis.zscore(uk.sessions, sid) is None
     again = await _everything(client, user)
     assert ([x["session_id"] for x in again["sessions"]], again["total"]) == ([sid], 1)
+
+
+async def test_a_long_backlog_is_trimmed_over_several_runs(
+    client: Any, flusher: Flusher, backend: Backend, redis: Redis
+) -> None:
+    """Each run looks at a bounded number of pages and the next one goes on where it stopped (the
+    first run after an upgrade has every older session to go through)."""
+    user = new_user()
+    # The run's schema holds the sessions of earlier tests too: start the window at this test's.
+    await redis.set(backend.keys.trimmed_until, f"{now_us()}/")
+    for i in range(3):
+        sid = (await make_session(client, user, title=f"t{i}"))["session_id"]
+        await end_session(client, sid, user)
+    await outbox_drain.drain(flusher)
+    assert await sweep(backend, 0) == 3
+    uk = backend.keys.for_user(user)
+    for left in (2, 1, 0):
+        assert await trim_user_indexes(backend, 0, page=1, pages=1) == 1
+        assert await redis.zcard(uk.sessions) == left
+    assert await trim_user_indexes(backend, 0, page=1, pages=1) == 0
+    assert await redis.hget(uk.trimmed, "n") == "3"
+    listing = await _everything(client, user)
+    assert ([x["title"] for x in listing["sessions"]], listing["total"]) == (["t2", "t1", "t0"], 3)

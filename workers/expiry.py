@@ -43,7 +43,7 @@ async def sweep(b: Backend, hot_ttl_s: int, page: int = 500) -> int:
     return total
 
 
-async def trim_user_indexes(b: Backend, retention_s: int, page: int = 1000) -> int:
+async def trim_user_indexes(b: Backend, retention_s: int, page: int = 1000, pages: int = 50) -> int:
     """Bound the user indexes: sessions that are not active, have left Redis and were last written more
     than ``retention_s`` ago leave their user's index (``scripts.TRIM_USER_INDEXES``). They stay listed,
     from Postgres (``store.list_user_sessions``), counted by the user's ``trimmed`` hash; a GET or a
@@ -52,19 +52,22 @@ async def trim_user_indexes(b: Backend, retention_s: int, page: int = 1000) -> i
     Candidates come from Postgres (index ``sessions_trim``: not active, by last write), a window at a
     time: from where the previous run stopped (``P:trimmed_until``) to now less the retention, in pages
     in (updated_at, session_id) order, so that a run costs what was written in its window, never a
-    scan, and Redis holds nothing for it. A session written again later (its status changed: active
-    sessions are never trimmed) falls into a later window. Safe to run twice or concurrently: a second
-    trim of the same session finds it gone from the index and counts nothing.
+    scan, and Redis holds nothing for it. At most ``pages`` pages per run (the first run after an
+    upgrade has every older session to go through): the mark advances after each page, and the next
+    run goes on from there. A session written again later (its status changed: active sessions are
+    never trimmed) falls into a later window. Safe to run twice or concurrently: a second trim of the
+    same session finds it gone from the index and counts nothing.
     """
     if b.pg is None:
         return 0
     until = now_us() - retention_s * 1_000_000
-    since = int(await b.redis.get(b.keys.trimmed_until) or 0)
-    if since >= until:
+    mark = await b.redis.get(b.keys.trimmed_until) or "0/"
+    since, _, after_sid = mark.partition("/")
+    after_us = int(since)
+    if after_us >= until:
         return 0
-    total = 0
-    after_us, after_sid = since, ""
-    while True:
+    total, done = 0, False
+    for _ in range(pages):
         rows = await b.pg.fetch(
             f"""SELECT session_id, user_id, {_us_of("updated_at")} AS up FROM "{b.schema}".sessions
                 WHERE status <> 'active' AND updated_at < {_ts_of("$1")}
@@ -76,6 +79,7 @@ async def trim_user_indexes(b: Backend, retention_s: int, page: int = 1000) -> i
             page,
         )
         if not rows:
+            done = True
             break
         per_bucket: dict[int, list[tuple[str, str]]] = defaultdict(list)
         for r in rows:
@@ -86,8 +90,11 @@ async def trim_user_indexes(b: Backend, retention_s: int, page: int = 1000) -> i
             total += sum(int(n) for n in await pipe.execute())
         after_us, after_sid = int(rows[-1]["up"]), rows[-1]["session_id"]
         if len(rows) < page:
+            done = True
             break
-    await b.redis.set(b.keys.trimmed_until, until)
+        await b.redis.set(b.keys.trimmed_until, f"{after_us}/{after_sid}")
+    if done:
+        await b.redis.set(b.keys.trimmed_until, f"{until}/")
     if total:
         log.info("trimmed %d old sessions from their users' indexes", total)
     return total
