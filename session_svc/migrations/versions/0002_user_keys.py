@@ -21,13 +21,17 @@ short: the new unique indexes are built CONCURRENTLY first (outside the transact
 leftover of an interrupted build is dropped and built again), then one short transaction swaps the
 constraints onto them (``... USING INDEX``, no rebuild) and adds the foreign keys NOT VALID, and the
 foreign keys are validated last (SHARE UPDATE EXCLUSIVE: writes go on). The worker pauses only for the
-swap, and meanwhile the API keeps serving from Redis. Applying it twice is a no-op (alembic's version).
+swap, and meanwhile the API keeps serving from Redis. A new install (empty tables) builds everything in
+alembic's transaction instead. Applying it twice is a no-op (alembic's version).
 
 Revision ID: 0002
 Revises: 0001
 """
 
+import contextlib
+
 from alembic import op
+from sqlalchemy import text
 
 revision = "0002"
 down_revision = "0001"
@@ -61,11 +65,17 @@ _CHILDREN = (("session_messages", "message_id"), ("session_memories", "memory_id
 
 def upgrade(schema: str) -> None:
     s = f'"{schema}"'
-    with op.get_context().autocommit_block():
+    # CONCURRENTLY and the separate validation are for tables that hold data; they wait for every older
+    # transaction of the database to end. A new install (empty tables, created in this same run) builds
+    # everything in alembic's transaction instead, at once.
+    holds_data = bool(op.get_bind().execute(text(f"SELECT EXISTS (SELECT 1 FROM {s}.sessions)")).scalar())
+    outside = op.get_context().autocommit_block if holds_data else contextlib.nullcontext
+    concurrently = "CONCURRENTLY " if holds_data else ""
+    with outside():
         for table, index, columns, unique, where in _INDEXES:
-            op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {s}.{index}")  # an interrupted build's leftover
+            op.execute(f"DROP INDEX {concurrently}IF EXISTS {s}.{index}")  # an interrupted build's leftover
             kind = "UNIQUE INDEX" if unique else "INDEX"
-            op.execute(f"CREATE {kind} CONCURRENTLY {index} ON {s}.{table} ({columns}) {where}")
+            op.execute(f"CREATE {kind} {concurrently}{index} ON {s}.{table} ({columns}) {where}")
     # The swap: one short transaction (alembic's) that builds nothing. Written to run again after a
     # failed validation below (IF EXISTS), so the migration can simply be re-run.
     for table, _ in _CHILDREN:
@@ -84,6 +94,6 @@ def upgrade(schema: str) -> None:
         op.execute(f"DROP INDEX IF EXISTS {s}.{index}")
     # Checks the rows already there without blocking writes; a message or memory whose user_id is not
     # its session's fails here, with the foreign key in place (NOT VALID) for every new row.
-    with op.get_context().autocommit_block():
+    with outside():
         for table, _ in _CHILDREN:
             op.execute(f"ALTER TABLE {s}.{table} VALIDATE CONSTRAINT {table}_session_fkey")
