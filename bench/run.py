@@ -20,6 +20,7 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from bench.auth import auth_table
+from bench.capacity import capacity
 from bench.clients import clients_table
 from bench.common import (
     CONNECTIONS,
@@ -243,6 +244,7 @@ BENCHMARKS: dict[str, Callable[[dict[str, str]], None]] = {
     "writebehind": writebehind,
     "auth": auth_table,
     "guards": guards,
+    "capacity": capacity,
 }
 
 

@@ -60,6 +60,10 @@ _SESSION_COLUMNS = ", ".join(_COLUMN.get(f, f) for f in (*SESSION_FIELDS, "v"))
 _LIST_COLUMNS = ", ".join(_COLUMN.get(f, f) for f in ("session_id", *LIST_FIELDS))
 
 
+# Integer microseconds since the epoch ($2) as a timestamptz, exactly as the flusher writes them.
+_US_PARAM = "'epoch'::timestamptz + $2 * interval '1 microsecond'"
+
+
 def _iso_sql(column: str) -> str:
     return f"to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
 
@@ -77,25 +81,58 @@ def _session_hash(row: asyncpg.Record) -> Hash:
 
 
 @_timed
-async def load_session(pool: asyncpg.Pool, schema: str, sid: str) -> Hash | None:
+async def load_session(pool: asyncpg.Pool, schema: str, uid: str, sid: str) -> Hash | None:
+    """The session, if it is this user's."""
     row = await pool.fetchrow(
-        f'SELECT {_SESSION_COLUMNS} FROM "{schema}".sessions WHERE session_id = $1', sid
+        f'SELECT {_SESSION_COLUMNS} FROM "{schema}".sessions WHERE user_id = $1 AND session_id = $2',
+        uid,
+        sid,
     )
     return _session_hash(row) if row is not None else None
 
 
 @_timed
-async def load_sessions(pool: asyncpg.Pool, schema: str, sids: list[str]) -> dict[str, Hash]:
-    """The fields a listing shows (``record.LIST_FIELDS``) of these sessions."""
+async def load_sessions(pool: asyncpg.Pool, schema: str, uid: str, sids: list[str]) -> dict[str, Hash]:
+    """The fields a listing shows (``record.LIST_FIELDS``) of these sessions of one user."""
     rows = await pool.fetch(
-        f'SELECT {_LIST_COLUMNS} FROM "{schema}".sessions WHERE session_id = ANY($1::text[])', sids
+        f"""SELECT {_LIST_COLUMNS} FROM "{schema}".sessions
+            WHERE user_id = $1 AND session_id = ANY($2::text[])""",
+        uid,
+        sids,
     )
     return {r["session_id"]: dict(r) for r in rows}
 
 
 @_timed
+async def list_older(
+    pool: asyncpg.Pool,
+    schema: str,
+    uid: str,
+    boundary_us: int,
+    skip: list[str],
+    offset: int,
+    limit: int,
+) -> list[Hash]:
+    """The listed fields of a user's sessions last active at or before ``boundary_us``, newest first,
+    but those in ``skip``: the part of a user listing that the sweep trimmed from Redis. A keyset on
+    the listing's index (user_id, last_activity DESC, session_id DESC) from the boundary; ``offset``
+    rows within it, since the API pages by number."""
+    rows = await pool.fetch(
+        f"""SELECT {_LIST_COLUMNS} FROM "{schema}".sessions
+            WHERE user_id = $1 AND last_activity <= {_US_PARAM} AND NOT session_id = ANY($3::text[])
+            ORDER BY last_activity DESC, session_id DESC OFFSET $4 LIMIT $5""",
+        uid,
+        boundary_us,
+        skip,
+        offset,
+        limit,
+    )
+    return [dict(r) for r in rows]
+
+
+@_timed
 async def load_messages(
-    pool: asyncpg.Pool, schema: str, sid: str, lo: int, hi: int
+    pool: asyncpg.Pool, schema: str, uid: str, sid: str, lo: int, hi: int
 ) -> list[tuple[int, Hash]]:
     """Messages ``lo..hi`` (sequence numbers, inclusive) as stream fields."""
     rows = await pool.fetch(
@@ -103,7 +140,8 @@ async def load_messages(
                    tokens_used::text AS tokens, (cost_usd * {MICROS})::bigint::text AS cost,
                    (extract(epoch FROM created_at) * 1000000)::bigint::text AS ts
             FROM "{schema}".session_messages
-            WHERE session_id = $1 AND seq BETWEEN $2 AND $3 ORDER BY seq""",
+            WHERE user_id = $1 AND session_id = $2 AND seq BETWEEN $3 AND $4 ORDER BY seq""",
+        uid,
         sid,
         lo,
         hi,
@@ -129,23 +167,33 @@ _MEMORY_COLUMNS = (
 
 
 @_timed
-async def load_memory_docs(pool: asyncpg.Pool, schema: str, sid: str) -> list[tuple[int, str]]:
+async def load_memory_docs(pool: asyncpg.Pool, schema: str, uid: str, sid: str) -> list[tuple[int, str]]:
     """Every memory of a session, oldest first, as (seq, JSON document)."""
     rows = await pool.fetch(
-        f'SELECT {_MEMORY_COLUMNS} FROM "{schema}".session_memories WHERE session_id = $1 ORDER BY seq', sid
+        f"""SELECT {_MEMORY_COLUMNS} FROM "{schema}".session_memories
+            WHERE user_id = $1 AND session_id = $2 ORDER BY seq""",
+        uid,
+        sid,
     )
     return [(r["seq"], _memory_doc(r)) for r in rows]
 
 
 @_timed
 async def load_memories(
-    pool: asyncpg.Pool, schema: str, sid: str, memory_type: str | None, offset: int, limit: int
+    pool: asyncpg.Pool,
+    schema: str,
+    uid: str,
+    sid: str,
+    memory_type: str | None,
+    offset: int,
+    limit: int,
 ) -> tuple[int, list[str]]:
     """One page of memories, newest first, and the total count."""
     rows = await pool.fetch(
         f"""SELECT {_MEMORY_COLUMNS}, count(*) OVER () AS total FROM "{schema}".session_memories
-            WHERE session_id = $1 AND ($2::text IS NULL OR memory_type = $2)
-            ORDER BY seq DESC OFFSET $3 LIMIT $4""",
+            WHERE user_id = $1 AND session_id = $2 AND ($3::text IS NULL OR memory_type = $3)
+            ORDER BY seq DESC OFFSET $4 LIMIT $5""",
+        uid,
         sid,
         memory_type,
         offset,
@@ -154,7 +202,8 @@ async def load_memories(
     if not rows:
         total = await pool.fetchval(
             f"""SELECT count(*) FROM "{schema}".session_memories
-                WHERE session_id = $1 AND ($2::text IS NULL OR memory_type = $2)""",
+                WHERE user_id = $1 AND session_id = $2 AND ($3::text IS NULL OR memory_type = $3)""",
+            uid,
             sid,
             memory_type,
         )

@@ -8,6 +8,8 @@ Layout (``P`` is the key prefix, ``{bNN}`` the hash tag of a bucket of users):
     P:{bNN}:yi:<sid>:<type>  ZSET    memory seqs of one type (``*`` = all types), score = seq
     P:{bNN}:u:<uid>          ZSET    a user's sessions, score = last activity (microseconds)
     P:{bNN}:ua:<uid>         ZSET    the same, active sessions only
+    P:{bNN}:ut:<uid>         HASH    entries trimmed from ``u:<uid>``: ``n`` how many, ``w`` the latest
+                                     last activity among them (older sessions are listed from Postgres)
     P:{bNN}:stats            HASH    exact service-wide counters of this bucket
     P:{bNN}:outbox           STREAM  change log drained into PostgreSQL by the workers
     P:{bNN}:dead             STREAM  outbox entries that kept failing (dead letters)
@@ -19,6 +21,8 @@ Layout (``P`` is the key prefix, ``{bNN}`` the hash tag of a bucket of users):
                                      once it would be full again)
     P:meta                   HASH    layout facts (bucket count) checked at start-up
     P:workers                HASH    worker heartbeats, field = consumer name, value = JSON
+    P:trimmed_until          STRING  ``<us>/<sid>``: the trim of the user indexes has looked at every
+                                     session up to this (last write in microseconds, session id)
 
 The bucket is chosen by user id, so a session, its user's indexes, its bucket's stats and the outbox
 shard it writes to all share one hash slot: every script touches one slot and Redis Cluster works.
@@ -36,6 +40,8 @@ from session_svc.record import MEMORY_ALL
 # Suffixes of the per-session keys. Scripts that find a session's keys from its bucket's prefix (the
 # sweep, the user listing) have them generated into their source from here.
 SESSION, MESSAGES, MEMORIES, MEMORY_INDEX, GONE = "s", "m", "y", "yi", "g"
+# Suffixes of the per-user keys, for the same reason (the trim of the user indexes).
+USER_INDEX, ACTIVE_INDEX, TRIMMED = "u", "ua", "ut"
 
 
 def bucket_of(user_id: str, buckets: int) -> int:
@@ -87,6 +93,10 @@ class Keys:
     def workers(self) -> str:
         return f"{self.prefix}:workers"
 
+    @property
+    def trimmed_until(self) -> str:
+        return f"{self.prefix}:trimmed_until"
+
 
 @dataclass(frozen=True, slots=True)
 class UserKeys:
@@ -97,11 +107,15 @@ class UserKeys:
 
     @property
     def sessions(self) -> str:
-        return f"{self.tag}:u:{self.user_id}"
+        return f"{self.tag}:{USER_INDEX}:{self.user_id}"
 
     @property
     def active(self) -> str:
-        return f"{self.tag}:ua:{self.user_id}"
+        return f"{self.tag}:{ACTIVE_INDEX}:{self.user_id}"
+
+    @property
+    def trimmed(self) -> str:
+        return f"{self.tag}:{TRIMMED}:{self.user_id}"
 
     @property
     def stats(self) -> str:

@@ -406,17 +406,45 @@ return {'ok', total, seqs, docs}
 # ``start``/``stop``: ranks, newest activity first. The session keys are built here from the bucket's
 # prefix rather than passed in, because the page is only known here; they share the index's hash tag,
 # so the script still touches a single slot.
+# The sweep trims old sessions out of the index (``trimmed``: how many, and ``w``, the latest last
+# activity among them). Then the full listing is the index entries newer than ``w`` (``newer``, the
+# first ranks), followed by every session of the user with last activity <= w, which only Postgres
+# holds in full (keyset (last_activity, session_id) <= w); ``total`` adds the trimmed count. With
+# ``every`` = 0 (the active index: active sessions are never trimmed) it is the index alone.
+# A trimmed session written again is back in the index, newer than ``w``, while Postgres may still have
+# its old row (until the worker commits the write): those (``back:<sid>`` in ``trimmed``, unflushed)
+# are named in ``skip``, for the Postgres part to leave out. Read-only, so it runs on a full Redis.
+# Reply: {total, sids, rows, newer, w or '', skip}.
 LIST_USER_SESSIONS = Lua(
-    keys=("user_index",),
-    args=("bucket_prefix", "start", "stop"),
+    keys=("user_index", "trimmed"),
+    args=("bucket_prefix", "start", "stop", "every"),
     body=f"""
 local total = redis.call('ZCARD', user_index)
-local sids = redis.call('ZREVRANGE', user_index, start, stop)
-local rows = {{}}
+local newer, w, skip = total, '', {{}}
+if every == '1' then
+  local t = redis.call('HMGET', trimmed, 'n', 'w')
+  if t[1] and tonumber(t[1]) > 0 then
+    w = t[2]
+    newer = redis.call('ZCOUNT', user_index, '(' .. w, '+inf')
+    total = total + tonumber(t[1])
+    local fields = redis.call('HKEYS', trimmed)
+    for _, f in ipairs(fields) do
+      if string.sub(f, 1, 5) == 'back:' then
+        local sid = string.sub(f, 6)
+        local h = redis.call('HMGET', bucket_prefix .. '{k.SESSION}:' .. sid, 'v', 'fv')
+        local score = redis.call('ZSCORE', user_index, sid)
+        if h[1] and h[1] ~= h[2] and score and tonumber(score) > tonumber(w) then skip[#skip + 1] = sid end
+      end
+    end
+  end
+end
+local sids, rows = {{}}, {{}}
+local last = math.min(tonumber(stop), newer - 1)
+if tonumber(start) <= last then sids = redis.call('ZREVRANGE', user_index, start, last) end
 for i, sid in ipairs(sids) do
   rows[i] = redis.call('HMGET', bucket_prefix .. '{k.SESSION}:' .. sid, {lua_strings(LIST_FIELDS)})
 end
-return {{total, sids, rows}}
+return {{total, sids, rows, newer, w, skip}}
 """,
 )
 
@@ -426,7 +454,17 @@ return {{total, sids, rows}}
 # raced another rehydrate-write-flush-evict cycle), it refuses (-1): the caller reads Postgres again.
 # The session counts as written now for the sweep, so it is not evicted again before the write lands.
 REHYDRATE = Lua(
-    keys=("session", "memories", "user_index", "active_index", "index_prefix", "hot", "gone", "stats"),
+    keys=(
+        "session",
+        "memories",
+        "user_index",
+        "active_index",
+        "index_prefix",
+        "hot",
+        "gone",
+        "stats",
+        "trimmed",
+    ),
     args=("sid", "now", "n"),
     body=f"""
 if redis.call('EXISTS', session) == 1 then return 0 end
@@ -440,6 +478,17 @@ for i = last + 1, #ARGV, 3 do
   redis.call('HSET', memories, ARGV[i], ARGV[i + 2])
   redis.call('ZADD', index_prefix .. '{MEMORY_ALL}', ARGV[i], ARGV[i])
   redis.call('ZADD', index_prefix .. ARGV[i + 1], ARGV[i], ARGV[i])
+end
+if not redis.call('ZSCORE', user_index, sid) then
+  -- Trimmed from the index by the sweep: counted there no more, and marked ``back`` until it leaves
+  -- Redis again (see LIST_USER_SESSIONS).
+  local n = tonumber(redis.call('HGET', trimmed, 'n') or '0')
+  if n > 1 then
+    redis.call('HINCRBY', trimmed, 'n', -1)
+    redis.call('HSET', trimmed, 'back:' .. sid, 1)
+  elseif n == 1 then
+    redis.call('DEL', trimmed)
+  end
 end
 redis.call('ZADD', user_index, 'NX', h['last_activity'], sid)
 if h['status'] == 'active' then redis.call('ZADD', active_index, 'NX', h['last_activity'], sid) end
@@ -466,7 +515,9 @@ _INDEX_KEYS = ", ".join(f"yi .. '{t}'" for t in (MEMORY_ALL, *MemoryType))
 # indexes keep the session id (that is how a cold session is still listed and found), and a marker
 # ``g:<sid>`` keeps the version it left with, so a stale copy read before the eviction can never be
 # brought back. The marker only has to outlive a request that read Postgres before the eviction: it
-# expires after a day. ``allow-oom``: eviction is how a full Redis gets its memory back.
+# expires after a day. A ``back`` mark in the user's ``trimmed`` hash (see LIST_USER_SESSIONS) goes
+# with the session: its row in Postgres is current now. ``allow-oom``: eviction is how a full Redis gets
+# its memory back.
 EVICT = Lua(
     keys=("hot",),
     args=("bucket_prefix", "cutoff"),
@@ -476,7 +527,7 @@ local evicted = 0
 for i = REST, #ARGV do
   local sid = ARGV[i]
   local skey = bucket_prefix .. '{k.SESSION}:' .. sid
-  local h = redis.call('HMGET', skey, 'v', 'fv', 'stuck')
+  local h = redis.call('HMGET', skey, 'v', 'fv', 'stuck', 'user_id')
   local score = redis.call('ZSCORE', hot, sid)
   if not h[1] then
     redis.call('ZREM', hot, sid)
@@ -486,12 +537,45 @@ for i = REST, #ARGV do
       {_INDEX_KEYS})
     redis.call('ZREM', hot, sid)
     redis.call('SET', bucket_prefix .. '{k.GONE}:' .. sid, h[1], 'EX', {GONE_TTL_S})
+    redis.call('HDEL', bucket_prefix .. '{k.TRIMMED}:' .. h[4], 'back:' .. sid)
     evicted = evicted + 1
   end
 end
 return evicted
 """,
 )
+
+# Bounds the user indexes. REST: (sid, uid) pairs of sessions of this bucket that Postgres says are not
+# active and were last written before the retention (``workers/expiry.trim_user_indexes``). Each that is
+# not held in Redis (not in ``hot``: nothing newer than Postgres) and is still in its user's index leaves
+# the index and is counted in the user's ``trimmed`` hash (``n``, and ``w`` the latest last activity
+# trimmed). The other keys are built from the bucket's prefix, in the bucket's slot; running it twice
+# changes nothing more. ``allow-oom``: it frees memory. Returns how many were trimmed.
+TRIM_USER_INDEXES = Lua(
+    keys=("hot",),
+    args=("bucket_prefix",),
+    allow_oom=True,
+    body=f"""
+local trimmed = 0
+for i = REST, #ARGV, 2 do
+  local sid, uid = ARGV[i], ARGV[i + 1]
+  if not redis.call('ZSCORE', hot, sid) then
+    local uidx = bucket_prefix .. '{k.USER_INDEX}:' .. uid
+    local score = redis.call('ZSCORE', uidx, sid)
+    if score then
+      redis.call('ZREM', uidx, sid)
+      local t = bucket_prefix .. '{k.TRIMMED}:' .. uid
+      redis.call('HINCRBY', t, 'n', 1)
+      local w = redis.call('HGET', t, 'w')
+      if not w or tonumber(w) < tonumber(score) then redis.call('HSET', t, 'w', score) end
+      trimmed = trimmed + 1
+    end
+  end
+end
+return trimmed
+""",
+)
+
 
 # After COMMIT: acknowledges the entries and records the flushed version in one atomic step, so a
 # session is never left with its rows committed, its entries acknowledged and ``fv`` behind (it could
@@ -646,6 +730,7 @@ class Scripts:
         self._list_user_sessions = Script(redis, LIST_USER_SESSIONS, "list_user_sessions", c)
         self._rehydrate = Script(redis, REHYDRATE, "rehydrate", c)
         self._evict = Script(redis, EVICT, "evict", c)
+        self._trim_user_indexes = Script(redis, TRIM_USER_INDEXES, "trim_user_indexes", c)
         self._mark_flushed = Script(redis, MARK_FLUSHED, "mark_flushed", c)
         self._mark_stuck = Script(redis, MARK_STUCK, "mark_stuck", c)
         self._ensure_group = Script(redis, ENSURE_GROUP, "ensure_group", c)
@@ -756,8 +841,8 @@ class Scripts:
 
     def list_user_sessions(self, uk: UserKeys, active_only: bool, start: int, stop: int) -> Awaitable[Any]:
         return self._list_user_sessions(
-            {"user_index": uk.active if active_only else uk.sessions},
-            {"bucket_prefix": uk.prefix, "start": start, "stop": stop},
+            {"user_index": uk.active if active_only else uk.sessions, "trimmed": uk.trimmed},
+            {"bucket_prefix": uk.prefix, "start": start, "stop": stop, "every": 0 if active_only else 1},
         )
 
     def rehydrate(
@@ -774,7 +859,7 @@ class Scripts:
         return self._rehydrate(
             {"session": uk.session(sid), "memories": uk.memories(sid), "user_index": uk.sessions,
              "active_index": uk.active, "index_prefix": uk.memory_index(sid, ""), "hot": uk.hot,
-             "gone": uk.gone(sid), "stats": uk.stats},
+             "gone": uk.gone(sid), "stats": uk.stats, "trimmed": uk.trimmed},
             {"sid": sid, "now": now, "n": len(session)},
             rest,
         )  # fmt: skip
@@ -784,6 +869,17 @@ class Scripts:
     def evict(self, keys: k.Keys, bucket: int, cutoff_us: int, sids: Sequence[str]) -> Awaitable[Any]:
         return self._evict(
             {"hot": keys.hot(bucket)}, {"bucket_prefix": keys.prefix_of(bucket), "cutoff": cutoff_us}, sids
+        )
+
+    def trim_user_indexes(
+        self, keys: k.Keys, bucket: int, sessions: Sequence[tuple[str, str]], client: Pipeline
+    ) -> Awaitable[Any]:
+        """``sessions``: (sid, uid) pairs of this bucket."""
+        return self._trim_user_indexes(
+            {"hot": keys.hot(bucket)},
+            {"bucket_prefix": keys.prefix_of(bucket)},
+            [x for pair in sessions for x in pair],
+            client=client,
         )
 
     def mark_flushed(

@@ -116,6 +116,9 @@ class Settings:
     # archive completed sessions this many days after their last update.
     end_idle_after_days: int = 0
     archive_completed_after_days: int = 0
+    # A session that left Redis, is not active and was last active this many days ago leaves its user's
+    # index in Redis too; the listing then finds it in Postgres (0 = keep every entry in Redis).
+    user_index_retention_days: int = 30
     flush_batch_size: int = 500
     # An outbox entry delivered this many times without a commit goes to the dead-letter stream.
     flush_max_deliveries: int = 5

@@ -69,8 +69,8 @@ async def _cold_hash(b: Backend, sid: str, uid: str) -> Hash:
     """The session as Postgres has it, or NotFound. Also used when Redis simply does not know the id:
     Postgres is the system of record, so a session that Redis lost entirely is still found."""
     if b.pg is not None:
-        h = await cold.load_session(b.pg, b.schema, sid)
-        if h is not None and h["user_id"] == uid:
+        h = await cold.load_session(b.pg, b.schema, uid, sid)
+        if h is not None:
             return h
     raise NotFound(SESSION_NOT_FOUND)
 
@@ -81,7 +81,7 @@ async def _rehydrate(b: Backend, uk: UserKeys, sid: str, uid: str) -> None:
     for _ in range(_ATTEMPTS):
         h = await _cold_hash(b, sid, uid)
         assert b.pg is not None
-        memories = await cold.load_memory_docs(b.pg, b.schema, sid)
+        memories = await cold.load_memory_docs(b.pg, b.schema, uid, sid)
         types = [str(orjson.loads(doc)["memory_type"]) for _, doc in memories]
         h = {**h, "fv": h["v"], "mfirst": str(int(h["message_count"]) + 1)}
         triples = [(seq, mtype, doc) for (seq, doc), mtype in zip(memories, types, strict=True)]
@@ -328,7 +328,10 @@ async def _set_session(
 async def list_user_sessions(b: Backend, uid: str, active_only: bool, page: int, page_size: int) -> Row:
     uk = b.keys.for_user(uid)
     start = (page - 1) * page_size
-    total, sids, rows = await b.scripts.list_user_sessions(uk, active_only, start, start + page_size - 1)
+    stop = start + page_size - 1
+    total, sids, rows, newer, boundary, skip = await b.scripts.list_user_sessions(
+        uk, active_only, start, stop
+    )
     hashes: dict[str, Hash] = {}
     cold_ids: list[str] = []
     for sid, values in zip(sids, rows, strict=True):
@@ -337,8 +340,14 @@ async def list_user_sessions(b: Backend, uid: str, active_only: bool, page: int,
         else:
             hashes[sid] = dict(zip(LIST_FIELDS, values, strict=True))
     if cold_ids and b.pg is not None:
-        hashes.update(await cold.load_sessions(b.pg, b.schema, cold_ids))
+        hashes.update(await cold.load_sessions(b.pg, b.schema, uid, cold_ids))
     sessions = [list_item_out(sid, hashes[sid]) for sid in sids if sid in hashes]
+    newer = int(newer)
+    if boundary and stop >= newer and b.pg is not None:
+        # Past the index's entries newer than the trimmed ones: continue from Postgres.
+        offset, limit = max(0, start - newer), stop - start + 1 - len(sids)
+        older = await cold.list_older(b.pg, b.schema, uid, int(boundary), skip, offset, limit)
+        sessions += [list_item_out(h["session_id"], h) for h in older]
     return {"sessions": sessions, "total": int(total), "page": page, "page_size": page_size}
 
 
@@ -404,7 +413,7 @@ async def list_messages(b: Backend, sid: str, uid: str, page: int, page_size: in
     if reply[0] == "ok":
         total, first = int(reply[1]), int(reply[2])
         if lo < first and b.pg is not None:
-            for seq, f in await cold.load_messages(b.pg, b.schema, sid, lo, min(hi, first - 1)):
+            for seq, f in await cold.load_messages(b.pg, b.schema, uid, sid, lo, min(hi, first - 1)):
                 messages.append(message_out(sid, uid, seq, f))
         # [.., an entry's id, its values in MESSAGE_FIELDS order, ..]
         width = 1 + len(MESSAGE_FIELDS)
@@ -415,7 +424,7 @@ async def list_messages(b: Backend, sid: str, uid: str, page: int, page_size: in
         h = await _cold_hash(b, sid, uid)
         total = int(h["message_count"])
         assert b.pg is not None
-        for seq, f in await cold.load_messages(b.pg, b.schema, sid, lo, hi):
+        for seq, f in await cold.load_messages(b.pg, b.schema, uid, sid, lo, hi):
             messages.append(message_out(sid, uid, seq, f))
     return {"messages": messages, "total": total, "page": page, "page_size": page_size}
 
@@ -470,7 +479,7 @@ async def list_memories(
     else:
         await _cold_hash(b, sid, uid)
         assert b.pg is not None
-        total, docs = await cold.load_memories(b.pg, b.schema, sid, memory_type, start, page_size)
+        total, docs = await cold.load_memories(b.pg, b.schema, uid, sid, memory_type, start, page_size)
     return {
         "memories": [memory_out(sid, uid, d) for d in docs],
         "total": total,

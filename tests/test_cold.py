@@ -464,7 +464,7 @@ async def test_a_cold_listing_reads_only_the_fields_it_shows(
     assert await sweep(backend, 0) == 1
 
     assert backend.pg is not None
-    rows = await cold.load_sessions(backend.pg, backend.schema, [sid])
+    rows = await cold.load_sessions(backend.pg, backend.schema, user, [sid])
     assert set(rows[sid]) == {"session_id", *LIST_FIELDS}
     assert await answer(client, listing) == before
 

@@ -7,7 +7,9 @@ version (+1 per write) and where the session lives (``hot``: in Redis; ``dirty``
 Postgres). Rules act on the service and on the model at once; reads must answer exactly what the model
 predicts (money exact, sequences 1..n, totals, listing order, ``is_active``, ``has_memory``), a drain of
 the outbox must flush exactly one entry per acknowledged write and leave Postgres equal to the model,
-and a sweep (``hot_ttl_s=0``) must evict exactly the sessions that are in Redis and fully flushed.
+and a sweep (``hot_ttl_s=0``) must evict exactly the sessions that are in Redis and fully flushed, and
+a trim of the user indexes (retention 0) must take exactly the evicted sessions that are not active out
+of their users' indexes, with nothing a user sees changing.
 
 Timestamps cannot be predicted, so the model learns each one from the answer that acknowledged the write
 (a message's ``created_at`` is its session's new ``last_activity``) and then holds the service to it. The
@@ -75,7 +77,7 @@ from session_svc.settings import Settings
 from session_svc.typedefs import BACKEND
 from tests import outbox_drain, pg_rows, support
 from tests.helpers import ISO_Z, MEMORY_FIELDS, MESSAGE_FIELDS, SESSION_FIELDS, SESSIONS, session_url
-from workers.expiry import sweep
+from workers.expiry import sweep, trim_user_indexes
 
 T = TypeVar("T")
 
@@ -202,6 +204,7 @@ class Session:
     version: int = 1  # +1 per acknowledged write (= per outbox entry)
     hot: bool = True  # its data is in Redis
     dirty: bool = True  # it has writes not yet flushed to Postgres
+    indexed: bool = True  # in its user's index in Redis (not trimmed)
 
     @property
     def tokens(self) -> int:
@@ -216,6 +219,7 @@ class Session:
         self.version += 1
         self.dirty = True
         self.hot = True
+        self.indexed = True
         if at is None:
             self.updated_floor = self.updated_at or self.updated_floor
         else:
@@ -396,7 +400,7 @@ class ServiceMachine(RuleBasedStateMachine):
         """A write request by the owner brings a cold session back into Redis (clean), whatever its
         outcome: the script meets the cold session first and the service rehydrates it to run it."""
         if not s.hot:
-            s.hot, s.dirty = True, False
+            s.hot, s.dirty, s.indexed = True, False, True
 
     def assert_session(self, s: Session) -> None:
         body = self.ok("GET", session_url(s.sid), user_id=s.user)
@@ -700,6 +704,20 @@ class ServiceMachine(RuleBasedStateMachine):
         assert evicted == len(leaving), (evicted, [s.sid for s in leaving])
         for s in leaving:
             s.hot = False
+
+    @precondition(lambda self: any(s.indexed and not (s.hot or s.is_active) for s in self.model.values()))
+    @rule()
+    def trim(self) -> None:
+        """Trim the user indexes with a retention of 0 (over the whole example's schema: the window
+        starts at the beginning every time): exactly the sessions out of Redis that are not active leave
+        their users' indexes. Nothing a user sees changes: the read rules check listings, reads and
+        writes of trimmed sessions against the same model."""
+        self.run(self.backend.redis.delete(self.backend.keys.trimmed_until))
+        trimmed = self.run(trim_user_indexes(self.backend, 0))
+        leaving = [s for s in self.model.values() if s.indexed and not (s.hot or s.is_active)]
+        assert trimmed == len(leaving), (trimmed, [s.sid for s in leaving])
+        for s in leaving:
+            s.indexed = False
 
     async def _assert_postgres_equals_model(self) -> None:
         pg = self.backend.pg

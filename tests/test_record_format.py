@@ -48,9 +48,9 @@ async def test_every_tier_writes_and_reads_the_record_format(
     await outbox_drain.drain(flusher)
     assert await sweep(backend, 0) == 1
     assert backend.pg is not None
-    h = await cold.load_session(backend.pg, backend.schema, sid)
+    h = await cold.load_session(backend.pg, backend.schema, uid, sid)
     assert h is not None and tuple(h) == (*SESSION_FIELDS, "v")
-    [(seq, fields)] = await cold.load_messages(backend.pg, backend.schema, sid, 1, 1)
+    [(seq, fields)] = await cold.load_messages(backend.pg, backend.schema, uid, sid, 1, 1)
     assert (seq, fields) == (1, message)
-    [(_, cold_doc)] = await cold.load_memory_docs(backend.pg, backend.schema, sid)
+    [(_, cold_doc)] = await cold.load_memory_docs(backend.pg, backend.schema, uid, sid)
     assert orjson.loads(cold_doc) == orjson.loads(doc)

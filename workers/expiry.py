@@ -11,6 +11,7 @@ from collections import defaultdict
 from redis.exceptions import OutOfMemoryError
 
 from session_svc import outbox, redis_client, store
+from session_svc.keys import bucket_of
 from session_svc.resources import Backend
 from session_svc.shapes import now_us
 
@@ -40,6 +41,71 @@ async def sweep(b: Backend, hot_ttl_s: int, page: int = 500) -> int:
     if total:
         log.info("evicted %d idle sessions from Redis", total)
     return total
+
+
+async def trim_user_indexes(b: Backend, retention_s: int, page: int = 1000, pages: int = 50) -> int:
+    """Bound the user indexes: sessions that are not active, have left Redis and were last written more
+    than ``retention_s`` ago leave their user's index (``scripts.TRIM_USER_INDEXES``). They stay listed,
+    from Postgres (``store.list_user_sessions``), counted by the user's ``trimmed`` hash; a GET or a
+    write finds them in Postgres. Returns how many were trimmed.
+
+    Candidates come from Postgres (index ``sessions_trim``: not active, by last write), a window at a
+    time: from where the previous run stopped (``P:trimmed_until``) to now less the retention, in pages
+    in (updated_at, session_id) order, so that a run costs what was written in its window, never a
+    scan, and Redis holds nothing for it. At most ``pages`` pages per run (the first run after an
+    upgrade has every older session to go through): the mark advances after each page, and the next
+    run goes on from there. A session written again later (its status changed: active sessions are
+    never trimmed) falls into a later window. Safe to run twice or concurrently: a second trim of the
+    same session finds it gone from the index and counts nothing.
+    """
+    if b.pg is None:
+        return 0
+    until = now_us() - retention_s * 1_000_000
+    mark = await b.redis.get(b.keys.trimmed_until) or "0/"
+    since, _, after_sid = mark.partition("/")
+    after_us = int(since)
+    if after_us >= until:
+        return 0
+    total, done = 0, False
+    for _ in range(pages):
+        rows = await b.pg.fetch(
+            f"""SELECT session_id, user_id, {_us_of("updated_at")} AS up FROM "{b.schema}".sessions
+                WHERE status <> 'active' AND updated_at < {_ts_of("$1")}
+                  AND (updated_at, session_id) > ({_ts_of("$2")}, $3)
+                ORDER BY updated_at, session_id LIMIT $4""",
+            until,
+            after_us,
+            after_sid,
+            page,
+        )
+        if not rows:
+            done = True
+            break
+        per_bucket: dict[int, list[tuple[str, str]]] = defaultdict(list)
+        for r in rows:
+            per_bucket[bucket_of(r["user_id"], b.keys.buckets)].append((r["session_id"], r["user_id"]))
+        async with b.redis.pipeline(transaction=False) as pipe:
+            for bucket, sessions in per_bucket.items():
+                await b.scripts.trim_user_indexes(b.keys, bucket, sessions, client=pipe)
+            total += sum(int(n) for n in await pipe.execute())
+        after_us, after_sid = int(rows[-1]["up"]), rows[-1]["session_id"]
+        if len(rows) < page:
+            done = True
+            break
+        await b.redis.set(b.keys.trimmed_until, f"{after_us}/{after_sid}")
+    if done:
+        await b.redis.set(b.keys.trimmed_until, f"{until}/")
+    if total:
+        log.info("trimmed %d old sessions from their users' indexes", total)
+    return total
+
+
+def _us_of(column: str) -> str:
+    return f"(extract(epoch FROM {column}) * 1000000)::bigint"
+
+
+def _ts_of(param: str) -> str:
+    return f"'epoch'::timestamptz + {param} * interval '1 microsecond'"
 
 
 async def relieve_memory(b: Backend, high_water: float, page: int = 200) -> int:

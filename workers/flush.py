@@ -12,8 +12,8 @@ is read and its rows built (``run``'s read-ahead); batches still commit one at a
   finish it releases (``release``): still pending, but taken over by the next XAUTOCLAIM of any worker
   instead of FLUSH_CLAIM_IDLE_MS later;
 - killed between COMMIT and XACK, the replay finds the rows already there (messages and memories are
-  keyed by (session, seq) and inserted with ON CONFLICT DO NOTHING; sessions carry a version and an
-  older version never overwrites a newer one);
+  keyed by (user, session, seq) and inserted with ON CONFLICT DO NOTHING on that key; sessions carry
+  a version and an older version never overwrites a newer one);
 - Postgres down: the batch is retried with backoff, entries stay pending, the outbox grows, the API
   keeps answering from Redis;
 - an entry that fails on its own (poison) is retried on redelivery, and after FLUSH_MAX_DELIVERIES
@@ -291,9 +291,11 @@ class Flusher:
     async def _rows(self, entries: Sequence[Entry]) -> Rows:
         versions = _max_versions(entries)
         snapshots = await self._snapshots(versions)
-        # In session id order: workers upserting the same sessions lock their rows in the same order, so
-        # one waits for the other instead of both failing on a deadlock.
-        sessions = sorted((_session_row(h) for h in snapshots if h), key=lambda row: str(row["sid"]))
+        # In primary key order (user, session): workers upserting the same sessions lock their rows in
+        # the same order, so one waits for the other instead of both failing on a deadlock.
+        sessions = sorted(
+            (_session_row(h) for h in snapshots if h), key=lambda row: (str(row["uid"]), str(row["sid"]))
+        )
         messages = [_message_row(e) for e in entries if e.f["k"] == Kind.message]
         memories = [_memory_row(e) for e in entries if e.f["k"] == Kind.memory]
         return Rows(len(entries), _table(sessions), _table(messages), _table(memories))
@@ -573,7 +575,9 @@ async def _retrying(call: Callable[[], Awaitable[Any]], what: str, attempts: int
 
 _US = "'epoch'::timestamptz + {} * interval '1 microsecond'"
 
-# One statement per table, the batch passed as one JSON array of objects (json_to_recordset). Arrays
+# One statement per table, the batch passed as one JSON array of objects (json_to_recordset). Each names
+# its conflict target, the table's primary key, which starts with the distribution column ``user_id``
+# (migration 0002): a distributed Postgres routes each row to its user's shard and checks it there. Arrays
 # (unnest) cost the same in Postgres, but asyncpg encodes them while the statement is sent, about 60 ms
 # of this process's CPU per 8,000 messages (a type check per element); the JSON document is built
 # with orjson (about 20 ms) while the batch before commits.
@@ -586,7 +590,7 @@ SELECT sid, uid, title, status, cd::jsonb, md::jsonb, mc, yc, tok, cost::numeric
     CREATED, UPDATED, ACTIVITY, v
 FROM json_to_recordset($1::json) AS u(sid text, uid text, title text, status text, cd text, md text,
     mc int, yc int, tok bigint, cost bigint, summ text, c bigint, up bigint, la bigint, v bigint)
-ON CONFLICT (session_id) DO UPDATE SET
+ON CONFLICT (user_id, session_id) DO UPDATE SET
     title = EXCLUDED.title, status = EXCLUDED.status, conversation_data = EXCLUDED.conversation_data,
     metadata = EXCLUDED.metadata, message_count = EXCLUDED.message_count,
     memory_count = EXCLUDED.memory_count, total_tokens = EXCLUDED.total_tokens,
@@ -605,7 +609,7 @@ INSERT INTO {s}.session_messages (message_id, session_id, seq, user_id, role, co
 SELECT id, sid, seq, uid, role, content, mtype, meta::jsonb, tok, cost::numeric / MICROS, TS
 FROM json_to_recordset($1::json) AS u(id text, sid text, seq bigint, uid text, role text, content text,
     mtype text, meta text, tok int, cost bigint, ts bigint)
-ON CONFLICT DO NOTHING
+ON CONFLICT (user_id, session_id, seq) DO NOTHING
 """.replace("TS", _US.format("ts")).replace("MICROS", str(MICROS))
 
 _INSERT_MEMORIES = """
@@ -614,5 +618,5 @@ INSERT INTO {s}.session_memories (memory_id, session_id, seq, user_id, memory_ty
 SELECT id, sid, seq, uid, mtype, content, meta::jsonb, created::timestamptz
 FROM json_to_recordset($1::json) AS u(id text, sid text, seq int, uid text, mtype text, content text,
     meta text, created text)
-ON CONFLICT DO NOTHING
+ON CONFLICT (user_id, session_id, seq) DO NOTHING
 """

@@ -112,6 +112,8 @@ def _skips_round(job: Callable[[Ctx], Awaitable[int]]) -> WorkerCoroutine:
 async def sweep_job(ctx: Ctx) -> int:
     s: Settings = ctx["settings"]
     evicted = await expiry.sweep(ctx["backend"], s.session_hot_ttl)
+    if s.user_index_retention_days > 0:
+        await expiry.trim_user_indexes(ctx["backend"], s.user_index_retention_days * 86_400)
     SWEEPS.inc()
     EVICTIONS.labels("idle").inc(evicted)
     return evicted
