@@ -11,7 +11,7 @@ import uvloop
 from session_svc import supervisor, telemetry
 from session_svc.app import create_app
 from session_svc.process import configure_logging
-from session_svc.server import run_app
+from session_svc.server import EXIT_STARTUP_FAILED, StartupFailed, run_app
 from session_svc.settings import Settings
 
 
@@ -23,13 +23,17 @@ def main() -> None:
     if not settings.metrics:
         telemetry.RECORDER.disable()
     uvloop.install()
-    run_app(
-        create_app(settings),
-        settings.service_host,
-        settings.service_port,
-        shutdown_timeout=settings.shutdown_timeout,
-        access_log=logging.getLogger("aiohttp.access") if settings.debug else None,
-    )
+    try:
+        run_app(
+            create_app(settings),
+            settings.service_host,
+            settings.service_port,
+            shutdown_timeout=settings.shutdown_timeout,
+            access_log=logging.getLogger("aiohttp.access") if settings.debug else None,
+        )
+    except StartupFailed as exc:
+        logging.getLogger("session_svc").critical("could not start: %s", exc)
+        sys.exit(EXIT_STARTUP_FAILED)
 
 
 if __name__ == "__main__":

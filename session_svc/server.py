@@ -193,6 +193,16 @@ class AppRunner(web.AppRunner):
         )
 
 
+# Exit status of an API process that failed before it served (EX_CONFIG, sysexits.h): a wrong setting,
+# data of another bucket count, a port it cannot bind. Restarting it would fail the same way, however
+# long the failure took to show (a loaded machine can take seconds to start a process).
+EXIT_STARTUP_FAILED = 78
+
+
+class StartupFailed(Exception):
+    """The process could not start serving; ``__main__`` logs why and exits with EXIT_STARTUP_FAILED."""
+
+
 async def serve(
     app: web.Application,
     host: str,
@@ -231,12 +241,18 @@ async def serve(
         app, access_log=access_log, keepalive_timeout=75, shutdown_timeout=shutdown_timeout / 2
     )
     try:
-        await runner.setup()
+        try:
+            await runner.setup()  # the cleanup contexts: Redis, Postgres, the layout check
+        except Exception as exc:
+            raise StartupFailed(f"{type(exc).__name__}: {exc}") from exc
         # Everything built so far (modules, models, routes, scripts, pools) lives as long as the process:
         # out of the collector's sight, a full collection no longer walks it while requests wait.
         gc.freeze()
         try:
-            await web.TCPSite(runner, host, port, reuse_port=True).start()
+            try:
+                await web.TCPSite(runner, host, port, reuse_port=True).start()
+            except OSError as exc:
+                raise StartupFailed(f"cannot listen on {host}:{port}: {exc}") from exc
             log.info("serving on http://%s:%d", host, port)
             await stop.wait()
             log.info("stopping: new connections refused, requests in flight get %gs", shutdown_timeout)

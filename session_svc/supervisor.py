@@ -31,11 +31,13 @@ from pathlib import Path
 from prometheus_client import multiprocess
 
 from session_svc.consul import Registration
+from session_svc.server import EXIT_STARTUP_FAILED
 from session_svc.settings import Settings
 
 log = logging.getLogger("session_svc.supervisor")
 
-# A process alive this long after its start counts as started: a later exit is a crash to restart.
+# A process alive this long after its start counts as started: a later exit is a crash to restart,
+# unless it exits with EXIT_STARTUP_FAILED (it never served: a slow start on a loaded machine).
 STARTED_AFTER_S = 3.0
 # Consecutive exits before that point after which the supervisor gives up.
 MOST_FAILED_STARTS = 3
@@ -80,13 +82,14 @@ class Supervisor:
                 return
             multiprocess.mark_process_dead(proc.pid, str(self.metrics_dir))  # type: ignore[no-untyped-call]
             lived = time.monotonic() - started
-            if lived < STARTED_AFTER_S:
+            if lived < STARTED_AFTER_S or status == EXIT_STARTUP_FAILED:
                 failed += 1
             else:
                 failed, backoff = 0, BACKOFF_MIN_S
             if failed >= MOST_FAILED_STARTS:
                 self.failure = (
-                    f"API process {slot} exited {failed} times within {STARTED_AFTER_S:g}s of its start"
+                    f"API process {slot} failed to start {failed} times in a row (exited within "
+                    f"{STARTED_AFTER_S:g}s of its start, or before serving)"
                 )
                 log.critical("%s (last status %s): giving up", self.failure, status)
                 self.stopping.set()
