@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import shutil
@@ -46,6 +47,18 @@ BACKOFF_MIN_S, BACKOFF_MAX_S = 0.2, 5.0
 STOP_GRACE_S = 5.0
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM it when the supervisor dies, however it dies (a SIGKILLed
+    supervisor left its API processes serving on the port, orphaned). Linux only; elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class Supervisor:
     def __init__(self, settings: Settings, processes: int, metrics_dir: Path) -> None:
         self.settings = settings
@@ -66,7 +79,9 @@ class Supervisor:
         return env
 
     async def _spawn(self, slot: int) -> asyncio.subprocess.Process:
-        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "session_svc", env=self._env(slot))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "session_svc", env=self._env(slot), preexec_fn=_die_with_parent
+        )
         self.children[slot] = proc
         log.info("API process %d started (pid %d)", slot, proc.pid)
         return proc

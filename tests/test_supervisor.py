@@ -149,3 +149,20 @@ async def test_one_consul_registration_for_the_port(settings: Settings, tmp_path
     assert [c.path for c in agent.calls if "deregister" in c.path] == [
         f"/v1/agent/service/deregister/{call.body['ID']}"
     ]
+
+
+def test_the_api_processes_stop_when_the_supervisor_is_killed(settings: Settings, tmp_path: Path) -> None:
+    """A supervisor SIGKILLed (an OOM kill, a test's timeout) must not leave its API processes serving
+    the port as orphans: each gets SIGTERM from the kernel (parent-death signal) and stops."""
+    api = start_two(settings, tmp_path)
+    try:
+        api.wait_healthy()
+        support.wait_sync(lambda: len(children(api.proc.pid)) == 2, "two API processes", 20)
+        orphans = children(api.proc.pid)
+        api.proc.kill()
+        api.proc.wait(timeout=10)
+        for pid in orphans:
+            support.wait_sync(lambda pid=pid: not Path(f"/proc/{pid}").exists(), "the orphans to exit", 20)
+        assert not api.healthy()
+    finally:
+        api.stop()
