@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from typing import cast
 
 import asyncpg
-from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
 
 from session_svc.keys import Keys
-from session_svc.redis_client import REDIS_FAILURES, redis_client
+from session_svc.redis_client import REDIS_FAILURES, AnyRedis, redis_client
 from session_svc.scripts import Scripts
 from session_svc.settings import Settings
 
@@ -39,15 +40,21 @@ PG_CLOSE_TIMEOUT_S = 2.0
 
 @dataclass(frozen=True, slots=True)
 class Backend:
-    redis: Redis
+    redis: AnyRedis
     keys: Keys
     scripts: Scripts
     # None when the service runs without Postgres: nothing is ever cold then.
     pg: asyncpg.Pool | None = None
     schema: str = "dev"
 
+    @property
+    def cluster(self) -> bool:
+        """Redis Cluster (REDIS_CLUSTER): no command may span buckets, not even in a pipeline, and
+        commands without a key (INFO) go to each master."""
+        return isinstance(self.redis, RedisCluster)
 
-async def check_layout(redis: Redis, keys: Keys) -> None:
+
+async def check_layout(redis: AnyRedis, keys: Keys) -> None:
     """Refuse to run against data written with another bucket count: every key would move.
 
     Reads first: only the very first process of a deployment writes (a full Redis refuses writes)."""
@@ -63,14 +70,14 @@ async def check_layout(redis: Redis, keys: Keys) -> None:
         )
 
 
-async def _check_layout_when_redis_answers(redis: Redis, keys: Keys) -> None:
+async def _check_layout_when_redis_answers(redis: AnyRedis, keys: Keys) -> None:
     while True:
         await asyncio.sleep(LAYOUT_RETRY_S)
         try:
             await check_layout(redis, keys)
             log.info("Redis answers; key layout checked")
             return
-        except REDIS_FAILURES:
+        except (*REDIS_FAILURES, RedisClusterException):
             continue
         except RuntimeError:
             log.critical("stopping: wrong key layout", exc_info=True)
@@ -109,16 +116,20 @@ async def open_backend(
     ``coalesce``: script calls of one loop turn share a pipeline (the API's, REDIS_COALESCE)."""
     redis = redis_client(settings, socket_timeout)
     keys = Keys(settings.key_prefix, settings.redis_buckets)
+    wait = (settings.redis_wait_replicas, int(settings.redis_wait_timeout * 1000))
+    scripts = Scripts(redis, coalesce, wait)
     pg = None
     later: asyncio.Task[None] | None = None
     try:
         try:
+            if isinstance(redis, RedisCluster):
+                _ = await redis.initialize()  # the slot map, from the first seed that answers
             await check_layout(redis, keys)
-        except REDIS_FAILURES as exc:  # down, or full and this is the first write of the deployment
+        except (*REDIS_FAILURES, RedisClusterException) as exc:  # down, or full and this is the first write
             log.warning("Redis unavailable at start (%r); the layout is checked once it answers", exc)
             later = asyncio.create_task(_check_layout_when_redis_answers(redis, keys))
         pg = await pg_pool(settings)
-        yield Backend(redis, keys, Scripts(redis, coalesce), pg, settings.db_schema)
+        yield Backend(redis, keys, scripts, pg, settings.db_schema)
     finally:
         if later is not None:
             later.cancel()
@@ -127,4 +138,6 @@ async def open_backend(
                 await asyncio.wait_for(pg.close(), PG_CLOSE_TIMEOUT_S)  # terminates the pool on timeout
             except TimeoutError:
                 log.warning("PostgreSQL connections still busy after %gs; closed anyway", PG_CLOSE_TIMEOUT_S)
+        if scripts.coalescer is not None:
+            await scripts.coalescer.aclose()
         await redis.aclose()

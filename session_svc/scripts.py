@@ -34,6 +34,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.commands.core import AsyncScript
 
 from session_svc import keys as k
@@ -78,12 +79,21 @@ class Script:
     """One registered script, called with its keys and arguments by name; a direct call is timed
     (``session_redis_call_duration_seconds{script=name}``), a call queued on a pipeline is not."""
 
-    def __init__(self, redis: Redis, lua: Lua, name: str, coalescer: Coalescer | None = None) -> None:
+    def __init__(
+        self,
+        redis: Redis | RedisCluster,
+        lua: Lua,
+        name: str,
+        coalescer: Coalescer | None = None,
+        durable: bool = False,
+    ) -> None:
+        """``durable``: a write the API acknowledges; with REDIS_WAIT_REPLICAS its reply waits for WAIT."""
         self.lua = lua
         self.name = name
+        self.durable = durable
         self._labels = (name,)
         self._source = lua.source  # built once: ``Lua.source`` assembles it on every access
-        self._script: AsyncScript = redis.register_script(self._source)
+        self._script: AsyncScript = redis.register_script(self._source)  # type: ignore[misc]
         self._coalescer = coalescer
 
     def __call__(
@@ -91,16 +101,16 @@ class Script:
         keys: Mapping[str, str],
         args: Mapping[str, Arg],
         rest: Sequence[Arg] = (),
-        client: Pipeline | None = None,
+        client: Pipeline | ClusterPipeline | None = None,
     ) -> Awaitable[Any]:
         if len(keys) != len(self.lua.keys) or len(args) != len(self.lua.args):
             raise TypeError(f"expected keys {self.lua.keys} and args {self.lua.args}")
         key_list = [keys[n] for n in self.lua.keys]
         arg_list = [*(args[n] for n in self.lua.args), *rest]
         if client is None and self._coalescer is not None:
-            call = self._coalescer.call(self._script.sha, self._source, key_list, arg_list)
+            call = self._coalescer.call(self._script.sha, self._source, key_list, arg_list, self.durable)
         else:
-            call = self._script(keys=key_list, args=arg_list, client=client)
+            call = self._script(keys=key_list, args=arg_list, client=client)  # type: ignore[arg-type]
         return call if client is not None or not RECORDER.enabled else self._timed(call)
 
     async def _timed(self, call: Awaitable[Any]) -> Any:
@@ -534,15 +544,18 @@ return 1
 class Scripts:
     """Every script, registered once on one client; one typed method per script."""
 
-    def __init__(self, redis: Redis, coalesce: bool = False) -> None:
-        """``coalesce``: direct calls made in the same loop turn share one pipeline (``coalesce.py``)."""
-        c = Coalescer(redis) if coalesce else None
-        self._create_session = Script(redis, CREATE_SESSION, "create_session", c)
+    def __init__(
+        self, redis: Redis | RedisCluster, coalesce: bool = False, wait: tuple[int, int] = (0, 0)
+    ) -> None:
+        """``coalesce``: direct calls made in the same loop turn share one pipeline (``coalesce.py``);
+        ``wait``: (replicas, timeout ms) a durable write waits for (REDIS_WAIT_REPLICAS)."""
+        c = self.coalescer = Coalescer(redis, *wait) if coalesce else None
+        self._create_session = Script(redis, CREATE_SESSION, "create_session", c, durable=True)
         self._get_session = Script(redis, GET_SESSION, "get_session", c)
-        self._update_session = Script(redis, UPDATE_SESSION, "update_session", c)
-        self._append_message = Script(redis, APPEND_MESSAGE, "append_message", c)
+        self._update_session = Script(redis, UPDATE_SESSION, "update_session", c, durable=True)
+        self._append_message = Script(redis, APPEND_MESSAGE, "append_message", c, durable=True)
         self._list_messages = Script(redis, LIST_MESSAGES, "list_messages", c)
-        self._create_memory = Script(redis, CREATE_MEMORY, "create_memory", c)
+        self._create_memory = Script(redis, CREATE_MEMORY, "create_memory", c, durable=True)
         self._list_memories = Script(redis, LIST_MEMORIES, "list_memories", c)
         self._list_user_sessions = Script(redis, LIST_USER_SESSIONS, "list_user_sessions", c)
         self._rehydrate = Script(redis, REHYDRATE, "rehydrate", c)
@@ -660,7 +673,7 @@ class Scripts:
         group: str,
         ids: Sequence[str],
         triples: Sequence[str],
-        client: Pipeline,
+        client: Pipeline | ClusterPipeline | None,
     ) -> Awaitable[Any]:
         """``triples``: (sid, version, ",id1,id2,...,") flattened."""
         return self._mark_flushed(
@@ -673,7 +686,9 @@ class Scripts:
     def mark_stuck(self, keys: k.Keys, bucket: int, sid: str, entry_id: str) -> Awaitable[Any]:
         return self._mark_stuck({"session": keys.session(bucket, sid)}, {"entry_id": entry_id})
 
-    def ensure_group(self, keys: k.Keys, bucket: int, group: str, client: Pipeline) -> Awaitable[Any]:
+    def ensure_group(
+        self, keys: k.Keys, bucket: int, group: str, client: Pipeline | ClusterPipeline | None
+    ) -> Awaitable[Any]:
         return self._ensure_group({"outbox": keys.outbox(bucket)}, {"group": group}, client=client)
 
     def resync(

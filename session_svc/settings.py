@@ -9,11 +9,20 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from urllib.parse import unquote, urlsplit
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Redis Cluster: REDIS_URL is then one seed node of the cluster; REDIS_CLUSTER_NODES adds more
+    # seeds (``host:port``, comma-separated). arq's queue must then live on ARQ_REDIS_URL (standalone).
+    redis_cluster: bool = False
+    redis_cluster_nodes: str = ""
+    # A write's 2xx waits until this many replicas have it (WAIT), else 503 outcome unknown; 0 = off.
+    # REDIS_WAIT_TIMEOUT: seconds WAIT may take (below REDIS_SOCKET_TIMEOUT).
+    redis_wait_replicas: int = 0
+    redis_wait_timeout: float = 0.2
     database_url: str = "postgresql://postgres@127.0.0.1:5432/test"
     # arq cannot run on Redis Cluster; its queue may live on a separate standalone Redis.
     arq_redis_url: str = ""
@@ -111,8 +120,36 @@ class Settings:
             raise ValueError("SHUTDOWN_TIMEOUT must be more than 0 seconds")
         if not 0 < self.consul_port < 65536:
             raise ValueError("CONSUL_PORT must be a TCP port (1-65535)")
+        if self.redis_wait_replicas < 0:
+            raise ValueError("REDIS_WAIT_REPLICAS must be 0 (off) or more")
+        if self.redis_wait_replicas and not 0 < self.redis_wait_timeout < self.redis_socket_timeout:
+            raise ValueError("REDIS_WAIT_TIMEOUT must be more than 0 and less than REDIS_SOCKET_TIMEOUT")
+        if self.redis_cluster:
+            self.cluster_seeds  # noqa: B018  (raises on a malformed seed)
+            if urlsplit(self.redis_url).path.strip("/") not in ("", "0"):
+                raise ValueError("Redis Cluster has only database 0: REDIS_URL must not name another")
         for name in ("sweep_every_seconds", "reconcile_every_seconds"):
             every_schedule(getattr(self, name), name.upper())
+
+    @property
+    def cluster_seeds(self) -> list[tuple[str, int]]:
+        """(host, port) of REDIS_URL and of every REDIS_CLUSTER_NODES entry."""
+        url = urlsplit(self.redis_url)
+        seeds = [(url.hostname or "127.0.0.1", url.port or 6379)]
+        for item in filter(None, (n.strip() for n in self.redis_cluster_nodes.split(","))):
+            host, sep, port = item.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"REDIS_CLUSTER_NODES: expected host:port, got {item!r}")
+            seeds.append((host.strip("[]"), int(port)))
+        return seeds
+
+    @property
+    def cluster_username(self) -> str:
+        return unquote(urlsplit(self.redis_url).username or "")
+
+    @property
+    def cluster_password(self) -> str:
+        return unquote(urlsplit(self.redis_url).password or "")
 
     @property
     def arq_url(self) -> str:

@@ -35,7 +35,6 @@ from typing import Any
 import asyncpg
 import orjson
 from prometheus_client import Counter, Gauge, Histogram
-from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -45,6 +44,7 @@ from session_svc.errors import PG_UNAVAILABLE
 from session_svc.keys import Keys
 from session_svc.outbox import GROUP
 from session_svc.record import MICROS, Kind
+from session_svc.redis_client import AnyRedis
 from session_svc.resources import Backend
 from session_svc.scripts import Scripts
 
@@ -136,7 +136,7 @@ class Flusher:
             raise ValueError("the outbox drain needs PostgreSQL (DATABASE_URL)")
 
     @property
-    def redis(self) -> Redis:
+    def redis(self) -> AnyRedis:
         return self.backend.redis
 
     @property
@@ -159,6 +159,11 @@ class Flusher:
     # Reading ---------------------------------------------------------------------------------------
 
     async def ensure_groups(self) -> None:
+        if self.backend.cluster:  # redis-py's cluster pipeline cannot load a script: one call each, at once
+            await asyncio.gather(
+                *(self.scripts.ensure_group(self.keys, b, GROUP, None) for b in range(self.keys.buckets))
+            )
+            return
         async with self.redis.pipeline(transaction=False) as pipe:
             for bucket in range(self.keys.buckets):
                 await self.scripts.ensure_group(self.keys, bucket, GROUP, client=pipe)
@@ -345,6 +350,12 @@ class Flusher:
             triples[bucket] += [sid, str(v), "," + ",".join(eids) + ","]
 
         async def mark() -> None:  # idempotent (acks and fv only move forward): safe to send again
+            if self.backend.cluster:  # one call per bucket, at once (no scripts in cluster pipelines)
+                await asyncio.gather(
+                    *(self.scripts.mark_flushed(self.keys, b, GROUP, eids, triples[b], None)
+                      for b, eids in ids.items())
+                )  # fmt: skip
+                return
             async with self.redis.pipeline(transaction=False) as pipe:
                 for bucket, eids in ids.items():
                     await self.scripts.mark_flushed(
