@@ -464,6 +464,18 @@ return 1
 """,
 )
 
+# An outbox entry that kept failing moves to its bucket's dead-letter stream and is acknowledged, in one
+# step (a MULTI would do on a standalone Redis; redis-py's cluster client has no transactions). The dead
+# entry's fields follow the named arguments as field/value pairs.
+DEAD_LETTER = Lua(
+    keys=("outbox", "dead"),
+    args=("group", "entry_id"),
+    body="""
+redis.call('XADD', dead, '*', unpack(ARGV, REST))
+return redis.call('XACK', outbox, group, entry_id)
+""",
+)
+
 # Reconciliation: a session whose writes are not all flushed (v > fv) although the outbox holds nothing
 # that old any more has lost outbox entries (e.g. a Redis failover dropped them). Its messages and
 # memories are written to the outbox again, one bounded chunk per call so that a long history never
@@ -563,6 +575,7 @@ class Scripts:
         self._mark_flushed = Script(redis, MARK_FLUSHED, "mark_flushed", c)
         self._mark_stuck = Script(redis, MARK_STUCK, "mark_stuck", c)
         self._ensure_group = Script(redis, ENSURE_GROUP, "ensure_group", c)
+        self._dead_letter = Script(redis, DEAD_LETTER, "dead_letter", c)
         self._resync = Script(redis, RESYNC, "resync", c)
         self._beat = Script(redis, BEAT, "beat", c)
 
@@ -690,6 +703,15 @@ class Scripts:
         self, keys: k.Keys, bucket: int, group: str, client: Pipeline | ClusterPipeline | None
     ) -> Awaitable[Any]:
         return self._ensure_group({"outbox": keys.outbox(bucket)}, {"group": group}, client=client)
+
+    def dead_letter(
+        self, keys: k.Keys, bucket: int, group: str, entry_id: str, fields: Mapping[str, str]
+    ) -> Awaitable[Any]:
+        return self._dead_letter(
+            {"outbox": keys.outbox(bucket), "dead": keys.dead(bucket)},
+            {"group": group, "entry_id": entry_id},
+            [x for kv in fields.items() for x in kv],
+        )
 
     def resync(
         self, keys: k.Keys, bucket: int, sid: str, phase: str, cursor: int, most: int, budget: int

@@ -5,6 +5,8 @@ although the buckets live on three masters."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from typing import Any
 
@@ -34,6 +36,7 @@ from tests.outbox_drain import drain
 from tests.servers import LocalCluster
 from tests.support import new_name
 from workers import expiry
+from workers import main as worker_main
 from workers.flush import Flusher
 
 pytestmark = pytest.mark.cluster
@@ -169,5 +172,18 @@ async def test_every_route_and_every_script_run_on_the_cluster(
     await worker_backend.scripts.mark_stuck(worker_backend.keys, 0, "no-such-session", "0-1")
     assert (await stats(client))["total_messages"] == 37
 
+    # An entry that cannot be written goes to its bucket's dead letters (acknowledged in the same script).
+    await worker_backend.redis.xadd(worker_backend.keys.outbox(3), {"k": "?"})
+    await drain(flusher_of(worker_backend))
+    assert (await outbox.backlog(worker_backend.redis, worker_backend.keys)).dead_letters == 1
+
     # Every script ran at least once, in the API's coalescer or in the worker's direct calls.
     assert ran == script_names(api), script_names(api) - ran
+
+
+async def test_the_worker_refuses_a_cluster_without_a_standalone_redis_for_arq(
+    cluster_settings: Settings,
+) -> None:
+    settings = dataclasses.replace(cluster_settings, arq_redis_url="")
+    with pytest.raises(RuntimeError, match="ARQ_REDIS_URL"):
+        await worker_main.serve(settings, asyncio.Event())

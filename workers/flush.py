@@ -382,11 +382,8 @@ class Flusher:
     async def _dead_letter(self, e: Entry, reason: str) -> None:
         DEAD.inc()
         log.error("dead-lettering outbox entry %s of bucket %d: %s", e.id, e.bucket, reason)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            dead: dict[Any, Any] = {**e.f, "outbox_id": e.id, "error": reason[:1000]}
-            pipe.xadd(self.keys.dead(e.bucket), dead)
-            pipe.xack(self.keys.outbox(e.bucket), GROUP, e.id)
-            await pipe.execute()
+        dead = {**e.f, "outbox_id": e.id, "error": reason[:1000]}
+        await self.scripts.dead_letter(self.keys, e.bucket, GROUP, e.id, dead)
 
     # Housekeeping of the streams -------------------------------------------------------------------
 
