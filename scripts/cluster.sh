@@ -77,8 +77,13 @@ all_ok() {  # every node sees the cluster as ok, with 3 masters and 3 replicas k
         grep -q '^cluster_state:ok' <<<"$info" && grep -q '^cluster_known_nodes:6' <<<"$info" \
             && grep -q '^cluster_slots_assigned:16384' <<<"$info" || return 1
     done
-    # every replica is attached to a master (the replication link is up)
-    [[ $(for p in "${PORTS[@]}"; do cli "$p" role | head -1; done | grep -c master) == 3 ]]
+    # three masters, and every replica's link to its master is up (in sync)
+    [[ $(for p in "${PORTS[@]}"; do cli "$p" role | head -1; done | grep -c master) == 3 ]] || return 1
+    for p in "${PORTS[@]}"; do
+        info=$(cli "$p" info replication | tr -d '\r')
+        grep -q '^role:slave' <<<"$info" || continue
+        grep -q '^master_link_status:up' <<<"$info" || return 1
+    done
 }
 
 up() {

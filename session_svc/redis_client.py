@@ -248,7 +248,9 @@ def cluster_client(settings: Settings, socket_timeout: float) -> RedisCluster:
         socket_timeout=socket_timeout,
         socket_connect_timeout=settings.redis_connect_timeout,
         max_connections=settings.redis_max_connections,
-        cluster_error_retry_attempts=1,  # a ClusterPipeline needs >= 1; see ERRORS_ALLOW_RETRY
+        # Pipelines (reads, and the worker's idempotent bookkeeping) are sent again once after a connection
+        # error, on a fresh slot map; single commands only after CLUSTERDOWN (ERRORS_ALLOW_RETRY).
+        cluster_error_retry_attempts=2,
         connection_error_retry_attempts=0,  # connect once; a down node answers 503 at once
         require_full_coverage=False,  # a shard without a master does not stop the others
     )

@@ -46,6 +46,8 @@ class Backend:
     # None when the service runs without Postgres: nothing is ever cold then.
     pg: asyncpg.Pool | None = None
     schema: str = "dev"
+    # REDIS_WAIT_REPLICAS and REDIS_WAIT_TIMEOUT (in ms): (0, 0) when off.
+    wait: tuple[int, int] = (0, 0)
 
     @property
     def cluster(self) -> bool:
@@ -129,7 +131,7 @@ async def open_backend(
             log.warning("Redis unavailable at start (%r); the layout is checked once it answers", exc)
             later = asyncio.create_task(_check_layout_when_redis_answers(redis, keys))
         pg = await pg_pool(settings)
-        yield Backend(redis, keys, scripts, pg, settings.db_schema)
+        yield Backend(redis, keys, scripts, pg, settings.db_schema, wait if wait[0] else (0, 0))
     finally:
         if later is not None:
             later.cancel()

@@ -35,6 +35,7 @@ from typing import Any
 import asyncpg
 import orjson
 from prometheus_client import Counter, Gauge, Histogram
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -130,6 +131,8 @@ class Flusher:
     # For the heartbeat: when a batch last committed (epoch s), and why the drain is paused, if it is.
     last_commit: float = 0.0
     last_error: str = ""
+    # The last read left entries pending because WAIT did not confirm them (REDIS_WAIT_REPLICAS).
+    unconfirmed: bool = False
 
     def __post_init__(self) -> None:
         if self.backend.pg is None:
@@ -170,7 +173,14 @@ class Flusher:
             await pipe.execute()
 
     async def read(self, new: bool = True) -> list[Entry]:
-        """New entries (``>``), or this consumer's own pending ones (``0``, after a restart)."""
+        """New entries (``>``), or this consumer's own pending ones (``0``, after a restart).
+
+        With REDIS_WAIT_REPLICAS, a ``WAIT`` follows the reads on each node's connection, and the
+        entries of a node whose replicas did not all confirm are left pending (``unconfirmed``): a
+        failover could take them back, and a message Postgres held that Redis lost would make its
+        sequence number be given again to another message, which Postgres would then refuse."""
+        self.unconfirmed = False
+        n, timeout_ms = self.backend.wait
         async with self.redis.pipeline(transaction=False) as pipe:
             for bucket in range(self.keys.buckets):
                 pipe.xreadgroup(
@@ -179,7 +189,22 @@ class Flusher:
                     {self.keys.outbox(bucket): ">" if new else "0"},
                     count=self.batch_size,
                 )
+            nodes = self._nodes() if n else []
+            for node, _buckets in nodes:
+                target = {"target_nodes": node} if node is not None else {}
+                pipe.execute_command("WAIT", n, timeout_ms, **target)
             replies = await pipe.execute(raise_on_error=False)
+        if nodes:
+            acked = replies[self.keys.buckets :]
+            replies = replies[: self.keys.buckets]
+            short = {b for (_node, buckets), a in zip(nodes, acked, strict=True)
+                     if isinstance(a, Exception) or int(a) < n for b in buckets}  # fmt: skip
+            if short:
+                self.unconfirmed = True
+                log.warning(
+                    "outbox entries of %d buckets not confirmed on %d replicas; left pending", len(short), n
+                )
+                replies = [None if b in short else r for b, r in enumerate(replies)]
         entries: list[Entry] = []
         for bucket, reply in enumerate(replies):
             if isinstance(reply, ResponseError):
@@ -417,6 +442,18 @@ class Flusher:
             ):
                 await self.redis.xgroup_delconsumer(stream, GROUP, c["name"])
 
+    def _nodes(self) -> list[tuple[Any, list[int]]]:
+        """The node of each group of buckets (``None``: the standalone Redis), for the WAITs of ``read``."""
+        if not isinstance(self.redis, RedisCluster):
+            return [(None, list(range(self.keys.buckets)))]
+        nodes: dict[str, tuple[Any, list[int]]] = {}
+        for bucket in range(self.keys.buckets):
+            node = self.redis.get_node_from_key(self.keys.outbox(bucket))
+            if node is None:
+                raise RedisConnectionError(f"no Redis Cluster node serves bucket {bucket} now")
+            nodes.setdefault(node.name, (node, []))[1].append(bucket)
+        return list(nodes.values())
+
     # The loop --------------------------------------------------------------------------------------
 
     async def run(
@@ -451,6 +488,7 @@ class Flusher:
                         batch = await self._prepare(await self.reclaim())
                     else:
                         batch = await self._prepare(await self.read())
+                    own_pending = own_pending or self.unconfirmed  # read them again, confirmed
                     if batch.entries:
                         if not (own_pending or maintenance_due or stop.is_set()):
                             ahead = asyncio.create_task(self._read_ahead(), name="outbox-read-ahead")
