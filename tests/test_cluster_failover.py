@@ -220,3 +220,62 @@ def _overrides(settings: Settings) -> dict[str, object]:
         "redis_wait_timeout",
     )
     return {n: getattr(settings, n) for n in names}
+
+
+def _replica_of(cluster: LocalCluster, master: int) -> int:
+    with cluster.node(master) as r:
+        replicas = r.execute_command("ROLE")[2]
+    return int(replicas[0][1])
+
+
+async def test_a_write_no_replica_confirms_answers_503_and_is_flushed_once_it_is_replicated(
+    make_client: MakeClient,
+    make_settings: MakeSettings,
+    failover_cluster: LocalCluster,
+    test_urls: ServerUrls,
+    pg: asyncpg.Connection,
+) -> None:
+    """With REDIS_WAIT_REPLICAS=1 and the replica of one shard stopped (SIGSTOP): writes there answer
+    503 "not confirmed on replicas" (never a 2xx a failover could take back), the other shards answer
+    200, and the worker leaves that shard's entries pending until the replica has them."""
+    settings = make_settings(
+        redis_url=failover_cluster.url, redis_cluster=True, arq_redis_url=test_urls.redis_url,
+        key_prefix=new_name("t"), redis_wait_replicas=1, redis_wait_timeout=0.1,
+    )  # fmt: skip
+    client = await make_client(**_overrides(settings))
+    keys = Keys(settings.key_prefix, settings.redis_buckets)
+    users = [new_user() for _ in range(8)]
+    sids = [(await make_session(client, u))["session_id"] for u in users]
+    stopped_master = failover_cluster.master_of(keys.for_user(users[0]).stats)
+    replica = _replica_of(failover_cluster, stopped_master)
+    on_stopped = [failover_cluster.master_of(keys.for_user(u).stats) == stopped_master for u in users]
+    assert not all(on_stopped)
+    async with open_backend(settings, socket_timeout=settings.worker_redis_socket_timeout) as backend:
+        flusher = Flusher(backend, new_name("t-"), batch_size=500, max_deliveries=5, claim_idle_ms=0)
+        await flusher.ensure_groups()
+        await flusher.flush(await flusher.read())  # the sessions' creation
+        os.kill(failover_cluster.pid(replica), signal.SIGSTOP)
+        try:
+            for user, sid, stopped in zip(users, sids, on_stopped, strict=True):
+                resp = await client.post(
+                    session_url(sid, "/messages"),
+                    params={"user_id": user},
+                    json={"role": "user", "content": "x"},
+                )
+                body = await resp.json()
+                if stopped:
+                    assert resp.status == 503, body
+                    assert "not confirmed on its replicas" in body["detail"]
+                else:
+                    assert resp.status == 200, body
+            read = await flusher.read()
+            assert flusher.unconfirmed
+            assert {e.f["sid"] for e in read} == {s for s, st in zip(sids, on_stopped, strict=True) if not st}
+            await flusher.flush(read)
+        finally:
+            os.kill(failover_cluster.pid(replica), signal.SIGCONT)
+        # The replica has them now: the entries left pending are flushed (the write answered 503 did
+        # reach the primary: its outcome was unknown, and it is kept).
+        await _drain_once_redis_answers(backend)
+    n = await pg.fetchval("SELECT count(*) FROM session_messages WHERE session_id = ANY($1::text[])", sids)
+    assert n == len(users)
