@@ -20,6 +20,7 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from bench.clients import clients_table
+from bench.cluster import cluster_table
 from bench.common import (
     CONNECTIONS,
     CREATE_LUA,
@@ -239,6 +240,7 @@ BENCHMARKS: dict[str, Callable[[dict[str, str]], None]] = {
     "growth": growth,
     "memory": memory,
     "writebehind": writebehind,
+    "cluster": cluster_table,
 }
 
 
