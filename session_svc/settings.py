@@ -11,6 +11,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from urllib.parse import unquote, urlsplit
 
+# REDIS_BUCKETS when it is not set. On a cluster, buckets are what spreads the load over masters: 16
+# bucket slots land 4/8/4 on 3 masters of equal slot ranges, 256 within 7% of even (up to 6 masters).
+STANDALONE_BUCKETS = 16
+CLUSTER_BUCKETS = 256
+
 
 @dataclass(frozen=True, slots=True)
 class Settings:
@@ -41,8 +46,9 @@ class Settings:
     # Every Redis key starts with this prefix; tests give each test its own.
     key_prefix: str = "ss"
     # Sessions are spread over this many hash-slot buckets (by user id). Fixed for the life of the data:
-    # the service refuses to start against a Redis that was written with another value.
-    redis_buckets: int = 16
+    # the service refuses to start against a Redis that was written with another value. Unset (0): 16 on
+    # a standalone Redis, CLUSTER_BUCKETS on Redis Cluster (docs/decisions.md, "Redis Cluster").
+    redis_buckets: int = 0
     redis_max_connections: int = 64
     # The API sends the script calls of one event-loop turn to Redis as one pipeline (coalesce.py).
     redis_coalesce: bool = True
@@ -103,6 +109,9 @@ class Settings:
     reconcile_stale_after_seconds: int = 300
 
     def __post_init__(self) -> None:
+        if self.redis_buckets == 0:
+            buckets = CLUSTER_BUCKETS if self.redis_cluster else STANDALONE_BUCKETS
+            object.__setattr__(self, "redis_buckets", buckets)
         # Both end up inside SQL identifiers and Redis keys: keep them to a safe alphabet.
         if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", self.db_schema):
             raise ValueError(f"DB_SCHEMA must be a lower-case SQL identifier, got {self.db_schema!r}")

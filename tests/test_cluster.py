@@ -76,7 +76,7 @@ def ran(monkeypatch: pytest.MonkeyPatch) -> set[str]:
 async def worker_backend(cluster_settings: Settings) -> AsyncIterator[Backend]:
     """The worker's backend on the cluster, opened as ``workers.main`` opens it."""
     async with open_backend(
-        cluster_settings, socket_timeout=cluster_settings.worker_redis_socket_timeout
+        cluster_settings, socket_timeout=cluster_settings.worker_redis_socket_timeout, coalesce=True
     ) as backend:
         yield backend
 
@@ -187,3 +187,21 @@ async def test_the_worker_refuses_a_cluster_without_a_standalone_redis_for_arq(
     settings = dataclasses.replace(cluster_settings, arq_redis_url="")
     with pytest.raises(RuntimeError, match="ARQ_REDIS_URL"):
         await worker_main.serve(settings, asyncio.Event())
+
+
+def test_cluster_settings_seeds_default_buckets_and_wait() -> None:
+    s = Settings.from_env(
+        {"REDIS_CLUSTER": "true", "REDIS_URL": "redis://:pw@10.0.0.1:7000/0",
+         "REDIS_CLUSTER_NODES": "10.0.0.2:7001, [::1]:7002"}
+    )  # fmt: skip
+    assert s.cluster_seeds == [("10.0.0.1", 7000), ("10.0.0.2", 7001), ("::1", 7002)]
+    assert s.cluster_password == "pw"
+    # Unset, the bucket count is 16 on a standalone Redis and 256 on a cluster; set, it is what it says.
+    assert (Settings().redis_buckets, s.redis_buckets) == (16, 256)
+    assert Settings(redis_cluster=True, redis_buckets=16).redis_buckets == 16
+    with pytest.raises(ValueError, match="database 0"):
+        Settings(redis_cluster=True, redis_url="redis://127.0.0.1:7000/3")
+    with pytest.raises(ValueError, match="host:port"):
+        Settings(redis_cluster=True, redis_cluster_nodes="10.0.0.2")
+    with pytest.raises(ValueError, match="REDIS_WAIT_TIMEOUT"):
+        Settings(redis_wait_replicas=1, redis_wait_timeout=2.0, redis_socket_timeout=1.0)

@@ -97,7 +97,9 @@ async def _failover_under_load(
     on_victim = [cluster.master_of(keys.for_user(u).stats) == victim for u in users]
     run = Run()
     stop = asyncio.Event()
-    async with open_backend(settings, socket_timeout=settings.worker_redis_socket_timeout) as backend:
+    async with open_backend(
+        settings, socket_timeout=settings.worker_redis_socket_timeout, coalesce=True
+    ) as backend:
         flusher = Flusher(backend, new_name("t-"), batch_size=500, max_deliveries=5, claim_idle_ms=1000)
         worker_stop = asyncio.Event()
         worker = asyncio.create_task(flusher.run(worker_stop))
@@ -250,7 +252,9 @@ async def test_a_write_no_replica_confirms_answers_503_and_is_flushed_once_it_is
     replica = _replica_of(failover_cluster, stopped_master)
     on_stopped = [failover_cluster.master_of(keys.for_user(u).stats) == stopped_master for u in users]
     assert not all(on_stopped)
-    async with open_backend(settings, socket_timeout=settings.worker_redis_socket_timeout) as backend:
+    async with open_backend(
+        settings, socket_timeout=settings.worker_redis_socket_timeout, coalesce=True
+    ) as backend:
         flusher = Flusher(backend, new_name("t-"), batch_size=500, max_deliveries=5, claim_idle_ms=0)
         await flusher.ensure_groups()
         await flusher.flush(await flusher.read())  # the sessions' creation

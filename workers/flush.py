@@ -162,7 +162,7 @@ class Flusher:
     # Reading ---------------------------------------------------------------------------------------
 
     async def ensure_groups(self) -> None:
-        if self.backend.cluster:  # redis-py's cluster pipeline cannot load a script: one call each, at once
+        if self.backend.cluster:  # no scripts in redis-py's cluster pipelines: calls at once (coalesced)
             await asyncio.gather(
                 *(self.scripts.ensure_group(self.keys, b, GROUP, None) for b in range(self.keys.buckets))
             )

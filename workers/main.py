@@ -297,7 +297,13 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
             "REDIS_CLUSTER=true needs ARQ_REDIS_URL: arq (the worker's cron scheduler) cannot run on "
             "Redis Cluster; point it at a standalone Redis"
         )
-    async with open_backend(settings, socket_timeout=settings.worker_redis_socket_timeout) as backend:
+    # On a cluster the worker's script calls go through the coalescer too: the per-bucket calls it makes
+    # at once (consumer groups, flushed marks) become one pipeline per master, on a bounded pool
+    # (redis-py's cluster client has none: beyond REDIS_MAX_CONNECTIONS per node it fails at once).
+    backend_ctx = open_backend(
+        settings, socket_timeout=settings.worker_redis_socket_timeout, coalesce=settings.redis_cluster
+    )
+    async with backend_ctx as backend:
         await _run(settings, backend, stop)
 
 
