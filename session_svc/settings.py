@@ -178,6 +178,8 @@ class Settings:
                 values[f.name] = raw.strip().lower() in {"1", "true", "yes", "on"}
             elif kind is int:
                 values[f.name] = int(raw)
+                if f.name == "redis_buckets" and values[f.name] == 0:  # 0 is "unset" only in code
+                    raise ValueError("REDIS_BUCKETS must be between 1 and 1024")
             elif kind is float:
                 values[f.name] = float(raw)
             else:
