@@ -196,8 +196,8 @@ def test_cluster_settings_seeds_default_buckets_and_wait() -> None:
     )  # fmt: skip
     assert s.cluster_seeds == [("10.0.0.1", 7000), ("10.0.0.2", 7001), ("::1", 7002)]
     assert s.cluster_password == "pw"
-    # Unset, the bucket count is 16 on a standalone Redis and 256 on a cluster; set, it is what it says.
-    assert (Settings().redis_buckets, s.redis_buckets) == (16, 256)
+    # Unset, the bucket count is 16 on a standalone Redis and 64 on a cluster; set, it is what it says.
+    assert (Settings().redis_buckets, s.redis_buckets) == (16, 64)
     assert Settings(redis_cluster=True, redis_buckets=16).redis_buckets == 16
     with pytest.raises(ValueError, match="database 0"):
         Settings(redis_cluster=True, redis_url="redis://127.0.0.1:7000/3")
