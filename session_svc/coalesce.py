@@ -90,8 +90,10 @@ class Route:
                 return
             self._read_at = time.monotonic()
             try:
-                await self.cluster.nodes_manager.initialize()
-                self.cluster._initialize = False
+                if self.cluster._initialize:  # never initialized (the cluster was down at start)
+                    _ = await self.cluster.initialize()  # the slot map and redis-py's command table
+                else:
+                    await self.cluster.nodes_manager.initialize()
             except Exception as exc:  # no seed answers: nothing can be sent
                 raise NotExecuted(f"Redis Cluster slot map unavailable: {exc!r}") from exc
             self._stale = False
