@@ -27,9 +27,9 @@ from redis.crc import key_slot
 
 from bench.common import PY, ROOT, drop_prefix, http, stop, wait_http, wrk
 from session_svc import outbox, store, totals
-from session_svc.keys import Keys, bucket_of
+from session_svc.keys import Keys, UserKeys, bucket_of
 from session_svc.outbox import GROUP
-from session_svc.resources import open_backend
+from session_svc.resources import Backend, open_backend
 from session_svc.settings import Settings
 
 SESSIONS = 32
@@ -80,6 +80,7 @@ def cluster_table(env: dict[str, str]) -> None:
     cluster_env = {**env, "REDIS_CLUSTER": "true", "REDIS_URL": f"redis://127.0.0.1:{base}/0",
                    "ARQ_REDIS_URL": env.get("REDIS_URL", "redis://127.0.0.1:6379/0")}  # fmt: skip
     try:
+        asyncio.run(_wait_cost(Settings.from_env(cluster_env)))
         _http_rows(env, cluster_env)
         asyncio.run(_bucket_costs(Settings.from_env(env), Settings.from_env(cluster_env)))
     finally:
@@ -123,6 +124,53 @@ def _http_rows(env: dict[str, str], cluster_env: dict[str, str]) -> None:
             runs = results[(name, route)]
             rps, p50, p99 = (statistics.median(r[i] for r in runs) for i in range(3))
             print(f"{name:58} {route:7} {rps:8.0f} {p50:8.2f} {p99:8.2f} {rps / ref:13.2f}x")
+
+
+async def _wait_cost(cluster: Settings, callers: int = 64, seconds: float = 3.0) -> None:
+    """The append script alone, through the coalescer, from ``callers`` concurrent tasks in this process
+    for ``seconds``, with and without WAIT 1, interleaved; medians over the rounds. Without HTTP, the
+    difference is what WAIT itself costs."""
+    variants = {"no WAIT": 0, "REDIS_WAIT_REPLICAS=1": 1}
+    runs: dict[str, list[tuple[float, float, float]]] = {v: [] for v in variants}
+    message = {"id": "m", "role": "user", "content": "Hello, a benchmark message.", "type": "chat",
+               "tokens": "12", "cost": "100", "meta": "{}", "ts": "0"}  # fmt: skip
+    for r in range(ROUNDS):
+        for name, n in variants.items():
+            s = replace(
+                cluster, key_prefix=f"{cluster.key_prefix}w{r}{n}", redis_wait_replicas=n, database_url=""
+            )
+            async with open_backend(s, coalesce=True) as b:
+                users = [f"u{i}" for i in range(32)]
+                sids = [f"00000000-0000-0000-0000-{i:012d}" for i in range(32)]
+                now = time.time_ns() // 1000
+                for u, sid in zip(users, sids, strict=True):
+                    await b.scripts.create_session(b.keys.for_user(u), sid, title="t", conversation_data="{}",
+                                                   metadata="{}", summary="", now=now)  # fmt: skip
+                latencies: list[float] = []
+                stop_at = time.monotonic() + seconds
+
+                await asyncio.gather(*(
+                    _append_until(b, b.keys.for_user(users[i % 32]), sids[i % 32], message, stop_at, latencies)
+                    for i in range(callers)
+                ))  # fmt: skip
+                latencies.sort()
+                runs[name].append((len(latencies) / seconds, latencies[len(latencies) // 2],
+                                   latencies[int(len(latencies) * 0.99)]))  # fmt: skip
+    print(f"\n# what WAIT costs: the append script through the coalescer, {callers} concurrent callers in one "
+          f"process, {seconds:g} s, no HTTP, medians of {ROUNDS}")  # fmt: skip
+    print(f"{'variant':24} {'calls/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
+    for name, rs in runs.items():
+        rps, p50, p99 = (statistics.median(x[i] for x in rs) for i in range(3))
+        print(f"{name:24} {rps:8.0f} {p50:8.2f} {p99:8.2f}")
+
+
+async def _append_until(
+    b: Backend, uk: UserKeys, sid: str, message: dict[str, str], stop_at: float, latencies: list[float]
+) -> None:
+    while time.monotonic() < stop_at:
+        t0 = time.perf_counter()
+        await b.scripts.append_message(uk, sid, message)
+        latencies.append((time.perf_counter() - t0) * 1000)
 
 
 async def _bucket_costs(standalone: Settings, cluster: Settings) -> None:
