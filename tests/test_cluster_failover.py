@@ -18,6 +18,7 @@ import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -29,8 +30,8 @@ from session_svc.settings import Settings
 from tests.conftest import MakeClient, MakeSettings, ServerUrls
 from tests.helpers import Client, make_session, new_user, session_url
 from tests.outbox_drain import drain
-from tests.servers import LocalCluster, start_cluster
-from tests.support import new_name
+from tests.servers import LocalCluster, free_port_block, start_cluster
+from tests.support import eventually, new_name
 from workers.flush import Flusher
 
 pytestmark = [pytest.mark.cluster, pytest.mark.fault]
@@ -283,3 +284,30 @@ async def test_a_write_no_replica_confirms_answers_503_and_is_flushed_once_it_is
         await _drain_once_redis_answers(backend)
     n = await pg.fetchval("SELECT count(*) FROM session_messages WHERE session_id = ANY($1::text[])", sids)
     assert n == len(users)
+
+
+async def test_the_api_started_before_its_cluster_answers_503_then_serves_once_it_is_up(
+    make_client: MakeClient, make_settings: MakeSettings, test_urls: ServerUrls, tmp_path: Path
+) -> None:
+    """No node answers at start: the API starts anyway, a write answers 503 "nothing was written"; once
+    the cluster is up (``cluster.sh up``), the same process serves, without a restart."""
+    cluster = LocalCluster(free_port_block(), tmp_path)
+    settings = make_settings(
+        redis_url=cluster.url, redis_cluster=True, arq_redis_url=test_urls.redis_url, key_prefix=new_name("t")
+    )
+    client = await make_client(**_overrides(settings))
+    try:
+        resp = await client.post("/api/v1/sessions", json={"user_id": "early"})
+        body = await resp.json()
+        assert resp.status == 503 and "nothing was written" in body["detail"], body
+        await asyncio.to_thread(cluster.script, "up")
+
+        async def created() -> bool:
+            resp = await client.post("/api/v1/sessions", json={"user_id": "early"})
+            return resp.status == 200
+
+        await eventually(created, "a session created once the cluster is up", within=30, interval=0.2)
+        stats = await client.get("/api/v1/sessions/stats")  # redis-py's own path (a pipeline), too
+        assert stats.status == 200 and (await stats.json())["total_sessions"] >= 1
+    finally:
+        await asyncio.to_thread(cluster.down)
