@@ -257,6 +257,10 @@ class Coalescer:
         return replies
 
     async def aclose(self) -> None:
+        """At the very end of the process: batches still in flight (a hung Redis) are cancelled, not
+        waited for (their callers are gone already); their connections are dropped."""
+        for task in self._tasks:
+            task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.route.aclose()
 
