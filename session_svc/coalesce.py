@@ -130,6 +130,7 @@ class Route:
                 password=kw.get("password"),
                 username=kw.get("username"),
                 parser_class=ClusterParser,
+                **getattr(self.cluster, "pool_options", {}),
             )
         return pool
 

@@ -22,9 +22,10 @@ through as a probe. A reply (any reply, an error reply included) closes it; a fa
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -180,18 +181,10 @@ class GuardedPool(BlockingConnectionPool):
         return conn
 
 
-# The settings of the pools ``guarded_pool`` makes (the coalescer makes one per cluster node).
-_POOL_SETTINGS: dict[str, Any] = {}
-
-
 def redis_client(settings: Settings, socket_timeout: float | None = None) -> AnyRedis:
     """The process-wide client: a ``Redis`` on a guarded pool, or, with REDIS_CLUSTER, a
     ``SafeRedisCluster``. ``socket_timeout`` overrides the API's (the worker reads big batches)."""
     timeout = settings.redis_socket_timeout if socket_timeout is None else socket_timeout
-    _POOL_SETTINGS.update(
-        breaker=(settings.redis_breaker_failures, settings.redis_breaker_reset),
-        timeout=settings.redis_pool_timeout,
-    )
     if settings.redis_cluster:
         return cluster_client(settings, timeout)
     pool = GuardedPool.from_url(
@@ -211,12 +204,13 @@ def redis_client(settings: Settings, socket_timeout: float | None = None) -> Any
     return Redis(connection_pool=pool)
 
 
-def guarded_pool(**kwargs: Any) -> GuardedPool:
-    """A pool of one node of a cluster, with its own breaker, as ``redis_client`` makes them."""
-    failures, reset = _POOL_SETTINGS.get("breaker", (3, 1.0))
+def guarded_pool(breaker: tuple[int, float] = (3, 1.0), timeout: float = 1.0, **kwargs: Any) -> GuardedPool:
+    """A pool of one node of a cluster, with its own breaker (``breaker``: REDIS_BREAKER_FAILURES and
+    REDIS_BREAKER_RESET; ``timeout``: REDIS_POOL_TIMEOUT), as ``redis_client`` makes them."""
+    failures, reset = breaker
     pool = GuardedPool(
         connection_class=GuardedConnection,
-        timeout=_POOL_SETTINGS.get("timeout", 1.0),
+        timeout=timeout,  # type: ignore[arg-type]  # a float works; redis-py's hint says int
         decode_responses=True,
         **kwargs,
     )
@@ -235,6 +229,8 @@ class SafeRedisCluster(RedisCluster):
     request's outcome unknown when a reply is lost, as the standalone client's do."""
 
     ERRORS_ALLOW_RETRY = (ClusterDownError,)  # type: ignore[assignment]
+    # How the coalescer makes its pool per node (``guarded_pool``): breaker and pool timeout.
+    pool_options: Mapping[str, Any] = MappingProxyType({})
 
 
 def cluster_client(settings: Settings, socket_timeout: float) -> RedisCluster:
@@ -254,6 +250,10 @@ def cluster_client(settings: Settings, socket_timeout: float) -> RedisCluster:
         connection_error_retry_attempts=0,  # connect once; a down node answers 503 at once
         require_full_coverage=False,  # a shard without a master does not stop the others
     )
+    client.pool_options = {
+        "breaker": (settings.redis_breaker_failures, settings.redis_breaker_reset),
+        "timeout": settings.redis_pool_timeout,
+    }
     # redis-py fixes the connection class of its nodes; ours marks lost replies (outcome unknown).
     client.nodes_manager.connection_kwargs["connection_class"] = GuardedConnection
     for node in client.nodes_manager.startup_nodes.values():
