@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 from bench.auth import auth_table
 from bench.capacity import capacity
 from bench.clients import clients_table
+from bench.cluster import cluster_table
 from bench.common import (
     CONNECTIONS,
     CREATE_LUA,
@@ -245,6 +246,7 @@ BENCHMARKS: dict[str, Callable[[dict[str, str]], None]] = {
     "auth": auth_table,
     "guards": guards,
     "capacity": capacity,
+    "cluster": cluster_table,
 }
 
 

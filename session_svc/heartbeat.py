@@ -13,9 +13,9 @@ import time
 from dataclasses import asdict, dataclass
 
 import orjson
-from redis.asyncio import Redis
 
 from session_svc.keys import Keys
+from session_svc.redis_client import AnyRedis
 from session_svc.scripts import Scripts
 
 # Heartbeats of workers gone this long are forgotten (each worker start has a new name).
@@ -38,7 +38,7 @@ async def beat(scripts: Scripts, keys: Keys, hb: Heartbeat) -> None:
     await scripts.beat(keys, hb.name, doc, time.time(), FORGET_AFTER_S)
 
 
-async def read(redis: Redis, keys: Keys) -> list[Heartbeat]:
+async def read(redis: AnyRedis, keys: Keys) -> list[Heartbeat]:
     """Every heartbeat on record, newest first."""
     return parse(await redis.hgetall(keys.workers))  # type: ignore[misc]
 

@@ -14,9 +14,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from redis.asyncio import Redis
-
 from session_svc.keys import Keys
+from session_svc.redis_client import AnyRedis
 
 GROUP = "flush"
 
@@ -32,9 +31,11 @@ def _ms(entry_id: str) -> int:
     return int(entry_id.partition("-")[0])
 
 
-async def backlog(redis: Redis, keys: Keys) -> Backlog:
+async def backlog(redis: AnyRedis, keys: Keys) -> Backlog:
     """From stream metadata only, in two pipelined round trips whatever the bucket count: first each
-    bucket's group info and dead-letter count, then its oldest pending and oldest undelivered entry."""
+    bucket's group info and dead-letter count, then its oldest pending and oldest undelivered entry.
+    On Redis Cluster each round trip is one pipeline per master, sent to all at once (redis-py's
+    cluster pipeline groups the commands by node); every command names one bucket's key."""
     async with redis.pipeline(transaction=False) as pipe:
         for bucket in range(keys.buckets):
             pipe.xlen(keys.dead(bucket))

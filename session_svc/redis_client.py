@@ -22,19 +22,24 @@ through as a probe. A reply (any reply, an error reply included) closes it; a fa
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import Connection
+from redis.exceptions import ClusterDownError, OutOfMemoryError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from session_svc.settings import Settings
 from session_svc.telemetry import POOL_WAIT_SECONDS, RECORDER
+
+# The client of a process: standalone, or Redis Cluster (REDIS_CLUSTER).
+AnyRedis = Redis | RedisCluster
 
 # Errors that mean "Redis is not answering", as opposed to an error reply.
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
@@ -60,6 +65,20 @@ def outcome_unknown() -> bool:
 
 class CircuitOpen(RedisConnectionError):
     """Redis failed repeatedly just now; this command was not sent."""
+
+
+class NotExecuted(RedisConnectionError):
+    """Redis Cluster refused the command without running it (its slot moved or is migrating, the
+    cluster is down, or no node serves the slot right now): nothing was written."""
+
+
+class ReplicationUnconfirmed(RedisConnectionError):
+    """The write ran on the primary, but ``WAIT`` saw fewer replicas confirm it than
+    REDIS_WAIT_REPLICAS within REDIS_WAIT_TIMEOUT: a failover now could lose it, so it is not
+    acknowledged (outcome unknown)."""
+
+    def __init__(self, acked: int, wanted: int) -> None:
+        super().__init__(f"write confirmed by {acked} of {wanted} replicas")
 
 
 class Breaker:
@@ -97,9 +116,10 @@ class Breaker:
 
 
 class GuardedConnection(Connection):
-    """A connection that reports to its pool's breaker and marks replies lost in this request."""
+    """A connection that reports to its pool's breaker (if any: redis-py's cluster client makes its
+    own) and marks replies lost in this request."""
 
-    breaker: Breaker
+    breaker: Breaker = Breaker(1 << 30, 0.0, 0.0)  # never opens; pools give each connection theirs
 
     async def connect(self) -> None:
         if self.is_connected:
@@ -161,9 +181,12 @@ class GuardedPool(BlockingConnectionPool):
         return conn
 
 
-def redis_client(settings: Settings, socket_timeout: float | None = None) -> Redis:
-    """The process-wide client. ``socket_timeout`` overrides the API's (the worker reads big batches)."""
+def redis_client(settings: Settings, socket_timeout: float | None = None) -> AnyRedis:
+    """The process-wide client: a ``Redis`` on a guarded pool, or, with REDIS_CLUSTER, a
+    ``SafeRedisCluster``. ``socket_timeout`` overrides the API's (the worker reads big batches)."""
     timeout = settings.redis_socket_timeout if socket_timeout is None else socket_timeout
+    if settings.redis_cluster:
+        return cluster_client(settings, timeout)
     pool = GuardedPool.from_url(
         settings.redis_url,
         connection_class=GuardedConnection,
@@ -181,6 +204,63 @@ def redis_client(settings: Settings, socket_timeout: float | None = None) -> Red
     return Redis(connection_pool=pool)
 
 
+def guarded_pool(breaker: tuple[int, float] = (3, 1.0), timeout: float = 1.0, **kwargs: Any) -> GuardedPool:
+    """A pool of one node of a cluster, with its own breaker (``breaker``: REDIS_BREAKER_FAILURES and
+    REDIS_BREAKER_RESET; ``timeout``: REDIS_POOL_TIMEOUT), as ``redis_client`` makes them."""
+    failures, reset = breaker
+    pool = GuardedPool(
+        connection_class=GuardedConnection,
+        timeout=timeout,  # type: ignore[arg-type]  # a float works; redis-py's hint says int
+        decode_responses=True,
+        **kwargs,
+    )
+    probe = (kwargs.get("socket_connect_timeout") or 1.0) + (kwargs.get("socket_timeout") or 1.0)
+    pool.breaker = Breaker(failures, reset, probe_timeout=probe)
+    return pool
+
+
+class SafeRedisCluster(RedisCluster):
+    """redis-py's cluster client, retrying only what cannot have run.
+
+    Its default retries a command again after a ``ConnectionError`` or ``TimeoutError``: after a
+    timeout the command may have run, and a write sent twice applies twice. Here only CLUSTERDOWN (the
+    node refused the command whole) is retried; MOVED, ASK and TRYAGAIN are followed within one attempt
+    (redis-py does that below the retry loop: those replies mean "not run"). Its connections mark the
+    request's outcome unknown when a reply is lost, as the standalone client's do."""
+
+    ERRORS_ALLOW_RETRY = (ClusterDownError,)  # type: ignore[assignment]
+    # How the coalescer makes its pool per node (``guarded_pool``): breaker and pool timeout.
+    pool_options: Mapping[str, Any] = MappingProxyType({})
+
+
+def cluster_client(settings: Settings, socket_timeout: float) -> RedisCluster:
+    """REDIS_URL is a seed node; REDIS_CLUSTER_NODES (``host:port,host:port``) adds more."""
+    seeds = [ClusterNode(host, int(port)) for host, port in settings.cluster_seeds]
+    client = SafeRedisCluster(  # type: ignore[abstract]
+        startup_nodes=seeds,
+        password=settings.cluster_password or None,
+        username=settings.cluster_username or None,
+        decode_responses=True,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=settings.redis_connect_timeout,
+        max_connections=settings.redis_max_connections,
+        # Pipelines (reads, and the worker's idempotent bookkeeping) are sent again once after a connection
+        # error, on a fresh slot map; single commands only after CLUSTERDOWN (ERRORS_ALLOW_RETRY).
+        cluster_error_retry_attempts=2,
+        connection_error_retry_attempts=0,  # connect once; a down node answers 503 at once
+        require_full_coverage=False,  # a shard without a master does not stop the others
+    )
+    client.pool_options = {
+        "breaker": (settings.redis_breaker_failures, settings.redis_breaker_reset),
+        "timeout": settings.redis_pool_timeout,
+    }
+    # redis-py fixes the connection class of its nodes; ours marks lost replies (outcome unknown).
+    client.nodes_manager.connection_kwargs["connection_class"] = GuardedConnection
+    for node in client.nodes_manager.startup_nodes.values():
+        node.connection_class = GuardedConnection
+    return client
+
+
 @dataclass(frozen=True, slots=True)
 class Memory:
     used: int
@@ -191,7 +271,13 @@ class Memory:
         return self.used / self.limit if self.limit else 0.0
 
 
-async def memory(redis: Redis) -> Memory:
+async def memory(redis: AnyRedis) -> Memory:
+    """Redis memory; on a cluster, that of the fullest master (each has its own maxmemory, and a
+    full one refuses the writes of its slots)."""
+    if isinstance(redis, RedisCluster):
+        per_node = await redis.info("memory", target_nodes=RedisCluster.PRIMARIES)
+        nodes = [Memory(int(i["used_memory"]), int(i.get("maxmemory", 0))) for i in per_node.values()]
+        return max(nodes, key=lambda m: (m.ratio, m.used))
     info = await redis.info("memory")
     return Memory(int(info["used_memory"]), int(info.get("maxmemory", 0)))
 
@@ -199,6 +285,11 @@ async def memory(redis: Redis) -> Memory:
 REDIS_OOM_DETAIL = "Redis is out of memory: nothing was written; retry later"
 REDIS_DOWN_DETAIL = "Session store unavailable (Redis): nothing was written; retry later"
 REDIS_READ_DETAIL = "Session store unavailable (Redis); retry later"
+REDIS_UNREPLICATED_DETAIL = (
+    "Session store unavailable: the write reached the Redis primary but is not confirmed on its "
+    "replicas (REDIS_WAIT_REPLICAS), so the outcome of this write is unknown. Check before retrying, "
+    "or retry with an Idempotency-Key"
+)
 REDIS_UNKNOWN_DETAIL = (
     "Session store unavailable (Redis did not answer in time): the outcome of this write is unknown. "
     "Check before retrying, or retry with an Idempotency-Key"
@@ -211,6 +302,8 @@ def reason(exc: Exception) -> str:
         return "oom"
     if isinstance(exc, CircuitOpen):
         return "circuit_open"
+    if isinstance(exc, ReplicationUnconfirmed):
+        return "unreplicated"
     return "timeout" if isinstance(exc, RedisTimeoutError) else "unreachable"
 
 
@@ -220,4 +313,6 @@ def failure(exc: Exception, write: bool) -> str:
         return REDIS_OOM_DETAIL
     if not write:
         return REDIS_READ_DETAIL
+    if isinstance(exc, ReplicationUnconfirmed):
+        return REDIS_UNREPLICATED_DETAIL
     return REDIS_UNKNOWN_DETAIL if outcome_unknown() else REDIS_DOWN_DETAIL

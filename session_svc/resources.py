@@ -20,10 +20,11 @@ from typing import cast
 
 import asyncpg
 from asyncpg.pool import PoolAcquireContext
-from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
 
 from session_svc.keys import Keys
-from session_svc.redis_client import REDIS_FAILURES, redis_client
+from session_svc.redis_client import REDIS_FAILURES, AnyRedis, redis_client
 from session_svc.scripts import Scripts
 from session_svc.settings import Settings
 
@@ -40,7 +41,7 @@ PG_CLOSE_TIMEOUT_S = 2.0
 
 @dataclass(frozen=True, slots=True)
 class Backend:
-    redis: Redis
+    redis: AnyRedis
     keys: Keys
     scripts: Scripts
     # None when the service runs without Postgres: nothing is ever cold then.
@@ -50,9 +51,17 @@ class Backend:
     idempotency_ttl: int = 86_400
     rate_per_minute: int = 0
     rate_burst: int = 0
+    # REDIS_WAIT_REPLICAS and REDIS_WAIT_TIMEOUT (in ms): (0, 0) when off.
+    wait: tuple[int, int] = (0, 0)
+
+    @property
+    def cluster(self) -> bool:
+        """Redis Cluster (REDIS_CLUSTER): no command may span buckets, not even in a pipeline, and
+        commands without a key (INFO) go to each master."""
+        return isinstance(self.redis, RedisCluster)
 
 
-async def check_layout(redis: Redis, keys: Keys) -> None:
+async def check_layout(redis: AnyRedis, keys: Keys) -> None:
     """Refuse to run against data written with another bucket count: every key would move.
 
     Reads first: only the very first process of a deployment writes (a full Redis refuses writes)."""
@@ -68,14 +77,14 @@ async def check_layout(redis: Redis, keys: Keys) -> None:
         )
 
 
-async def _check_layout_when_redis_answers(redis: Redis, keys: Keys) -> None:
+async def _check_layout_when_redis_answers(redis: AnyRedis, keys: Keys) -> None:
     while True:
         await asyncio.sleep(LAYOUT_RETRY_S)
         try:
             await check_layout(redis, keys)
             log.info("Redis answers; key layout checked")
             return
-        except REDIS_FAILURES:
+        except (*REDIS_FAILURES, RedisClusterException):
             continue
         except RuntimeError:
             log.critical("stopping: wrong key layout", exc_info=True)
@@ -133,24 +142,29 @@ async def open_backend(
     ``coalesce``: script calls of one loop turn share a pipeline (the API's, REDIS_COALESCE)."""
     redis = redis_client(settings, socket_timeout)
     keys = Keys(settings.key_prefix, settings.redis_buckets)
+    wait = (settings.redis_wait_replicas, int(settings.redis_wait_timeout * 1000))
+    scripts = Scripts(redis, coalesce, wait)
     pg = None
     later: asyncio.Task[None] | None = None
     try:
         try:
+            if isinstance(redis, RedisCluster):
+                _ = await redis.initialize()  # the slot map, from the first seed that answers
             await check_layout(redis, keys)
-        except REDIS_FAILURES as exc:  # down, or full and this is the first write of the deployment
+        except (*REDIS_FAILURES, RedisClusterException) as exc:  # down, or full and this is the first write
             log.warning("Redis unavailable at start (%r); the layout is checked once it answers", exc)
             later = asyncio.create_task(_check_layout_when_redis_answers(redis, keys))
         pg = await pg_pool(settings)
         yield Backend(
             redis,
             keys,
-            Scripts(redis, coalesce),
+            scripts,
             pg,
             settings.db_schema,
             settings.idempotency_ttl,
             settings.rate_limit_writes_per_minute,
             settings.rate_limit_burst or settings.rate_limit_writes_per_minute,
+            wait if wait[0] else (0, 0),
         )
     finally:
         if later is not None:
@@ -160,4 +174,6 @@ async def open_backend(
                 await asyncio.wait_for(pg.close(), PG_CLOSE_TIMEOUT_S)  # terminates the pool on timeout
             except TimeoutError:
                 log.warning("PostgreSQL connections still busy after %gs; closed anyway", PG_CLOSE_TIMEOUT_S)
+        if scripts.coalescer is not None:
+            await scripts.coalescer.aclose()
         await redis.aclose()

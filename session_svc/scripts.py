@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.commands.core import AsyncScript
 
 from session_svc import keys as k
@@ -165,12 +166,21 @@ class Script:
     """One registered script, called with its keys and arguments by name; a direct call is timed
     (``session_redis_call_duration_seconds{script=name}``), a call queued on a pipeline is not."""
 
-    def __init__(self, redis: Redis, lua: Lua, name: str, coalescer: Coalescer | None = None) -> None:
+    def __init__(
+        self,
+        redis: Redis | RedisCluster,
+        lua: Lua,
+        name: str,
+        coalescer: Coalescer | None = None,
+        durable: bool = False,
+    ) -> None:
+        """``durable``: a write the API acknowledges; with REDIS_WAIT_REPLICAS its reply waits for WAIT."""
         self.lua = lua
         self.name = name
+        self.durable = durable
         self._labels = (name,)
         self._source = lua.source  # built once: ``Lua.source`` assembles it on every access
-        self._script: AsyncScript = redis.register_script(self._source)
+        self._script: AsyncScript = redis.register_script(self._source)  # type: ignore[misc]
         self._coalescer = coalescer
 
     def __call__(
@@ -178,16 +188,16 @@ class Script:
         keys: Mapping[str, str],
         args: Mapping[str, Arg],
         rest: Sequence[Arg] = (),
-        client: Pipeline | None = None,
+        client: Pipeline | ClusterPipeline | None = None,
     ) -> Awaitable[Any]:
         if len(keys) != len(self.lua.keys) or len(args) != len(self.lua.args):
             raise TypeError(f"expected keys {self.lua.keys} and args {self.lua.args}")
         key_list = [keys[n] for n in self.lua.keys]
         arg_list = [*(args[n] for n in self.lua.args), *rest]
         if client is None and self._coalescer is not None:
-            call = self._coalescer.call(self._script.sha, self._source, key_list, arg_list)
+            call = self._coalescer.call(self._script.sha, self._source, key_list, arg_list, self.durable)
         else:
-            call = self._script(keys=key_list, args=arg_list, client=client)
+            call = self._script(keys=key_list, args=arg_list, client=client)  # type: ignore[arg-type]
         return call if client is not None or not RECORDER.enabled else self._timed(call)
 
     async def _timed(self, call: Awaitable[Any]) -> Any:
@@ -630,6 +640,18 @@ return 1
 """,
 )
 
+# An outbox entry that kept failing moves to its bucket's dead-letter stream and is acknowledged, in one
+# step (a MULTI would do on a standalone Redis; redis-py's cluster client has no transactions). The dead
+# entry's fields follow the named arguments as field/value pairs.
+DEAD_LETTER = Lua(
+    keys=("outbox", "dead"),
+    args=("group", "entry_id"),
+    body="""
+redis.call('XADD', dead, '*', unpack(ARGV, REST))
+return redis.call('XACK', outbox, group, entry_id)
+""",
+)
+
 # Reconciliation: a session whose writes are not all flushed (v > fv) although the outbox holds nothing
 # that old any more has lost outbox entries (e.g. a Redis failover dropped them). Its messages and
 # memories are written to the outbox again, one bounded chunk per call so that a long history never
@@ -710,22 +732,25 @@ return 1
 class Scripts:
     """Every script, registered once on one client; one typed method per script."""
 
-    def __init__(self, redis: Redis, coalesce: bool = False) -> None:
-        """``coalesce``: direct calls made in the same loop turn share one pipeline (``coalesce.py``)."""
-        c = Coalescer(redis) if coalesce else None
-        self._create_session = Script(redis, CREATE_SESSION, "create_session", c)
+    def __init__(
+        self, redis: Redis | RedisCluster, coalesce: bool = False, wait: tuple[int, int] = (0, 0)
+    ) -> None:
+        """``coalesce``: direct calls made in the same loop turn share one pipeline (``coalesce.py``);
+        ``wait``: (replicas, timeout ms) a durable write waits for (REDIS_WAIT_REPLICAS)."""
+        c = self.coalescer = Coalescer(redis, *wait) if coalesce else None
+        self._create_session = Script(redis, CREATE_SESSION, "create_session", c, durable=True)
         self._get_session = Script(redis, GET_SESSION, "get_session", c)
-        self._update_session = Script(redis, UPDATE_SESSION, "update_session", c)
-        self._append_message = Script(redis, APPEND_MESSAGE, "append_message", c)
+        self._update_session = Script(redis, UPDATE_SESSION, "update_session", c, durable=True)
+        self._append_message = Script(redis, APPEND_MESSAGE, "append_message", c, durable=True)
         # The same writes behind an idempotency record and a rate limit (``guarded``): a request with
         # neither runs the plain script, exactly as before.
         self._guarded = {
-            name: Script(redis, guarded(lua), name, c)
+            name: Script(redis, guarded(lua), name, c, durable=True)
             for name, lua in (("create_session", CREATE_SESSION), ("update_session", UPDATE_SESSION),
                               ("append_message", APPEND_MESSAGE), ("create_memory", CREATE_MEMORY))
         }  # fmt: skip
         self._list_messages = Script(redis, LIST_MESSAGES, "list_messages", c)
-        self._create_memory = Script(redis, CREATE_MEMORY, "create_memory", c)
+        self._create_memory = Script(redis, CREATE_MEMORY, "create_memory", c, durable=True)
         self._list_memories = Script(redis, LIST_MEMORIES, "list_memories", c)
         self._list_user_sessions = Script(redis, LIST_USER_SESSIONS, "list_user_sessions", c)
         self._rehydrate = Script(redis, REHYDRATE, "rehydrate", c)
@@ -734,6 +759,7 @@ class Scripts:
         self._mark_flushed = Script(redis, MARK_FLUSHED, "mark_flushed", c)
         self._mark_stuck = Script(redis, MARK_STUCK, "mark_stuck", c)
         self._ensure_group = Script(redis, ENSURE_GROUP, "ensure_group", c)
+        self._dead_letter = Script(redis, DEAD_LETTER, "dead_letter", c)
         self._resync = Script(redis, RESYNC, "resync", c)
         self._beat = Script(redis, BEAT, "beat", c)
 
@@ -872,7 +898,11 @@ class Scripts:
         )
 
     def trim_user_indexes(
-        self, keys: k.Keys, bucket: int, sessions: Sequence[tuple[str, str]], client: Pipeline
+        self,
+        keys: k.Keys,
+        bucket: int,
+        sessions: Sequence[tuple[str, str]],
+        client: Pipeline | ClusterPipeline,
     ) -> Awaitable[Any]:
         """``sessions``: (sid, uid) pairs of this bucket."""
         return self._trim_user_indexes(
@@ -889,7 +919,7 @@ class Scripts:
         group: str,
         ids: Sequence[str],
         triples: Sequence[str],
-        client: Pipeline,
+        client: Pipeline | ClusterPipeline | None,
     ) -> Awaitable[Any]:
         """``triples``: (sid, version, ",id1,id2,...,") flattened."""
         return self._mark_flushed(
@@ -902,8 +932,19 @@ class Scripts:
     def mark_stuck(self, keys: k.Keys, bucket: int, sid: str, entry_id: str) -> Awaitable[Any]:
         return self._mark_stuck({"session": keys.session(bucket, sid)}, {"entry_id": entry_id})
 
-    def ensure_group(self, keys: k.Keys, bucket: int, group: str, client: Pipeline) -> Awaitable[Any]:
+    def ensure_group(
+        self, keys: k.Keys, bucket: int, group: str, client: Pipeline | ClusterPipeline | None
+    ) -> Awaitable[Any]:
         return self._ensure_group({"outbox": keys.outbox(bucket)}, {"group": group}, client=client)
+
+    def dead_letter(
+        self, keys: k.Keys, bucket: int, group: str, entry_id: str, fields: Mapping[str, str]
+    ) -> Awaitable[Any]:
+        return self._dead_letter(
+            {"outbox": keys.outbox(bucket), "dead": keys.dead(bucket)},
+            {"group": group, "entry_id": entry_id},
+            [x for kv in fields.items() for x in kv],
+        )
 
     def resync(
         self, keys: k.Keys, bucket: int, sid: str, phase: str, cursor: int, most: int, budget: int

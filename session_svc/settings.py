@@ -9,6 +9,13 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from urllib.parse import unquote, urlsplit
+
+# REDIS_BUCKETS when it is not set. On a cluster, buckets are what spreads the load over masters: 16
+# bucket slots land 4/8/4 on 3 masters with equal slot ranges, 64 land 22/24/18 (and can be evened to
+# within 10% by moving slots, up to 10 masters); every-bucket reads cost 3x those of 16 (256: 10x).
+STANDALONE_BUCKETS = 16
+CLUSTER_BUCKETS = 64
 
 AUTH_MODES = ("none", "api_key", "jwt")
 # HS256 keys shorter than the hash output are refused (RFC 7518, 3.2).
@@ -18,6 +25,14 @@ MIN_JWT_SECRET_BYTES = 32
 @dataclass(frozen=True, slots=True)
 class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Redis Cluster: REDIS_URL is then one seed node of the cluster; REDIS_CLUSTER_NODES adds more
+    # seeds (``host:port``, comma-separated). arq's queue must then live on ARQ_REDIS_URL (standalone).
+    redis_cluster: bool = False
+    redis_cluster_nodes: str = ""
+    # A write's 2xx waits until this many replicas have it (WAIT), else 503 outcome unknown; 0 = off.
+    # REDIS_WAIT_TIMEOUT: seconds WAIT may take (below REDIS_SOCKET_TIMEOUT).
+    redis_wait_replicas: int = 0
+    redis_wait_timeout: float = 0.2
     database_url: str = "postgresql://postgres@127.0.0.1:5432/test"
     # arq cannot run on Redis Cluster; its queue may live on a separate standalone Redis.
     arq_redis_url: str = ""
@@ -36,8 +51,9 @@ class Settings:
     # Every Redis key starts with this prefix; tests give each test its own.
     key_prefix: str = "ss"
     # Sessions are spread over this many hash-slot buckets (by user id). Fixed for the life of the data:
-    # the service refuses to start against a Redis that was written with another value.
-    redis_buckets: int = 16
+    # the service refuses to start against a Redis that was written with another value. Unset (0): 16 on
+    # a standalone Redis, CLUSTER_BUCKETS on Redis Cluster (docs/decisions.md, "Redis Cluster").
+    redis_buckets: int = 0
     redis_max_connections: int = 64
     # The API sends the script calls of one event-loop turn to Redis as one pipeline (coalesce.py).
     redis_coalesce: bool = True
@@ -147,6 +163,9 @@ class Settings:
     reconcile_stale_after_seconds: int = 300
 
     def __post_init__(self) -> None:
+        if self.redis_buckets == 0:
+            buckets = CLUSTER_BUCKETS if self.redis_cluster else STANDALONE_BUCKETS
+            object.__setattr__(self, "redis_buckets", buckets)
         # Both end up inside SQL identifiers and Redis keys: keep them to a safe alphabet.
         if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", self.db_schema):
             raise ValueError(f"DB_SCHEMA must be a lower-case SQL identifier, got {self.db_schema!r}")
@@ -177,6 +196,14 @@ class Settings:
         if not 0 < self.consul_port < 65536:
             raise ValueError("CONSUL_PORT must be a TCP port (1-65535)")
         self._check_auth()
+        if self.redis_wait_replicas < 0:
+            raise ValueError("REDIS_WAIT_REPLICAS must be 0 (off) or more")
+        if self.redis_wait_replicas and not 0 < self.redis_wait_timeout < self.redis_socket_timeout:
+            raise ValueError("REDIS_WAIT_TIMEOUT must be more than 0 and less than REDIS_SOCKET_TIMEOUT")
+        if self.redis_cluster:
+            self.cluster_seeds  # noqa: B018  (raises on a malformed seed)
+            if urlsplit(self.redis_url).path.strip("/") not in ("", "0"):
+                raise ValueError("Redis Cluster has only database 0: REDIS_URL must not name another")
         for name in ("sweep_every_seconds", "reconcile_every_seconds"):
             every_schedule(getattr(self, name), name.upper())
 
@@ -207,6 +234,26 @@ class Settings:
             raise ValueError("AUTH_JWKS_CACHE_SECONDS and AUTH_JWKS_MIN_FETCH_INTERVAL must be above 0")
 
     @property
+    def cluster_seeds(self) -> list[tuple[str, int]]:
+        """(host, port) of REDIS_URL and of every REDIS_CLUSTER_NODES entry."""
+        url = urlsplit(self.redis_url)
+        seeds = [(url.hostname or "127.0.0.1", url.port or 6379)]
+        for item in filter(None, (n.strip() for n in self.redis_cluster_nodes.split(","))):
+            host, sep, port = item.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"REDIS_CLUSTER_NODES: expected host:port, got {item!r}")
+            seeds.append((host.strip("[]"), int(port)))
+        return seeds
+
+    @property
+    def cluster_username(self) -> str:
+        return unquote(urlsplit(self.redis_url).username or "")
+
+    @property
+    def cluster_password(self) -> str:
+        return unquote(urlsplit(self.redis_url).password or "")
+
+    @property
     def arq_url(self) -> str:
         return self.arq_redis_url or self.redis_url
 
@@ -224,6 +271,8 @@ class Settings:
                 values[f.name] = raw.strip().lower() in {"1", "true", "yes", "on"}
             elif kind is int:
                 values[f.name] = int(raw)
+                if f.name == "redis_buckets" and values[f.name] == 0:  # 0 is "unset" only in code
+                    raise ValueError("REDIS_BUCKETS must be between 1 and 1024")
             elif kind is float:
                 values[f.name] = float(raw)
             else:

@@ -73,7 +73,8 @@ POOL_WAIT_SECONDS = Histogram(
 )
 REDIS_FAILURES = Counter(
     "session_redis_failures_total",
-    "Requests answered 503 because of Redis, by reason (unreachable, timeout, oom, circuit_open)",
+    "Requests answered 503 because of Redis, by reason "
+    "(unreachable, timeout, oom, circuit_open, unreplicated)",
     ["reason"],
     registry=REGISTRY,
 )
@@ -102,7 +103,7 @@ CONNECTIONS_CLOSED = Counter(
 )
 
 
-for _reason in ("unreachable", "timeout", "oom", "circuit_open"):
+for _reason in ("unreachable", "timeout", "oom", "circuit_open", "unreplicated"):
     REDIS_FAILURES.labels(_reason)  # exported as 0 from the start, so rate() sees the first failure
 for _reason in ("header_timeout", "body_timeout", "over_capacity"):
     CONNECTIONS_CLOSED.labels(_reason)

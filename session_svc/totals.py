@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from session_svc import __version__, heartbeat
+from session_svc import __version__, heartbeat, redis_client
 from session_svc.errors import PG_UNAVAILABLE
 from session_svc.models import Role, SessionStatus
 from session_svc.record import MEMORY_STAT, MICROS, ROLE_STAT, MemoryType
@@ -51,8 +51,12 @@ async def _redis_figures(b: Backend, heartbeat_timeout: float) -> Snapshot:
                 pipe.hgetall(keys.stats(bucket))
                 pipe.zcard(keys.hot(bucket))
             pipe.hgetall(keys.workers)
-            pipe.info("memory")
+            if not b.cluster:
+                pipe.info("memory")
             replies = await pipe.execute()
+        if b.cluster:  # INFO has no key: asked of every master (the fullest one is reported)
+            mem = await redis_client.memory(b.redis)
+            replies.append({"used_memory": mem.used, "maxmemory": mem.limit})
     *per_bucket, workers, memory = replies
     stats: dict[str, int] = {}
     for h in per_bucket[0::2]:

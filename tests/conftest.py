@@ -33,7 +33,7 @@ from session_svc.settings import Settings
 from session_svc.typedefs import BACKEND
 from tests.helpers import Client
 from tests.outbox_drain import make_flusher
-from tests.servers import PgServer, RedisServer, start_postgres, start_redis
+from tests.servers import LocalCluster, PgServer, RedisServer, start_cluster, start_postgres, start_redis
 from tests.support import create_schema, delete_prefix, drop_schema
 from workers.flush import Flusher
 
@@ -231,3 +231,27 @@ def private_redis() -> Iterator[Callable[[], RedisServer]]:
     yield start
     for server in started:
         server.destroy()
+
+
+# Redis Cluster --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalCluster]:
+    """A local 3-master, 3-replica cluster (``scripts/cluster.sh up`` on spare ports) for the whole run,
+    stopped (``down --purge``) at its end. Tests that kill a node start their own (``start_cluster``)."""
+    cluster = start_cluster()
+    try:
+        yield cluster
+    finally:
+        cluster.down()
+
+
+@pytest.fixture
+def cluster_settings(
+    make_settings: MakeSettings, redis_cluster: LocalCluster, key_prefix: str, test_urls: ServerUrls
+) -> Iterator[Settings]:
+    """Settings on the cluster (arq's queue on the shared standalone Redis); this test's keys are
+    deleted from every master afterwards."""
+    yield make_settings(redis_url=redis_cluster.url, redis_cluster=True, arq_redis_url=test_urls.redis_url)
+    redis_cluster.delete_prefix(key_prefix)

@@ -368,3 +368,105 @@ def start_api(settings: dict[str, str], log_dir: Path, name: str = "api") -> Api
             [sys.executable, "-m", "session_svc"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
         )
     return ApiProcess(int(settings["SERVICE_PORT"]), proc, log)
+
+
+# Redis Cluster (scripts/cluster.sh) -------------------------------------------------------------------
+
+CLUSTER_NODES = 6  # 3 masters, 3 replicas
+
+
+def free_port_block(n: int = CLUSTER_NODES, bus_offset: int = 10_000) -> int:
+    """A first port such that it and the next ``n - 1``, and each plus ``bus_offset`` (Redis Cluster's
+    bus ports), are free right now."""
+    import random
+
+    for _ in range(200):
+        base = random.randrange(20_000, 55_000 - bus_offset - n)
+        ports = [base + i for i in range(n)] + [base + i + bus_offset for i in range(n)]
+        try:
+            with contextlib.ExitStack() as stack:
+                for p in ports:
+                    s = stack.enter_context(socket.socket())
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free block of ports for a local Redis Cluster")
+
+
+@dataclass
+class LocalCluster:
+    """A cluster started by ``scripts/cluster.sh up`` on spare ports, its data in a temporary
+    directory; ``down`` stops it (only the pids the script recorded) and deletes that directory."""
+
+    base: int
+    var_dir: Path
+    node_timeout_ms: int = 2000
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.base}/0"
+
+    @property
+    def ports(self) -> list[int]:
+        return [self.base + i for i in range(CLUSTER_NODES)]
+
+    def script(self, *args: str) -> str:
+        env = {**os.environ, "CLUSTER_PORT": str(self.base), "SESSION_SVC_VAR_DIR": str(self.var_dir),
+               "CLUSTER_NODE_TIMEOUT": str(self.node_timeout_ms)}  # fmt: skip
+        done = subprocess.run(
+            [str(ROOT / "scripts" / "cluster.sh"), *args],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        if done.returncode:
+            raise RuntimeError(f"cluster.sh {' '.join(args)} failed: {done.stderr}{done.stdout}")
+        return done.stdout
+
+    def pid(self, port: int) -> int:
+        return int((self.var_dir / f"cluster-{self.base}" / str(port) / "redis.pid").read_text())
+
+    def node(self, port: int) -> redis_sync.Redis:
+        return redis_sync.Redis(port=port, decode_responses=True, socket_timeout=2)
+
+    def role(self, port: int) -> str:
+        try:
+            with self.node(port) as r:
+                return str(r.execute_command("ROLE")[0])
+        except redis_sync.RedisError:
+            return "down"
+
+    def masters(self) -> list[int]:
+        return [p for p in self.ports if self.role(p) == "master"]
+
+    def master_of(self, key: str) -> int:
+        """The port of the master that serves ``key``'s slot now."""
+        with self.node(self.masters()[0]) as r:
+            slot = int(r.execute_command("CLUSTER KEYSLOT", key))
+            for start, end, master, *_replicas in r.execute_command("CLUSTER SLOTS"):
+                if int(start) <= slot <= int(end):
+                    return int(master[1])
+        raise RuntimeError(f"no master serves {key!r}")
+
+    def delete_prefix(self, prefix: str) -> None:
+        for port in self.masters():
+            with self.node(port) as r:
+                for key in r.scan_iter(match=f"{prefix}:*", count=1000):
+                    r.delete(key)
+
+    def down(self) -> None:
+        self.script("down", "--purge")
+        shutil.rmtree(self.var_dir, ignore_errors=True)
+
+
+def start_cluster(node_timeout_ms: int = 2000) -> LocalCluster:
+    var_dir = Path(tempfile.mkdtemp(prefix="wt-cluster-"))
+    for _ in range(3):  # a port taken between the check and the start: try another block
+        cluster = LocalCluster(free_port_block(), var_dir, node_timeout_ms)
+        try:
+            cluster.script("up")
+            return cluster
+        except RuntimeError:
+            with contextlib.suppress(RuntimeError):
+                cluster.script("down", "--purge")
+    shutil.rmtree(var_dir, ignore_errors=True)
+    raise RuntimeError("could not start a local Redis Cluster")

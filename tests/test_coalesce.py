@@ -23,9 +23,9 @@ def batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     sizes: list[int] = []
     real = Coalescer._pipeline
 
-    async def counting(self: Coalescer, batch: Any) -> list[Any]:
+    async def counting(self: Coalescer, batch: Any, pool: Any) -> list[Any]:
         sizes.append(len(batch))
-        return await real(self, batch)
+        return await real(self, batch, pool)
 
     monkeypatch.setattr(Coalescer, "_pipeline", counting)
     return sizes

@@ -35,7 +35,7 @@ from typing import Any
 import asyncpg
 import orjson
 from prometheus_client import Counter, Gauge, Histogram
-from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -45,6 +45,7 @@ from session_svc.errors import PG_UNAVAILABLE
 from session_svc.keys import Keys
 from session_svc.outbox import GROUP
 from session_svc.record import MICROS, Kind
+from session_svc.redis_client import AnyRedis
 from session_svc.resources import Backend
 from session_svc.scripts import Scripts
 
@@ -130,13 +131,15 @@ class Flusher:
     # For the heartbeat: when a batch last committed (epoch s), and why the drain is paused, if it is.
     last_commit: float = 0.0
     last_error: str = ""
+    # The last read left entries pending because WAIT did not confirm them (REDIS_WAIT_REPLICAS).
+    unconfirmed: bool = False
 
     def __post_init__(self) -> None:
         if self.backend.pg is None:
             raise ValueError("the outbox drain needs PostgreSQL (DATABASE_URL)")
 
     @property
-    def redis(self) -> Redis:
+    def redis(self) -> AnyRedis:
         return self.backend.redis
 
     @property
@@ -159,13 +162,25 @@ class Flusher:
     # Reading ---------------------------------------------------------------------------------------
 
     async def ensure_groups(self) -> None:
+        if self.backend.cluster:  # no scripts in redis-py's cluster pipelines: calls at once (coalesced)
+            await asyncio.gather(
+                *(self.scripts.ensure_group(self.keys, b, GROUP, None) for b in range(self.keys.buckets))
+            )
+            return
         async with self.redis.pipeline(transaction=False) as pipe:
             for bucket in range(self.keys.buckets):
                 await self.scripts.ensure_group(self.keys, bucket, GROUP, client=pipe)
             await pipe.execute()
 
     async def read(self, new: bool = True) -> list[Entry]:
-        """New entries (``>``), or this consumer's own pending ones (``0``, after a restart)."""
+        """New entries (``>``), or this consumer's own pending ones (``0``, after a restart).
+
+        With REDIS_WAIT_REPLICAS, a ``WAIT`` follows the reads on each node's connection, and the
+        entries of a node whose replicas did not all confirm are left pending (``unconfirmed``): a
+        failover could take them back, and a message Postgres held that Redis lost would make its
+        sequence number be given again to another message, which Postgres would then refuse."""
+        self.unconfirmed = False
+        n, timeout_ms = self.backend.wait
         async with self.redis.pipeline(transaction=False) as pipe:
             for bucket in range(self.keys.buckets):
                 pipe.xreadgroup(
@@ -174,7 +189,22 @@ class Flusher:
                     {self.keys.outbox(bucket): ">" if new else "0"},
                     count=self.batch_size,
                 )
+            nodes = self._nodes() if n else []
+            for node, _buckets in nodes:
+                target = {"target_nodes": node} if node is not None else {}
+                pipe.execute_command("WAIT", n, timeout_ms, **target)
             replies = await pipe.execute(raise_on_error=False)
+        if nodes:
+            acked = replies[self.keys.buckets :]
+            replies = replies[: self.keys.buckets]
+            short = {b for (_node, buckets), a in zip(nodes, acked, strict=True)
+                     if isinstance(a, Exception) or int(a) < n for b in buckets}  # fmt: skip
+            if short:
+                self.unconfirmed = True
+                log.warning(
+                    "outbox entries of %d buckets not confirmed on %d replicas; left pending", len(short), n
+                )
+                replies = [None if b in short else r for b, r in enumerate(replies)]
         entries: list[Entry] = []
         for bucket, reply in enumerate(replies):
             if isinstance(reply, ResponseError):
@@ -347,6 +377,12 @@ class Flusher:
             triples[bucket] += [sid, str(v), "," + ",".join(eids) + ","]
 
         async def mark() -> None:  # idempotent (acks and fv only move forward): safe to send again
+            if self.backend.cluster:  # one call per bucket, at once (no scripts in cluster pipelines)
+                await asyncio.gather(
+                    *(self.scripts.mark_flushed(self.keys, b, GROUP, eids, triples[b], None)
+                      for b, eids in ids.items())
+                )  # fmt: skip
+                return
             async with self.redis.pipeline(transaction=False) as pipe:
                 for bucket, eids in ids.items():
                     await self.scripts.mark_flushed(
@@ -373,11 +409,8 @@ class Flusher:
     async def _dead_letter(self, e: Entry, reason: str) -> None:
         DEAD.inc()
         log.error("dead-lettering outbox entry %s of bucket %d: %s", e.id, e.bucket, reason)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            dead: dict[Any, Any] = {**e.f, "outbox_id": e.id, "error": reason[:1000]}
-            pipe.xadd(self.keys.dead(e.bucket), dead)
-            pipe.xack(self.keys.outbox(e.bucket), GROUP, e.id)
-            await pipe.execute()
+        dead = {**e.f, "outbox_id": e.id, "error": reason[:1000]}
+        await self.scripts.dead_letter(self.keys, e.bucket, GROUP, e.id, dead)
 
     # Housekeeping of the streams -------------------------------------------------------------------
 
@@ -410,6 +443,18 @@ class Flusher:
                 and int(c["idle"]) >= self.consumer_idle_ms
             ):
                 await self.redis.xgroup_delconsumer(stream, GROUP, c["name"])
+
+    def _nodes(self) -> list[tuple[Any, list[int]]]:
+        """The node of each group of buckets (``None``: the standalone Redis), for the WAITs of ``read``."""
+        if not isinstance(self.redis, RedisCluster):
+            return [(None, list(range(self.keys.buckets)))]
+        nodes: dict[str, tuple[Any, list[int]]] = {}
+        for bucket in range(self.keys.buckets):
+            node = self.redis.get_node_from_key(self.keys.outbox(bucket))
+            if node is None:
+                raise RedisConnectionError(f"no Redis Cluster node serves bucket {bucket} now")
+            nodes.setdefault(node.name, (node, []))[1].append(bucket)
+        return list(nodes.values())
 
     # The loop --------------------------------------------------------------------------------------
 
@@ -445,6 +490,7 @@ class Flusher:
                         batch = await self._prepare(await self.reclaim())
                     else:
                         batch = await self._prepare(await self.read())
+                    own_pending = own_pending or self.unconfirmed  # read them again, confirmed
                     if batch.entries:
                         if not (own_pending or maintenance_due or stop.is_set()):
                             ahead = asyncio.create_task(self._read_ahead(), name="outbox-read-ahead")

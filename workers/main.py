@@ -14,7 +14,8 @@ survives its dependencies going away and coming back:
 arq gives us cron scheduling that several workers share (a cron tick is one job id, so it runs once).
 The drain is not an arq job per write (an enqueue costs about 4x an XADD); it is one loop reading the
 outbox streams. arq's queue lives on ``ARQ_REDIS_URL`` (it does not run on Redis Cluster), which
-defaults to ``REDIS_URL``.
+defaults to ``REDIS_URL``; with REDIS_CLUSTER it must be set (to a standalone Redis), or the worker
+refuses to start.
 """
 
 from __future__ import annotations
@@ -293,7 +294,18 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
             loop.add_signal_handler(sig, stop.set)
     if not settings.database_url:
         raise RuntimeError("DATABASE_URL is required by the worker")
-    async with open_backend(settings, socket_timeout=settings.worker_redis_socket_timeout) as backend:
+    if settings.redis_cluster and not settings.arq_redis_url:
+        raise RuntimeError(
+            "REDIS_CLUSTER=true needs ARQ_REDIS_URL: arq (the worker's cron scheduler) cannot run on "
+            "Redis Cluster; point it at a standalone Redis"
+        )
+    # On a cluster the worker's script calls go through the coalescer too: the per-bucket calls it makes
+    # at once (consumer groups, flushed marks) become one pipeline per master, on a bounded pool
+    # (redis-py's cluster client has none: beyond REDIS_MAX_CONNECTIONS per node it fails at once).
+    backend_ctx = open_backend(
+        settings, socket_timeout=settings.worker_redis_socket_timeout, coalesce=settings.redis_cluster
+    )
+    async with backend_ctx as backend:
         await _run(settings, backend, stop)
 
 
