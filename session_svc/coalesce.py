@@ -185,7 +185,7 @@ class Coalescer:
         """One node's share of a batch. Run as a task of its own per node (``gather``), so that the
         outcome flag it reads is this node's alone."""
         redis_client.reset_outcome()  # this task's own flag: did this batch reach Redis?
-        breaker: redis_client.Breaker | None = getattr(self.redis.connection_pool, "breaker", None)
+        breaker: redis_client.Breaker | None = getattr(pool, "breaker", None)  # none on a cluster node
         failures = breaker.failures if breaker is not None else 0
         try:
             replies = await self._pipeline(batch, pool)
