@@ -902,7 +902,7 @@ class Scripts:
         keys: k.Keys,
         bucket: int,
         sessions: Sequence[tuple[str, str]],
-        client: Pipeline | ClusterPipeline,
+        client: Pipeline | ClusterPipeline | None,
     ) -> Awaitable[Any]:
         """``sessions``: (sid, uid) pairs of this bucket."""
         return self._trim_user_indexes(

@@ -163,6 +163,10 @@ async def test_every_route_and_every_script_run_on_the_cluster(
 
     # Every write is flushed: the sweep evicts them all; a read comes from Postgres, a write rehydrates.
     assert await expiry.sweep(worker_backend, hot_ttl_s=0) == 12
+    # The ended session (evicted, not active) leaves its user's index; it is still listed, from Postgres.
+    assert await expiry.trim_user_indexes(worker_backend, retention_s=0) >= 1
+    listed = await list_sessions(client, ended)
+    assert listed["total"] == 1 and listed["sessions"][0]["session_id"] == sids[ended], listed
     user = users[1]
     assert (await get_session(client, sids[user], user))["message_count"] == 3  # from Postgres
     assert (await add_message(client, sids[user], user, content="back"))["sequence"] == 4
@@ -176,6 +180,25 @@ async def test_every_route_and_every_script_run_on_the_cluster(
     await worker_backend.redis.xadd(worker_backend.keys.outbox(3), {"k": "?"})
     await drain(flusher_of(worker_backend))
     assert (await outbox.backlog(worker_backend.redis, worker_backend.keys)).dead_letters == 1
+
+    # The guarded writes (Idempotency-Key, rate limit) add keys of their own: all in the user's slot, so a
+    # retry replays on the cluster as on one Redis (a key elsewhere would fail with CROSSSLOT).
+    user = users[2]
+    for url, body in (
+        (session_url(sids[user], "/messages"), {"role": "user", "content": "once"}),
+        ("/api/v1/sessions", {"user_id": user, "title": "once"}),
+    ):
+        first, retry = [
+            await client.post(
+                url, params={"user_id": user}, json=body, headers={"Idempotency-Key": f"k-{url}"}
+            )
+            for _ in range(2)
+        ]
+        assert (first.status, retry.status) == (200, 200), await first.text()
+        assert await first.read() == await retry.read()
+        assert retry.headers.get("Idempotent-Replayed") == "true"
+    assert (await get_session(client, sids[user], user))["message_count"] == 4
+    assert (await list_sessions(client, user))["total"] == 2
 
     # Every script ran at least once, in the API's coalescer or in the worker's direct calls.
     assert ran == script_names(api), script_names(api) - ran

@@ -5,6 +5,7 @@ Both are plain functions over a ``Backend``, safe to run twice or concurrently (
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import defaultdict
 
@@ -84,10 +85,17 @@ async def trim_user_indexes(b: Backend, retention_s: int, page: int = 1000, page
         per_bucket: dict[int, list[tuple[str, str]]] = defaultdict(list)
         for r in rows:
             per_bucket[bucket_of(r["user_id"], b.keys.buckets)].append((r["session_id"], r["user_id"]))
-        async with b.redis.pipeline(transaction=False) as pipe:
-            for bucket, sessions in per_bucket.items():
-                await b.scripts.trim_user_indexes(b.keys, bucket, sessions, client=pipe)
-            total += sum(int(n) for n in await pipe.execute())
+        if b.cluster:  # no scripts in redis-py's cluster pipelines: one call per bucket, at once
+            counts = await asyncio.gather(
+                *(b.scripts.trim_user_indexes(b.keys, bucket, sessions, client=None)
+                  for bucket, sessions in per_bucket.items())
+            )  # fmt: skip
+        else:
+            async with b.redis.pipeline(transaction=False) as pipe:
+                for bucket, sessions in per_bucket.items():
+                    await b.scripts.trim_user_indexes(b.keys, bucket, sessions, client=pipe)
+                counts = await pipe.execute()
+        total += sum(int(n) for n in counts)
         after_us, after_sid = int(rows[-1]["up"]), rows[-1]["session_id"]
         if len(rows) < page:
             done = True
