@@ -172,8 +172,9 @@ async def test_a_killed_master_is_replaced_and_the_service_recovers_without_a_re
         _restore(failover_cluster)
     assert run.unavailable > 0  # the killed shard did answer 503 for a moment
     assert len(run.acked) > 100
-    # Without WAIT a failover may lose what the old master acknowledged last: reported, not asserted.
-    assert lost <= len(run.acked)
+    # Without WAIT a failover may lose what the old master acknowledged last: printed, not asserted
+    # (the test with REDIS_WAIT_REPLICAS asserts that nothing is lost).
+    print(f"without WAIT: {lost} of {len(run.acked)} acknowledged writes lost")
 
 
 async def test_with_wait_replicas_nothing_acknowledged_is_lost_in_a_failover(
