@@ -11,8 +11,8 @@
 
 ``views._adapt`` calls ``Guard.authenticate`` before it parses anything (so a 401 comes before a 400 or
 a 404), and ``Guard.authorize`` once the request is parsed and before any Redis call (so a 403 changes
-nothing). Refusals are answered by ``Denied.response``: JSON ``{"detail": ...}`` with the RFC 6750
-``WWW-Authenticate`` challenge. A token or key is never logged, nor put in an answer.
+nothing). Refusals are ``Denied`` errors, answered by the middleware: JSON ``{"detail": ...}`` with the
+RFC 6750 ``WWW-Authenticate`` challenge. A token or key is never logged, nor put in an answer.
 """
 
 from __future__ import annotations
@@ -33,8 +33,7 @@ from typing import TYPE_CHECKING, Literal
 import aiohttp
 from aiohttp import web
 
-from session_svc.errors import Unavailable
-from session_svc.middleware import json_response
+from session_svc.errors import ServiceError, Unavailable
 from session_svc.settings import Settings
 from session_svc.typedefs import SETTINGS
 
@@ -72,24 +71,19 @@ class Principal:
 TRUSTED_BACKEND = Principal(None, admin=True)
 
 
-class Denied(Exception):
-    """401 (no or bad credentials) or 403 (not allowed), answered with the RFC 6750 challenge: ``error``
-    is absent when no credentials were sent at all (section 3.1)."""
+class Denied(ServiceError):
+    """401 (no or bad credentials) or 403 (not allowed), answered by the middleware like every
+    ``ServiceError``, with the RFC 6750 challenge: ``error`` is absent when no credentials were sent at
+    all (section 3.1)."""
 
     def __init__(self, status: Literal[401, 403], detail: str, error: str | None = None) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
-        self.error = error
-
-    def response(self) -> web.Response:
-        resp = json_response({"detail": self.detail}, self.status)
         challenge = f'Bearer realm="{REALM}"'
-        if self.error:
+        if error:
             # error_description allows no '"' nor '\' (RFC 6750, 3): the details here are fixed texts.
-            challenge += f', error="{self.error}", error_description="{self.detail}"'
-        resp.headers["WWW-Authenticate"] = challenge
-        return resp
+            challenge += f', error="{error}", error_description="{detail}"'
+        super().__init__(detail, {"WWW-Authenticate": challenge})
+        self.status = status
+        self.error = error
 
 
 def _invalid(detail: str) -> Denied:
@@ -373,10 +367,7 @@ def ops(settings: Settings, handler: Handler) -> Handler:
 
     async def guarded(request: web.Request) -> web.StreamResponse:
         guard = request.app[AUTH]
-        try:
-            guard.authorize(await guard.authenticate(request), "ops", None)
-        except Denied as exc:
-            return exc.response()
+        guard.authorize(await guard.authenticate(request), "ops", None)
         return await handler(request)
 
     return guarded

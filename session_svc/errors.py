@@ -7,7 +7,8 @@ ServiceError
 ├── PreconditionFailed  412  If-Match names another version of the session (carries its ETag)
 ├── KeyReused     422  an Idempotency-Key sent again with another request
 ├── TooManyWrites 429  the user's write rate limit (carries Retry-After)
-└── Unavailable   503  Redis or PostgreSQL cannot be reached
+├── Unavailable   503  Redis or PostgreSQL cannot be reached
+└── auth.Denied   401/403  no or bad credentials / not allowed (carries WWW-Authenticate)
 
 An error's ``headers`` are sent with its JSON answer.
 

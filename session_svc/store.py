@@ -175,10 +175,20 @@ def _fingerprint(op: str, uid: str, sid: str, body: BaseModel | None, if_match: 
 
 
 def _guard(
-    b: Backend, uk: UserKeys, cond: Conditions, fp: str, made: Sequence[Any], now: int
+    b: Backend,
+    uk: UserKeys,
+    cond: Conditions,
+    request: tuple[str, str, BaseModel | None],
+    made: Sequence[Any],
+    now: int,
 ) -> Guard | None:
+    """The guarded script's extra arguments, or None (the plain script) with neither an Idempotency-Key
+    nor a rate limit. ``request``: (operation, session id, validated body), fingerprinted with the user
+    and If-Match when a key was sent; ``made``: what Python made for this request (ids, times)."""
     if cond.idempotency_key is None and not b.rate_per_minute:
         return None
+    op, sid, body = request
+    fp = "" if cond.idempotency_key is None else _fingerprint(op, uk.user_id, sid, body, cond.if_match)
     return Guard(
         uk.idempotency(cond.idempotency_key or ""), fp, dumps(made) + "\n", b.idempotency_ttl,
         uk.rate_limit, b.rate_per_minute, b.rate_burst, now,
@@ -224,7 +234,6 @@ async def create_session(b: Backend, body: SessionCreate, cond: Conditions = NO_
     uk = b.keys.for_user(body.user_id)
     idem = cond.idempotency_key is not None
     h = _new_session(sid, now, body, idem)
-    fp = _fingerprint("create_session", body.user_id, "", body) if idem else ""
     reply = await b.scripts.create_session(
         uk,
         sid,
@@ -233,7 +242,7 @@ async def create_session(b: Backend, body: SessionCreate, cond: Conditions = NO_
         metadata=h["metadata"],
         summary=body.session_summary,
         now=now,
-        guard=_guard(b, uk, cond, fp, (sid, now), now),
+        guard=_guard(b, uk, cond, ("create_session", "", body), (sid, now), now),
     )
     if reply[0] == "replay":
         (sid, now), _ = _record(reply[1])
@@ -274,14 +283,12 @@ async def update_session(
     if body.session_summary is not None:
         fields += ["session_summary", body.session_summary]
     status = body.status.value if body.status is not None else ""
-    fp = _fingerprint("update_session", uid, sid, body, cond.if_match) if cond.idempotency_key else ""
-    return await _set_session(b, sid, uid, status, fields, cond=cond, fp=fp)
+    return await _set_session(b, sid, uid, status, fields, cond=cond, request=("update_session", sid, body))
 
 
 async def end_session(b: Backend, sid: str, uid: str, cond: Conditions = NO_CONDITIONS) -> Written:
     """The answer's ``row`` is the session as it was left (the route answers a fixed message)."""
-    fp = _fingerprint("end_session", uid, sid, None, cond.if_match) if cond.idempotency_key else ""
-    return await _set_session(b, sid, uid, "ended", [], cond=cond, fp=fp)
+    return await _set_session(b, sid, uid, "ended", [], cond=cond, request=("end_session", sid, None))
 
 
 async def set_status_if_idle(b: Backend, sid: str, uid: str, status: str, idle_before_us: int) -> bool:
@@ -302,12 +309,12 @@ async def _set_session(
     fields: list[str],
     idle_before_us: int | None = None,
     cond: Conditions = NO_CONDITIONS,
-    fp: str = "",
+    request: tuple[str, str, BaseModel | None] = ("", "", None),
 ) -> Written:
     uk = b.keys.for_user(uid)
     idle = "" if idle_before_us is None else str(idle_before_us)
     # Housekeeping (idle_before_us) is the service's own write: never rate limited.
-    guard = None if idle_before_us is not None else _guard(b, uk, cond, fp, (), now_us())
+    guard = None if idle_before_us is not None else _guard(b, uk, cond, request, (), now_us())
 
     def call() -> Awaitable[Any]:
         return b.scripts.update_session(
@@ -394,8 +401,7 @@ async def append_message(
     idem = cond.idempotency_key is not None
     mid, ts = new_id(), now_us()
     message = _message(mid, ts, body, idem)
-    fp = _fingerprint("append_message", uid, sid, body) if idem else ""
-    guard = _guard(b, uk, cond, fp, (mid, ts), ts)
+    guard = _guard(b, uk, cond, ("append_message", sid, body), (mid, ts), ts)
     reply = await _write(b, uk, sid, uid, lambda: b.scripts.append_message(uk, sid, message, guard))
     if reply[0] == "replay":
         (mid, ts), seq = _record(reply[1])
@@ -452,8 +458,7 @@ async def create_memory(
     idem = cond.idempotency_key is not None
     mid, now = new_id(), now_us()
     doc = _memory_doc(mid, now, body, idem)
-    fp = _fingerprint("create_memory", uid, sid, body) if idem else ""
-    guard = _guard(b, uk, cond, fp, (mid, now), now)
+    guard = _guard(b, uk, cond, ("create_memory", sid, body), (mid, now), now)
 
     def call() -> Awaitable[Any]:
         return b.scripts.create_memory(uk, sid, now=now, memory_type=mtype, doc=doc, guard=guard)

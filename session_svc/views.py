@@ -416,26 +416,23 @@ def _adapt(route: Route, checked: bool) -> Callable[[web.Request], Awaitable[web
     cacheable = route.etag and route.method == "GET"
 
     async def handle(request: web.Request) -> web.Response:
-        try:
-            principal = await request.app[auth.AUTH].authenticate(request) if checked else None
-            sid = session_id(request) if has_sid else ""
-            query = None
-            if route.query is not None:
-                path = {n: request.match_info[n] for n in in_query}
-                query = parse_query(request, route.query, **path)
-            cond = store.NO_CONDITIONS
-            if writes:
-                key = idempotency_key(request)
-                match = if_match(request) if conditional else ""
-                if key is not None or match:
-                    cond = store.Conditions(key, match)
-            body = await parse_body(request, route.body) if route.body is not None else None
-            if principal is not None:
-                # The request's user: the user_id of the query (or path), or of the body (a new session).
-                user = getattr(query, "user_id", None) or getattr(body, "user_id", None)
-                auth.Guard.authorize(principal, route.access, user)
-        except auth.Denied as exc:
-            return exc.response()
+        principal = await request.app[auth.AUTH].authenticate(request) if checked else None
+        sid = session_id(request) if has_sid else ""
+        query = None
+        if route.query is not None:
+            path = {n: request.match_info[n] for n in in_query}
+            query = parse_query(request, route.query, **path)
+        cond = store.NO_CONDITIONS
+        if writes:
+            key = idempotency_key(request)
+            match = if_match(request) if conditional else ""
+            if key is not None or match:
+                cond = store.Conditions(key, match)
+        body = await parse_body(request, route.body) if route.body is not None else None
+        if principal is not None:
+            # The request's user: the user_id of the query (or path), or of the body (a new session).
+            user = getattr(query, "user_id", None) or getattr(body, "user_id", None)
+            auth.Guard.authorize(principal, route.access, user)
         inm = if_none_match(request) if cacheable else None
         call: Call[Any, Any] = Call(request.app[BACKEND], request.app[SETTINGS], sid, query, body, cond, inm)
         answer = await route.handler(call)
