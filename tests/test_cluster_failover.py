@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -161,11 +162,7 @@ async def test_a_killed_master_is_replaced_and_the_service_recovers_without_a_re
     test_urls: ServerUrls,
     pg: asyncpg.Connection,
 ) -> None:
-    settings = make_settings(
-        redis_url=failover_cluster.url, redis_cluster=True, arq_redis_url=test_urls.redis_url,
-        key_prefix=new_name("t"),
-    )  # fmt: skip
-    client = await make_client(**_overrides(settings))
+    settings, client = await _on_cluster(make_settings, make_client, failover_cluster.url, test_urls)
     try:
         run, lost = await _failover_under_load(client, settings, failover_cluster, pg)
     finally:
@@ -184,11 +181,14 @@ async def test_with_wait_replicas_nothing_acknowledged_is_lost_in_a_failover(
     test_urls: ServerUrls,
     pg: asyncpg.Connection,
 ) -> None:
-    settings = make_settings(
-        redis_url=failover_cluster.url, redis_cluster=True, arq_redis_url=test_urls.redis_url,
-        key_prefix=new_name("t"), redis_wait_replicas=1, redis_wait_timeout=0.2,
-    )  # fmt: skip
-    client = await make_client(**_overrides(settings))
+    settings, client = await _on_cluster(
+        make_settings,
+        make_client,
+        failover_cluster.url,
+        test_urls,
+        redis_wait_replicas=1,
+        redis_wait_timeout=0.2,
+    )
     restarter = asyncio.create_task(_restore_when_promoted(failover_cluster))
     try:
         run, lost = await _failover_under_load(client, settings, failover_cluster, pg)
@@ -214,16 +214,14 @@ async def _restore_when_promoted(cluster: LocalCluster) -> None:
             return
 
 
-def _overrides(settings: Settings) -> dict[str, object]:
-    names = (
-        "redis_url",
-        "redis_cluster",
-        "arq_redis_url",
-        "key_prefix",
-        "redis_wait_replicas",
-        "redis_wait_timeout",
-    )
-    return {n: getattr(settings, n) for n in names}
+async def _on_cluster(
+    make_settings: MakeSettings, make_client: MakeClient, url: str, urls: ServerUrls, **extra: Any
+) -> tuple[Settings, Client]:
+    """The settings of an API on the cluster at ``url`` (a key prefix of its own; arq on the shared
+    standalone Redis), and the app built with them."""
+    overrides = {"redis_url": url, "redis_cluster": True, "arq_redis_url": urls.redis_url,
+                 "key_prefix": new_name("t"), **extra}  # fmt: skip
+    return make_settings(**overrides), await make_client(**overrides)
 
 
 def _replica_of(cluster: LocalCluster, master: int) -> int:
@@ -242,11 +240,14 @@ async def test_a_write_no_replica_confirms_answers_503_and_is_flushed_once_it_is
     """With REDIS_WAIT_REPLICAS=1 and the replica of one shard stopped (SIGSTOP): writes there answer
     503 "not confirmed on replicas" (never a 2xx a failover could take back), the other shards answer
     200, and the worker leaves that shard's entries pending until the replica has them."""
-    settings = make_settings(
-        redis_url=failover_cluster.url, redis_cluster=True, arq_redis_url=test_urls.redis_url,
-        key_prefix=new_name("t"), redis_wait_replicas=1, redis_wait_timeout=0.1,
-    )  # fmt: skip
-    client = await make_client(**_overrides(settings))
+    settings, client = await _on_cluster(
+        make_settings,
+        make_client,
+        failover_cluster.url,
+        test_urls,
+        redis_wait_replicas=1,
+        redis_wait_timeout=0.1,
+    )
     keys = Keys(settings.key_prefix, settings.redis_buckets)
     users = [new_user() for _ in range(8)]
     sids = [(await make_session(client, u))["session_id"] for u in users]
@@ -293,10 +294,7 @@ async def test_the_api_started_before_its_cluster_answers_503_then_serves_once_i
     """No node answers at start: the API starts anyway, a write answers 503 "nothing was written"; once
     the cluster is up (``cluster.sh up``), the same process serves, without a restart."""
     cluster = LocalCluster(free_port_block(), tmp_path)
-    settings = make_settings(
-        redis_url=cluster.url, redis_cluster=True, arq_redis_url=test_urls.redis_url, key_prefix=new_name("t")
-    )
-    client = await make_client(**_overrides(settings))
+    _, client = await _on_cluster(make_settings, make_client, cluster.url, test_urls)
     try:
         resp = await client.post("/api/v1/sessions", json={"user_id": "early"})
         body = await resp.json()
