@@ -1,7 +1,7 @@
 """What one Redis node spends per request, and what a user's index costs: the inputs of docs/scale.md.
 
 ``scripts/bench.sh capacity`` (or ``python -m bench.capacity``; under ``flock /tmp/bench.lock``). A private redis-server (no persistence,
-``latency-tracking no``) on a free port, the service's own scripts through ``session_svc.scripts``, no
+``latency-tracking no``) on a free port, the service's own scripts through ``session_svc.storage.scripts``, no
 HTTP: each kind of call is sent CAP_CALLS times, pipelined by 500 (as the coalescer batches a busy loop
 turn), and its cost is read from Redis itself: ``INFO cpu`` (the server's whole CPU, parsing and replies
 included) as a difference across the phase. (``INFO commandstats`` would count a script's inner commands
@@ -25,11 +25,11 @@ import asyncpg
 from redis.asyncio import Redis
 
 from session_svc import migrate
-from session_svc.keys import Keys
-from session_svc.resources import Backend
-from session_svc.scripts import Scripts
+from session_svc.record.keys import Keys
+from session_svc.record.shapes import new_id, now_us
 from session_svc.settings import Settings
-from session_svc.shapes import new_id, now_us
+from session_svc.storage.resources import Backend
+from session_svc.storage.scripts import Scripts
 from workers.flush import Flusher
 
 CALLS = int(os.environ.get("CAP_CALLS", "20000"))

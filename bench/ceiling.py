@@ -24,11 +24,11 @@ import orjson
 import uvloop
 from aiohttp import web
 
-from session_svc.keys import Keys
-from session_svc.redis_client import redis_client
-from session_svc.scripts import Scripts
+from session_svc.record.keys import Keys
+from session_svc.record.shapes import now_us
 from session_svc.settings import Settings
-from session_svc.shapes import now_us
+from session_svc.storage.redis_client import redis_client
+from session_svc.storage.scripts import Scripts
 
 USER = "ceiling"
 

@@ -3,7 +3,7 @@
 Each variant is a bare aiohttp handler (served like ``bench/ceiling.py``: uvloop, SO_REUSEPORT, N
 processes) doing exactly one call of the service's real append script: ``Scripts.append_message``,
 same Lua source, same keys and arguments, answering a small JSON document. Only the transport under
-``session_svc.scripts.Script`` changes:
+``session_svc.storage.scripts.Script`` changes:
 
 - ``redis-py pool``: ``redis_client`` + ``Scripts(redis, coalesce=False)`` (one pooled connection
   and one round trip per call);
@@ -15,7 +15,7 @@ same Lua source, same keys and arguments, answering a small JSON document. Only 
 
 glide and coredis take the place of the coalescer: ``Script`` hands a call to ``_coalescer.call(sha,
 source, keys, args)``, so an object with that method is a transport, and ``Script`` builds the key and
-argument lists exactly as in the service. The same swap (``session_svc.scripts.Coalescer`` replaced by a
+argument lists exactly as in the service. The same swap (``session_svc.storage.scripts.Coalescer`` replaced by a
 glide transport, bench only) runs the real service's append route on glide beside the service as it is.
 
 ``capabilities`` then tries each client against private redis-server instances (a spare port, stopped
@@ -53,12 +53,12 @@ from redis import exceptions as rex
 
 from bench.ceiling import serve_app
 from bench.common import POST_LUA, PY, ROOT, _median, bench_env, http, stop, wait_http, wrk
-from session_svc import redis_client as rc
-from session_svc.keys import Keys
-from session_svc.redis_client import redis_client
-from session_svc.scripts import Script, Scripts
+from session_svc.record.keys import Keys
+from session_svc.record.shapes import now_us
 from session_svc.settings import Settings
-from session_svc.shapes import now_us
+from session_svc.storage import redis_client as rc
+from session_svc.storage.redis_client import redis_client
+from session_svc.storage.scripts import Script, Scripts
 
 USER = "clients"
 VARIANTS = {
@@ -301,7 +301,7 @@ def serve(variant: str, settings: Settings) -> None:
 def service_glide() -> None:
     """The service itself (one API process), its scripts on glide: ``Scripts`` builds its coalescer
     as ``Coalescer(redis)``; that name now makes a glide transport, opened on the first call."""
-    import session_svc.scripts
+    import session_svc.storage.scripts
     from session_svc.__main__ import main as service_main
 
     settings = Settings.from_env()
@@ -316,7 +316,7 @@ def service_glide() -> None:
             transport, _ = await asyncio.shield(self._open)
             return await transport.call(*call)
 
-    session_svc.scripts.Coalescer = LazyGlide  # type: ignore[misc,assignment]
+    session_svc.storage.scripts.Coalescer = LazyGlide  # type: ignore[misc,assignment]
     service_main()
 
 
@@ -675,7 +675,7 @@ async def probe_cluster() -> dict[str, dict[str, str]]:
 def append_source() -> tuple[str, str]:
     from hashlib import sha1
 
-    from session_svc.scripts import APPEND_MESSAGE
+    from session_svc.storage.scripts import APPEND_MESSAGE
 
     return APPEND_MESSAGE.source, sha1(APPEND_MESSAGE.source.encode()).hexdigest()
 

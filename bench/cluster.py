@@ -26,11 +26,12 @@ from dataclasses import replace
 from redis.crc import key_slot
 
 from bench.common import PY, ROOT, drop_prefix, http, stop, wait_http, wrk
-from session_svc import outbox, store, totals
-from session_svc.keys import Keys, UserKeys, bucket_of
-from session_svc.outbox import GROUP
-from session_svc.resources import Backend, open_backend
+from session_svc.domain import store, totals
+from session_svc.record.keys import Keys, UserKeys, bucket_of
 from session_svc.settings import Settings
+from session_svc.storage import outbox
+from session_svc.storage.outbox import GROUP
+from session_svc.storage.resources import Backend, open_backend
 
 SESSIONS = 32
 ROUNDS = int(os.environ.get("BENCH_REPEATS", "3"))

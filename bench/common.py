@@ -87,8 +87,8 @@ def wrk(
 
 
 async def backlog(r: aioredis.Redis, settings: Settings) -> tuple[int, float]:
-    from session_svc.keys import Keys
-    from session_svc.outbox import backlog as outbox_backlog
+    from session_svc.record.keys import Keys
+    from session_svc.storage.outbox import backlog as outbox_backlog
 
     b = await outbox_backlog(r, Keys(settings.key_prefix, settings.redis_buckets))
     return b.entries, b.oldest_age_s

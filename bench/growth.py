@@ -62,10 +62,10 @@ from bench.common import (
     wait_http,
     wrk,
 )
-from session_svc.keys import Keys, UserKeys, bucket_of
-from session_svc.scripts import Script, Scripts
+from session_svc.record.keys import Keys, UserKeys, bucket_of
+from session_svc.record.shapes import now_us
 from session_svc.settings import Settings
-from session_svc.shapes import now_us
+from session_svc.storage.scripts import Script, Scripts
 from workers.flush import MAINTENANCE_EVERY_S
 
 
@@ -96,7 +96,7 @@ SMALL_PORT = PORT + 1
 
 class Filler:
     """Creates sessions and appends messages through ``Scripts`` with coalescing on: every call made in
-    one loop turn goes to Redis as one pipeline of EVALSHAs (``session_svc/coalesce.py``)."""
+    one loop turn goes to Redis as one pipeline of EVALSHAs (``session_svc/storage/coalesce.py``)."""
 
     def __init__(self, redis: aioredis.Redis, keys: Keys, batch: int) -> None:
         self.scripts = Scripts(redis, coalesce=True)

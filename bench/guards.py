@@ -20,7 +20,7 @@ import urllib.request
 import redis.asyncio as aioredis
 
 from bench.common import BASE, CONNECTIONS, POST_LUA, PY, ROOT, http, stop, wait_http, wrk
-from session_svc.keys import Keys
+from session_svc.record.keys import Keys
 from session_svc.settings import Settings
 
 # A new key on every request, as a client that may retry would send.

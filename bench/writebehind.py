@@ -36,10 +36,10 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from bench.common import BASE, POST_LUA, PY, ROOT, SCHEMA, backlog, http, stop, wait_http, wrk
-from session_svc.keys import Keys
-from session_svc.scripts import Scripts
+from session_svc.record.keys import Keys
+from session_svc.record.shapes import now_us
 from session_svc.settings import Settings
-from session_svc.shapes import now_us
+from session_svc.storage.scripts import Scripts
 
 SECONDS = int(os.environ.get("WB_SECONDS", "60"))
 SESSIONS = int(os.environ.get("WB_SESSIONS", "64"))

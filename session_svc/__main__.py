@@ -8,10 +8,10 @@ import sys
 
 import uvloop
 
-from session_svc import supervisor, telemetry
-from session_svc.app import create_app
-from session_svc.process import configure_logging
-from session_svc.server import EXIT_STARTUP_FAILED, StartupFailed, run_app
+from session_svc.http.app import create_app
+from session_svc.http.server import StartupFailed, run_app
+from session_svc.ops import supervisor, telemetry
+from session_svc.process import EXIT_STARTUP_FAILED, configure_logging
 from session_svc.settings import Settings
 
 

@@ -13,7 +13,7 @@ from alembic.config import Config
 
 from session_svc.settings import Settings
 
-_HERE = Path(__file__).parent / "migrations"
+_HERE = Path(__file__).parent / "storage" / "migrations"
 
 
 def alembic_config(settings: Settings) -> Config:

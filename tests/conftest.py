@@ -25,12 +25,12 @@ import pytest
 from aiohttp import web
 from redis.asyncio import Redis
 
-from session_svc import heartbeat
-from session_svc.app import create_app
-from session_svc.keys import Keys
-from session_svc.resources import Backend
+from session_svc.http.app import create_app
+from session_svc.http.appkeys import BACKEND
+from session_svc.record.keys import Keys
 from session_svc.settings import Settings
-from session_svc.typedefs import BACKEND
+from session_svc.storage import heartbeat
+from session_svc.storage.resources import Backend
 from tests.helpers import Client
 from tests.outbox_drain import make_flusher
 from tests.servers import LocalCluster, PgServer, RedisServer, start_cluster, start_postgres, start_redis

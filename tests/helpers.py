@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from session_svc import server
+from session_svc.http import server
 
 Client = TestClient[web.Request, web.Application]
 

@@ -10,10 +10,10 @@ import asyncpg
 import redis as redis_sync
 from redis.asyncio import Redis
 
-from session_svc import outbox
-from session_svc.keys import Keys
-from session_svc.resources import Backend
-from session_svc.scripts import Scripts
+from session_svc.record.keys import Keys
+from session_svc.storage import outbox
+from session_svc.storage.resources import Backend
+from session_svc.storage.scripts import Scripts
 from tests.support import new_name
 from workers.flush import Flusher
 

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from session_svc.keys import Keys
+from session_svc.record.keys import Keys
 from tests.helpers import SESSION_FIELDS
 
 

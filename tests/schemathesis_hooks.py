@@ -7,7 +7,7 @@ from typing import Any
 
 import schemathesis
 
-from session_svc.models import INT64_MIN, UINT64_MAX
+from session_svc.record.models import INT64_MIN, UINT64_MAX
 
 SESSION = "/api/v1/sessions/{session_id}"
 

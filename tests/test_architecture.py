@@ -1,8 +1,10 @@
-"""The module layering of docs/architecture.md, checked against the imports themselves.
+"""The package layering of docs/architecture.md, checked against the imports themselves.
 
-HTTP layer -> domain operations -> storage -> record format and keys; workers use the domain and the
-storage, never the HTTP layer. A module may import its own layer and the layers below, never above,
-and there is no import cycle.
+Each subpackage of session_svc is a layer; a module may import its own package and the packages its
+layer is allowed, never one above. The base modules at the top of the package (settings, errors,
+process) import nothing of the service; the entry points (``__main__``, ``cli``, ``migrate``) may import
+anything. The workers use the domain, the storage and below, never HTTP; the service never imports
+``workers``. There is no import cycle between modules.
 """
 
 from __future__ import annotations
@@ -13,66 +15,86 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+SERVICE = ROOT / "session_svc"
 
-# Rank of each module of session_svc: lower ranks never import higher ones.
-LAYERS: dict[str, int] = {
-    # record format, keys, and what every layer needs
-    "settings": 0, "errors": 0, "record": 0, "keys": 0, "process": 0, "__init__": 0, "telemetry": 0,
-    # storage: Redis client and scripts, Postgres reads, outbox, heartbeats, resources, the Consul
-    # registration; validated inputs
-    "redis_client": 1, "scripts": 1, "cold": 1, "outbox": 1, "heartbeat": 1, "resources": 1,
-    "shapes": 1, "models": 1, "migrate": 1, "consul": 1, "coalesce": 1,
-    # domain operations
-    "store": 2, "totals": 2,
-    # HTTP
-    "validation": 3, "middleware": 3, "openapi": 3, "typedefs": 3, "views": 3, "app": 3, "server": 3,
-    "metrics": 3, "accesslog": 3, "supervisor": 3, "cli": 3, "__main__": 3, "auth": 3,
-}  # fmt: skip
-HTTP = 3
+BASE = "base"  # session_svc/*.py that are not entry points
+ENTRY = "entry"
+ENTRY_POINTS = {"__main__", "cli", "migrate"}
+# What each layer may import, besides itself. Read it bottom-up: the record knows only the base; the
+# storage the record; the domain the storage; HTTP everything below it. ``ops`` (metrics recorder,
+# supervisor, Consul) needs only the base, so every layer may record a metric.
+ALLOWED: dict[str, set[str]] = {
+    BASE: set(),
+    "ops": {BASE},
+    "record": {BASE},
+    "storage": {BASE, "ops", "record"},
+    "domain": {BASE, "ops", "record", "storage"},
+    "http": {BASE, "ops", "record", "storage", "domain"},
+    ENTRY: {BASE, "ops", "record", "storage", "domain", "http", ENTRY},
+    "workers": {BASE, "ops", "record", "storage", "domain", "workers"},
+}
 
 
-def _imports(path: Path) -> set[str]:
+def _layer(module: str) -> str:
+    """``session_svc.http.views`` -> http; ``session_svc.settings`` -> base; ``workers.flush`` -> workers."""
+    parts = module.split(".")
+    if parts[0] == "workers":
+        return "workers"
+    if len(parts) == 2:  # a module at the top of session_svc, or a subpackage itself
+        if (SERVICE / parts[1]).is_dir():
+            return parts[1]
+        return ENTRY if parts[1] in ENTRY_POINTS else BASE
+    return parts[1]
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in sorted([*SERVICE.rglob("*.py"), *(ROOT / "workers").glob("*.py")]):
+        rel = path.relative_to(ROOT).with_suffix("")
+        if "migrations" in rel.parts:  # alembic's revisions, loaded by alembic
+            continue
+        parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+        if parts == ("session_svc",):  # its version, and its public names loaded lazily: not a layer
+            continue
+        out[".".join(parts)] = path
+    return out
+
+
+def _imports(path: Path, modules: dict[str, Path]) -> set[str]:
     """Modules of session_svc and workers that ``path`` imports."""
     out: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module:
-            if node.module == "session_svc":  # a submodule, or a name of the package itself
-                for a in node.names:
-                    is_module = (ROOT / "session_svc" / f"{a.name}.py").exists()
-                    out.add(f"session_svc.{a.name if is_module else '__init__'}")
-            elif node.module.startswith(("session_svc.", "workers")):
-                out.add(node.module)
+            if node.module.startswith(("session_svc", "workers")):
+                for a in node.names:  # ``from package import module`` names the module
+                    sub = f"{node.module}.{a.name}"
+                    if sub in modules or node.module != "session_svc":
+                        out.add(sub if sub in modules else node.module)
         elif isinstance(node, ast.Import):
             out |= {a.name for a in node.names if a.name.startswith(("session_svc", "workers"))}
     return out
 
 
 def _graph() -> dict[str, set[str]]:
-    graph = {}
-    for package in ("session_svc", "workers"):
-        for path in sorted((ROOT / package).glob("*.py")):
-            graph[f"{package}.{path.stem}"] = _imports(path)
-    return graph
+    modules = _modules()
+    return {name: _imports(path, modules) for name, path in modules.items()}
 
 
-def test_every_service_module_has_a_layer() -> None:
-    assert {m.removeprefix("session_svc.") for m in _graph() if m.startswith("session_svc.")} == set(LAYERS)
+def test_every_module_belongs_to_a_known_layer() -> None:
+    assert {_layer(m) for m in _graph()} <= set(ALLOWED)
+    # the subpackages are exactly the layers named above: a new one must be given its place
+    packages = {p.name for p in SERVICE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert packages == set(ALLOWED) - {BASE, ENTRY, "workers"}
 
 
 def test_imports_only_go_down_the_layers() -> None:
     wrong = []
     for module, imported in _graph().items():
+        own = _layer(module)
         for target in imported:
-            if not target.startswith("session_svc."):
-                continue
-            rank = LAYERS[target.removeprefix("session_svc.")]
-            if module.startswith("workers."):
-                if rank >= HTTP:
-                    wrong.append(f"{module} -> {target} (workers never use the HTTP layer)")
-            elif rank > LAYERS[module.removeprefix("session_svc.")]:
-                wrong.append(f"{module} -> {target}")
-        if module.startswith("session_svc.") and any(t.startswith("workers") for t in imported):
-            wrong.append(f"{module} imports workers")
+            layer = _layer(target)
+            if layer != own and layer not in ALLOWED[own]:
+                wrong.append(f"{module} ({own}) -> {target} ({layer})")
     assert wrong == []
 
 
@@ -96,8 +118,7 @@ def test_no_import_cycles() -> None:
 def test_the_worker_process_never_loads_the_http_layer() -> None:
     code = (
         "import sys, workers.main, workers.__main__; "
-        "print(sorted(m for m in sys.modules if m.startswith(('aiohttp.web', 'session_svc.views', "
-        "'session_svc.app', 'session_svc.openapi', 'session_svc.middleware'))))"
+        "print(sorted(m for m in sys.modules if m.startswith(('aiohttp.web', 'session_svc.http'))))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
@@ -108,7 +129,7 @@ def test_each_handler_takes_exactly_the_models_its_route_declares() -> None:
     must name the same query and body models, so it cannot expect what the document does not say."""
     import typing
 
-    from session_svc import views
+    from session_svc.http import views
 
     wrong = []
     for route in views.ROUTES:

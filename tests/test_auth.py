@@ -25,7 +25,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from session_svc import auth, migrate, openapi
+from session_svc import migrate
+from session_svc.http import auth, openapi
 from session_svc.settings import Settings
 from tests.helpers import SESSIONS, Client, error_json, new_user, ok_object, session_url
 from tests.servers import free_port, running_api

@@ -22,9 +22,9 @@ import pytest
 from aiohttp import web
 from redis.asyncio import Redis
 
-from session_svc.models import MAX_JSON_DEPTH, TOO_DEEP
-from session_svc.resources import Backend
+from session_svc.record.models import MAX_JSON_DEPTH, TOO_DEEP
 from session_svc.settings import Settings
+from session_svc.storage.resources import Backend
 from tests import outbox_drain
 from tests.helpers import (
     SESSIONS,

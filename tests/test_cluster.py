@@ -13,11 +13,11 @@ from typing import Any
 import asyncpg
 import pytest
 
-from session_svc import heartbeat, outbox
-from session_svc.resources import Backend, open_backend
-from session_svc.scripts import Arg, Script
+from session_svc.http.appkeys import BACKEND
 from session_svc.settings import Settings
-from session_svc.typedefs import BACKEND
+from session_svc.storage import heartbeat, outbox
+from session_svc.storage.resources import Backend, open_backend
+from session_svc.storage.scripts import Arg, Script
 from tests.conftest import MakeClient
 from tests.helpers import (
     add_memory,

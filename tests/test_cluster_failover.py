@@ -24,10 +24,10 @@ from typing import Any
 import asyncpg
 import pytest
 
-from session_svc.keys import Keys
-from session_svc.redis_client import REDIS_DOWN
-from session_svc.resources import Backend, open_backend
+from session_svc.record.keys import Keys
 from session_svc.settings import Settings
+from session_svc.storage.redis_client import REDIS_DOWN
+from session_svc.storage.resources import Backend, open_backend
 from tests.conftest import MakeClient, MakeSettings, ServerUrls
 from tests.helpers import Client, make_session, new_user, session_url
 from tests.outbox_drain import drain

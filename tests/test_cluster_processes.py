@@ -17,9 +17,9 @@ import asyncpg
 import pytest
 from redis.exceptions import ResponseError
 
-from session_svc.outbox import GROUP
-from session_svc.resources import Backend, open_backend
 from session_svc.settings import Settings
+from session_svc.storage.outbox import GROUP
+from session_svc.storage.resources import Backend, open_backend
 from tests.servers import WorkerProcess, free_port, running_api, start_worker, stop_workers
 from tests.support import api_settings, eventually
 

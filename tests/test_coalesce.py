@@ -1,4 +1,4 @@
-"""Coalesced script calls (``session_svc/coalesce.py``): concurrent calls share pipelines, each still
+"""Coalesced script calls (``session_svc/storage/coalesce.py``): concurrent calls share pipelines, each still
 gets its own answer (an error reply fails only its caller), and a Redis that lost its scripts loads
 them again. The fault tests (tests/test_redis_faults.py) run the API with coalescing on, as deployed."""
 
@@ -11,7 +11,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import DataError, ResponseError
 
-from session_svc.coalesce import Coalescer
+from session_svc.storage.coalesce import Coalescer
 from tests.helpers import add_message, list_messages, make_session, new_user
 
 INCR = "return redis.call('INCR', KEYS[1])"

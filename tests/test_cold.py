@@ -14,10 +14,11 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from session_svc import cold, store
-from session_svc.keys import Keys, bucket_of
-from session_svc.record import LIST_FIELDS, MemoryType
-from session_svc.resources import Backend, pg_pool
+from session_svc.domain import store
+from session_svc.record.fields import LIST_FIELDS, MemoryType
+from session_svc.record.keys import Keys, bucket_of
+from session_svc.storage import cold
+from session_svc.storage.resources import Backend, pg_pool
 from tests import outbox_drain, pg_rows, support
 from tests.helpers import (
     SESSIONS,

@@ -24,10 +24,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from session_svc import __version__, consul
-from session_svc.consul import Registration, Service
+from session_svc import __version__
+from session_svc.http.appkeys import CONSUL
+from session_svc.ops import consul
+from session_svc.ops.consul import Registration, Service
 from session_svc.settings import Settings
-from session_svc.typedefs import CONSUL
 from tests import servers, support
 from tests.support import eventually
 
@@ -185,7 +186,7 @@ async def test_the_api_serves_while_the_agent_is_down_and_registers_once_it_is_u
         api.wait_healthy()
         serving_after = time.monotonic() - t0
         await eventually(lambda: _async("(attempt 1)" in api.tail()), "a failed attempt logged", within=10)
-        assert "WARNING session_svc.consul Consul registration of" in api.tail()
+        assert "WARNING session_svc.ops.consul Consul registration of" in api.tail()
         await agent.start()
         t1 = time.monotonic()
         await eventually(lambda: _async(bool(agent.services)), "the registration", within=20)
@@ -209,7 +210,7 @@ async def test_an_agent_answering_500_is_retried_with_backoff(
 ) -> None:
     """Through the app (its cleanup context and on_shutdown hook): two 500s, then the registration;
     closing the app deregisters."""
-    caplog.set_level(logging.INFO, "session_svc.consul")
+    caplog.set_level(logging.INFO, "session_svc.ops.consul")
     await agent.start()
     agent.fail_next = 2
     client = await make_client(consul_host="127.0.0.1", consul_port=agent.port, service_host="127.0.0.1")

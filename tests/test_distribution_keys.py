@@ -19,8 +19,8 @@ from alembic import command
 from redis.asyncio import Redis
 
 from session_svc import migrate
+from session_svc.http.appkeys import BACKEND
 from session_svc.settings import Settings
-from session_svc.typedefs import BACKEND
 from tests import outbox_drain, pg_rows
 from tests.conftest import ServerUrls
 from tests.helpers import add_memory, add_message, error_json, get_session, list_messages, new_user

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from yarl import URL
 
-from session_svc.keys import bucket_of
+from session_svc.record.keys import bucket_of
 from tests.helpers import (
     SESSIONS,
     add_memory,

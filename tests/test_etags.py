@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from session_svc.resources import Backend
+from session_svc.storage.resources import Backend
 from tests import outbox_drain
 from tests.helpers import add_message, error_json, get_session, make_session, new_user, session_url
 from workers.expiry import sweep

@@ -25,9 +25,9 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from session_svc import outbox
-from session_svc.keys import Keys
+from session_svc.record.keys import Keys
 from session_svc.settings import Settings
+from session_svc.storage import outbox
 from tests import outbox_drain, pg_rows, servers, support
 from tests.helpers import SESSIONS, add_message, make_session, new_user, session_url
 from tests.support import eventually

@@ -19,9 +19,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
-from session_svc.resources import Backend
+from session_svc.record.shapes import now_us
 from session_svc.settings import Settings
-from session_svc.shapes import now_us
+from session_svc.storage.resources import Backend
 from tests import support
 from tests.helpers import add_message, get_session, list_sessions, make_session, new_user, update_session
 from tests.outbox_drain import drain

@@ -13,7 +13,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from session_svc import server
+from session_svc.http import server
 from tests.helpers import SESSIONS, Address, error_json, exchange, serving, session_url
 
 

@@ -13,9 +13,9 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from session_svc.keys import Keys, bucket_of
-from session_svc.redis_client import REDIS_UNKNOWN_DETAIL
-from session_svc.resources import Backend
+from session_svc.record.keys import Keys, bucket_of
+from session_svc.storage.redis_client import REDIS_UNKNOWN_DETAIL
+from session_svc.storage.resources import Backend
 from tests import outbox_drain
 from tests.helpers import (
     SESSIONS,

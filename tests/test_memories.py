@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from session_svc.record import MemoryType
+from session_svc.record.fields import MemoryType
 from tests.helpers import (
     MEMORY_FIELDS,
     add_memory,

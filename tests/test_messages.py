@@ -10,7 +10,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from session_svc.keys import Keys
+from session_svc.record.keys import Keys
 from tests.helpers import (
     MESSAGE_FIELDS,
     add_message,

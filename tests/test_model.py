@@ -70,11 +70,11 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from session_svc.app import create_app
-from session_svc.keys import bucket_of
-from session_svc.resources import Backend
+from session_svc.http.app import create_app
+from session_svc.http.appkeys import BACKEND
+from session_svc.record.keys import bucket_of
 from session_svc.settings import Settings
-from session_svc.typedefs import BACKEND
+from session_svc.storage.resources import Backend
 from tests import outbox_drain, pg_rows, support
 from tests.helpers import ISO_Z, MEMORY_FIELDS, MESSAGE_FIELDS, SESSION_FIELDS, SESSIONS, session_url
 from workers.expiry import sweep, trim_user_indexes

@@ -35,18 +35,18 @@ import pytest
 import redis as redis_sync
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from session_svc import outbox
-from session_svc.app import create_app
-from session_svc.coalesce import Coalescer
-from session_svc.redis_client import (
+from session_svc.http.app import create_app
+from session_svc.http.appkeys import BACKEND
+from session_svc.settings import Settings
+from session_svc.storage import outbox
+from session_svc.storage.coalesce import Coalescer
+from session_svc.storage.redis_client import (
     REDIS_DOWN_DETAIL,
     REDIS_OOM_DETAIL,
     REDIS_UNKNOWN_DETAIL,
     CircuitOpen,
     redis_client,
 )
-from session_svc.settings import Settings
-from session_svc.typedefs import BACKEND
 from tests import pg_rows, servers, support, test_redis_faults
 from tests.proxy import proxy_to
 from tests.support import ROOT, eventually
@@ -499,7 +499,7 @@ async def test_cold_reads_through_a_slow_then_black_holed_postgres_link(
     and black-holed, a 503 within PG_COMMAND_TIMEOUT plus the pool's acquire timeout, however many
     wait for a connection, never a 500, never another session's data; hot sessions answer 200
     meanwhile; back to normal, cold reads answer at once."""
-    from session_svc.resources import PG_CONNECT_TIMEOUT_S
+    from session_svc.storage.resources import PG_CONNECT_TIMEOUT_S
 
     rig: Rig = await make_rig((), pg_command_timeout=1.0)
     cold = [await rig.create(f"cold{i}") for i in range(4)]

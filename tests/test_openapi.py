@@ -16,8 +16,9 @@ from pydantic import TypeAdapter, ValidationError
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from session_svc import models, openapi
-from session_svc.record import MemoryType
+from session_svc.http import openapi
+from session_svc.record import models
+from session_svc.record.fields import MemoryType
 from tests.helpers import SESSIONS, ok_json
 
 LISTING = "/api/v1/users/{user_id}/sessions"

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from session_svc.telemetry import RECORDER, REGISTRY, SHED
+from session_svc.ops.telemetry import RECORDER, REGISTRY, SHED
 from tests.helpers import list_messages, make_session, new_user, session_url
 from tests.support import eventually
 

@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
-from session_svc.resources import Backend
+from session_svc.storage.resources import Backend
 from tests.helpers import add_memory, add_message, make_session, new_user
 from tests.outbox_drain import drain
 from tests.pg_rows import pg_messages

@@ -9,8 +9,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from session_svc import cold
-from session_svc.record import (
+from session_svc.record.fields import (
     BOOKKEEPING,
     ENTRY_FIELDS,
     MEMORY_DOC_FIELDS,
@@ -18,7 +17,8 @@ from session_svc.record import (
     SESSION_FIELDS,
     Kind,
 )
-from session_svc.resources import Backend
+from session_svc.storage import cold
+from session_svc.storage.resources import Backend
 from tests import outbox_drain
 from tests.helpers import add_memory, add_message, make_session, new_user
 from workers.expiry import sweep

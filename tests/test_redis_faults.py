@@ -30,12 +30,12 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from session_svc import outbox
-from session_svc.app import create_app
-from session_svc.keys import Keys
-from session_svc.redis_client import REDIS_DOWN_DETAIL, REDIS_OOM_DETAIL, REDIS_UNKNOWN_DETAIL
+from session_svc.http.app import create_app
+from session_svc.http.appkeys import BACKEND
+from session_svc.record.keys import Keys
 from session_svc.settings import Settings
-from session_svc.typedefs import BACKEND
+from session_svc.storage import outbox
+from session_svc.storage.redis_client import REDIS_DOWN_DETAIL, REDIS_OOM_DETAIL, REDIS_UNKNOWN_DETAIL
 from tests import outbox_drain, pg_rows, servers, support
 from tests.helpers import new_user, session_url
 from tests.servers import PgServer, RedisServer, WorkerProcess

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from session_svc.redis_client import REDIS_DOWN_DETAIL, REDIS_READ_DETAIL
-from session_svc.typedefs import SETTINGS
+from session_svc.http.appkeys import SETTINGS
+from session_svc.storage.redis_client import REDIS_DOWN_DETAIL, REDIS_READ_DETAIL
 from tests import servers, support
 from tests.helpers import (
     SESSIONS,

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import redis as redis_sync
 
-from session_svc.redis_client import GuardedConnection
+from session_svc.storage.redis_client import GuardedConnection
 from tests.helpers import (
     add_memory,
     add_message,

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import redis as redis_sync
 
-from session_svc.keys import Keys
+from session_svc.record.keys import Keys
 from tests import servers, support
 
 pytestmark = pytest.mark.fault

@@ -9,8 +9,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from session_svc.shapes import new_id
-from session_svc.validation import _CANONICAL_UUID
+from session_svc.http.validation import _CANONICAL_UUID
+from session_svc.record.shapes import new_id
 
 
 def canonical(raw: str) -> bool:

@@ -20,9 +20,9 @@ import redis as redis_sync
 from redis.crc import key_slot
 
 from session_svc import migrate
-from session_svc.app import create_app
-from session_svc.keys import Keys, bucket_of
-from session_svc.record import MEMORY_ALL
+from session_svc.http.app import create_app
+from session_svc.record.fields import MEMORY_ALL
+from session_svc.record.keys import Keys, bucket_of
 from session_svc.settings import Settings, every_schedule
 from tests.helpers import add_memory, add_message, make_session, new_user
 from tests.servers import free_port

@@ -18,8 +18,8 @@ import aiohttp
 import orjson
 import pytest
 
-from session_svc.app import create_app
-from session_svc.telemetry import CONNECTIONS_CLOSED, RECORDER, REGISTRY
+from session_svc.http.app import create_app
+from session_svc.ops.telemetry import CONNECTIONS_CLOSED, RECORDER, REGISTRY
 from tests.helpers import Address, parse_response, read_response, serving
 
 SLACK = 10.0  # seconds a busy machine may add to any deadline below

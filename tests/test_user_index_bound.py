@@ -13,8 +13,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from session_svc.resources import Backend
-from session_svc.shapes import now_us
+from session_svc.record.shapes import now_us
+from session_svc.storage.resources import Backend
 from tests import outbox_drain
 from tests.helpers import (
     add_memory,

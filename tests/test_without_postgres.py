@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from session_svc.typedefs import BACKEND
+from session_svc.http.appkeys import BACKEND
 from tests.helpers import (
     add_memory,
     add_message,

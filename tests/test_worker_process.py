@@ -15,9 +15,9 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from session_svc import heartbeat
-from session_svc.keys import Keys
+from session_svc.record.keys import Keys
 from session_svc.settings import Settings
+from session_svc.storage import heartbeat
 from tests import pg_rows, servers
 from tests.helpers import add_message, make_session, new_user
 from tests.support import eventually

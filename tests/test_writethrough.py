@@ -18,10 +18,10 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from session_svc import outbox
-from session_svc.keys import Keys, bucket_of
-from session_svc.outbox import GROUP
+from session_svc.record.keys import Keys, bucket_of
 from session_svc.settings import Settings
+from session_svc.storage import outbox
+from session_svc.storage.outbox import GROUP
 from tests import outbox_drain, pg_rows, support
 from tests.helpers import (
     add_memory,

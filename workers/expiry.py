@@ -11,10 +11,11 @@ from collections import defaultdict
 
 from redis.exceptions import OutOfMemoryError
 
-from session_svc import outbox, redis_client, store
-from session_svc.keys import bucket_of
-from session_svc.resources import Backend
-from session_svc.shapes import now_us
+from session_svc.domain import store
+from session_svc.record.keys import bucket_of
+from session_svc.record.shapes import now_us
+from session_svc.storage import outbox, redis_client
+from session_svc.storage.resources import Backend
 
 log = logging.getLogger("workers.expiry")
 

@@ -40,14 +40,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from session_svc import record
 from session_svc.errors import PG_UNAVAILABLE
-from session_svc.keys import Keys
-from session_svc.outbox import GROUP
-from session_svc.record import MICROS, Kind
-from session_svc.redis_client import AnyRedis
-from session_svc.resources import Backend
-from session_svc.scripts import Scripts
+from session_svc.record import fields as record
+from session_svc.record.fields import MICROS, Kind
+from session_svc.record.keys import Keys
+from session_svc.storage.outbox import GROUP
+from session_svc.storage.redis_client import AnyRedis
+from session_svc.storage.resources import Backend
+from session_svc.storage.scripts import Scripts
 
 log = logging.getLogger("workers.flush")
 

@@ -39,9 +39,12 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, start
 from redis.asyncio import ConnectionPool
 from redis.exceptions import OutOfMemoryError
 
-from session_svc import __version__, heartbeat, outbox, telemetry, totals
-from session_svc.resources import Backend, open_backend
+from session_svc import __version__
+from session_svc.domain import totals
+from session_svc.ops import telemetry
 from session_svc.settings import Settings, every_schedule
+from session_svc.storage import heartbeat, outbox
+from session_svc.storage.resources import Backend, open_backend
 from workers import expiry
 from workers.flush import UNAVAILABLE, Flusher
 

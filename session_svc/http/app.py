@@ -10,13 +10,13 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from session_svc import accesslog, auth, metrics, openapi
-from session_svc.consul import Registration
-from session_svc.middleware import error_middleware
-from session_svc.resources import open_backend
+from session_svc.http import accesslog, auth, metrics, openapi
+from session_svc.http.appkeys import BACKEND, CONSUL, SETTINGS
+from session_svc.http.middleware import error_middleware
+from session_svc.http.views import setup_routes
+from session_svc.ops.consul import Registration
 from session_svc.settings import Settings
-from session_svc.typedefs import BACKEND, CONSUL, SETTINGS
-from session_svc.views import setup_routes
+from session_svc.storage.resources import open_backend
 
 
 async def _backend_ctx(app: web.Application) -> AsyncIterator[None]:

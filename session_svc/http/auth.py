@@ -34,15 +34,15 @@ import aiohttp
 from aiohttp import web
 
 from session_svc.errors import ServiceError, Unavailable
+from session_svc.http.appkeys import SETTINGS
 from session_svc.settings import Settings
-from session_svc.typedefs import SETTINGS
 
 if TYPE_CHECKING:
     # PyJWT (and cryptography under it) is imported only with AUTH_MODE=jwt: a third of a second more
     # at every process start otherwise, on this machine.
     import jwt
 
-log = logging.getLogger("session_svc.auth")
+log = logging.getLogger("session_svc.http.auth")
 
 ADMIN_SCOPE = "sessions:admin"
 REALM = "session_svc"

@@ -16,7 +16,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from pydantic_core import PydanticCustomError
 from typing_extensions import TypeAliasType
 
-from session_svc.record import MICROS, MemoryType
+from session_svc.record.fields import MICROS, MemoryType
 
 # Size limits (documented in README, "Limits").
 MAX_ID_CHARS = 255

@@ -35,8 +35,8 @@ from redis.exceptions import ClusterDownError, OutOfMemoryError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from session_svc.ops.telemetry import POOL_WAIT_SECONDS, RECORDER
 from session_svc.settings import Settings
-from session_svc.telemetry import POOL_WAIT_SECONDS, RECORDER
 
 # The client of a process: standalone, or Redis Cluster (REDIS_CLUSTER).
 AnyRedis = Redis | RedisCluster

@@ -16,8 +16,8 @@ from typing import ParamSpec, TypeVar
 import asyncpg
 import orjson
 
-from session_svc.record import LIST_FIELDS, MESSAGE_FIELDS, MICROS, SESSION_FIELDS
-from session_svc.telemetry import PG_SECONDS, RECORDER
+from session_svc.ops.telemetry import PG_SECONDS, RECORDER
+from session_svc.record.fields import LIST_FIELDS, MESSAGE_FIELDS, MICROS, SESSION_FIELDS
 
 P = ParamSpec("P")
 T = TypeVar("T")

@@ -44,8 +44,8 @@ from redis.exceptions import (
     TryAgainError,
 )
 
-from session_svc import redis_client
-from session_svc.redis_client import REDIS_DOWN, NotExecuted, ReplicationUnconfirmed
+from session_svc.storage import redis_client
+from session_svc.storage.redis_client import REDIS_DOWN, NotExecuted, ReplicationUnconfirmed
 
 Arg = str | int | float
 

@@ -19,13 +19,12 @@ from typing import Any, Generic, TypeVar
 from aiohttp import web
 from pydantic import BaseModel
 
-from session_svc import __version__, auth, heartbeat, models, outbox, redis_client, store
-from session_svc.middleware import json_response
-from session_svc.resources import Backend
-from session_svc.settings import Settings
-from session_svc.shapes import iso, now_us
-from session_svc.typedefs import BACKEND, SETTINGS
-from session_svc.validation import (
+from session_svc import __version__
+from session_svc.domain import store
+from session_svc.http import auth
+from session_svc.http.appkeys import BACKEND, SETTINGS
+from session_svc.http.middleware import json_response
+from session_svc.http.validation import (
     idempotency_key,
     if_match,
     if_none_match,
@@ -33,6 +32,11 @@ from session_svc.validation import (
     parse_query,
     session_id,
 )
+from session_svc.record import models
+from session_svc.record.shapes import iso, now_us
+from session_svc.settings import Settings
+from session_svc.storage import heartbeat, outbox, redis_client
+from session_svc.storage.resources import Backend
 
 SERVICE = "session_service"
 

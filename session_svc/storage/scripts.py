@@ -37,10 +37,9 @@ from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.commands.core import AsyncScript
 
-from session_svc import keys as k
-from session_svc.coalesce import Coalescer
-from session_svc.keys import UserKeys
-from session_svc.record import (
+from session_svc.ops.telemetry import RECORDER, REDIS_SECONDS
+from session_svc.record import keys as k
+from session_svc.record.fields import (
     LIST_FIELDS,
     MEMORY_ALL,
     MEMORY_STAT,
@@ -50,7 +49,8 @@ from session_svc.record import (
     MemoryType,
     lua_strings,
 )
-from session_svc.telemetry import RECORDER, REDIS_SECONDS
+from session_svc.record.keys import UserKeys
+from session_svc.storage.coalesce import Coalescer
 
 Arg = str | int | float
 

@@ -26,7 +26,6 @@ from typing import Any, NamedTuple, TypeVar
 import orjson
 from pydantic import BaseModel
 
-from session_svc import cold
 from session_svc.errors import (
     MEMORY_NOT_FOUND,
     SESSION_NOT_FOUND,
@@ -37,12 +36,10 @@ from session_svc.errors import (
     TooManyWrites,
     Unavailable,
 )
-from session_svc.keys import UserKeys
-from session_svc.models import MemoryCreate, MessageCreate, SessionCreate, SessionUpdate, to_micros
-from session_svc.record import LIST_FIELDS, MEMORY_ALL, MESSAGE_FIELDS
-from session_svc.resources import Backend
-from session_svc.scripts import FINGERPRINT_LEN, Guard
-from session_svc.shapes import (
+from session_svc.record.fields import LIST_FIELDS, MEMORY_ALL, MESSAGE_FIELDS
+from session_svc.record.keys import UserKeys
+from session_svc.record.models import MemoryCreate, MessageCreate, SessionCreate, SessionUpdate, to_micros
+from session_svc.record.shapes import (
     Hash,
     Row,
     dumps,
@@ -58,6 +55,9 @@ from session_svc.shapes import (
     summary_out,
     usd,
 )
+from session_svc.storage import cold
+from session_svc.storage.resources import Backend
+from session_svc.storage.scripts import FINGERPRINT_LEN, Guard
 
 T = TypeVar("T")
 

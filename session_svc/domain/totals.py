@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from session_svc import __version__, heartbeat, redis_client
+from session_svc import __version__
 from session_svc.errors import PG_UNAVAILABLE
-from session_svc.models import Role, SessionStatus
-from session_svc.record import MEMORY_STAT, MICROS, ROLE_STAT, MemoryType
-from session_svc.redis_client import REDIS_FAILURES
-from session_svc.resources import Backend
+from session_svc.record.fields import MEMORY_STAT, MICROS, ROLE_STAT, MemoryType
+from session_svc.record.models import Role, SessionStatus
+from session_svc.storage import heartbeat, redis_client
+from session_svc.storage.redis_client import REDIS_FAILURES
+from session_svc.storage.resources import Backend
 
 # Seconds a reading is reused; and the most a reading may take before Redis or Postgres counts as down.
 CACHE_S = 1.0

@@ -31,11 +31,11 @@ from pathlib import Path
 
 from prometheus_client import multiprocess
 
-from session_svc.consul import Registration
-from session_svc.server import EXIT_STARTUP_FAILED
+from session_svc.ops.consul import Registration
+from session_svc.process import EXIT_STARTUP_FAILED
 from session_svc.settings import Settings
 
-log = logging.getLogger("session_svc.supervisor")
+log = logging.getLogger("session_svc.ops.supervisor")
 
 # A process alive this long after its start counts as started: a later exit is a crash to restart,
 # unless it exits with EXIT_STARTUP_FAILED (it never served: a slow start on a loaded machine).

@@ -19,7 +19,7 @@ from typing import Any, BinaryIO
 import orjson
 from aiohttp import web
 
-from session_svc.typedefs import SETTINGS
+from session_svc.http.appkeys import SETTINGS
 
 FLUSH_EVERY_S = 0.1
 # Written at once past this many lines, so a burst never holds much memory.

@@ -35,7 +35,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 
-from session_svc.record import MEMORY_ALL
+from session_svc.record.fields import MEMORY_ALL
 
 # Suffixes of the per-session keys. Scripts that find a session's keys from its bucket's prefix (the
 # sweep, the user listing) have them generated into their source from here.

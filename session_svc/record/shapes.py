@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from session_svc.record import MESSAGE_FIELDS, MICROS
+from session_svc.record.fields import MESSAGE_FIELDS, MICROS
 
 Row = dict[str, Any]
 Hash = dict[str, str]

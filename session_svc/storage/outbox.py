@@ -14,8 +14,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from session_svc.keys import Keys
-from session_svc.redis_client import AnyRedis
+from session_svc.record.keys import Keys
+from session_svc.storage.redis_client import AnyRedis
 
 GROUP = "flush"
 

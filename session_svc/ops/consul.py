@@ -33,7 +33,7 @@ import aiohttp
 from session_svc import __version__
 from session_svc.settings import Settings
 
-log = logging.getLogger("session_svc.consul")
+log = logging.getLogger("session_svc.ops.consul")
 
 SERVICE_NAME = "session_service"
 # The API guide's check; the agent removes an instance critical for this long.

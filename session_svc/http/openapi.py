@@ -20,10 +20,12 @@ from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
-from session_svc import __version__, auth, models
-from session_svc.middleware import json_response
-from session_svc.typedefs import SETTINGS
-from session_svc.views import ROUTES
+from session_svc import __version__
+from session_svc.http import auth
+from session_svc.http.appkeys import SETTINGS
+from session_svc.http.middleware import json_response
+from session_svc.http.views import ROUTES
+from session_svc.record import models
 
 _REF = "#/components/schemas/{model}"
 _ERROR_TEXT = {

@@ -23,10 +23,10 @@ from asyncpg.pool import PoolAcquireContext
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisClusterException
 
-from session_svc.keys import Keys
-from session_svc.redis_client import REDIS_FAILURES, AnyRedis, redis_client
-from session_svc.scripts import Scripts
+from session_svc.record.keys import Keys
 from session_svc.settings import Settings
+from session_svc.storage.redis_client import REDIS_FAILURES, AnyRedis, redis_client
+from session_svc.storage.scripts import Scripts
 
 log = logging.getLogger("session_svc")
 

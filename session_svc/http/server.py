@@ -45,10 +45,10 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from aiohttp.web_request import BaseRequest
 
-from session_svc.middleware import json_response
+from session_svc.http.appkeys import SETTINGS
+from session_svc.http.middleware import json_response
+from session_svc.ops.telemetry import CONNECTIONS_CLOSED, RECORDER
 from session_svc.settings import Settings
-from session_svc.telemetry import CONNECTIONS_CLOSED, RECORDER
-from session_svc.typedefs import SETTINGS
 
 log = logging.getLogger("session_svc")
 
@@ -191,12 +191,6 @@ class AppRunner(web.AppRunner):
             max_connections=settings.max_connections,
             **server._kwargs,
         )
-
-
-# Exit status of an API process that failed before it served (EX_CONFIG, sysexits.h): a wrong setting,
-# data of another bucket count, a port it cannot bind. Restarting it would fail the same way, however
-# long the failure took to show (a loaded machine can take seconds to start a process).
-EXIT_STARTUP_FAILED = 78
 
 
 class StartupFailed(Exception):

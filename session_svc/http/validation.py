@@ -13,10 +13,10 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import BaseModel, ValidationError
 
-from session_svc import models
 from session_svc.errors import SESSION_NOT_FOUND, BadRequest, NotFound
-from session_svc.telemetry import CONNECTIONS_CLOSED, RECORDER
-from session_svc.typedefs import SETTINGS
+from session_svc.http.appkeys import SETTINGS
+from session_svc.ops.telemetry import CONNECTIONS_CLOSED, RECORDER
+from session_svc.record import models
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -17,9 +17,10 @@ from prometheus_client import CollectorRegistry, multiprocess
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from session_svc import auth, telemetry
-from session_svc.totals import Totals, TotalsCollector
-from session_svc.typedefs import BACKEND, SETTINGS
+from session_svc.domain.totals import Totals, TotalsCollector
+from session_svc.http import auth
+from session_svc.http.appkeys import BACKEND, SETTINGS
+from session_svc.ops import telemetry
 
 TOTALS = web.AppKey("totals", Totals)
 # Seconds between two publications of this process's figures (what other processes' scrapes see).

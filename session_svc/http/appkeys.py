@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from session_svc.consul import Registration
-from session_svc.resources import Backend
+from session_svc.ops.consul import Registration
 from session_svc.settings import Settings
+from session_svc.storage.resources import Backend
 
 SETTINGS = web.AppKey("settings", Settings)
 BACKEND = web.AppKey("backend", Backend)

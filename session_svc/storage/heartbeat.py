@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass
 
 import orjson
 
-from session_svc.keys import Keys
-from session_svc.redis_client import AnyRedis
-from session_svc.scripts import Scripts
+from session_svc.record.keys import Keys
+from session_svc.storage.redis_client import AnyRedis
+from session_svc.storage.scripts import Scripts
 
 # Heartbeats of workers gone this long are forgotten (each worker start has a new name).
 FORGET_AFTER_S = 86_400

@@ -15,11 +15,11 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from session_svc import redis_client
-from session_svc.accesslog import ACCESS_LOG
 from session_svc.errors import PG_UNAVAILABLE, ServiceError
-from session_svc.telemetry import PG_FAILURES, RECORDER, REDIS_FAILURES, SHED
-from session_svc.typedefs import SETTINGS
+from session_svc.http.accesslog import ACCESS_LOG
+from session_svc.http.appkeys import SETTINGS
+from session_svc.ops.telemetry import PG_FAILURES, RECORDER, REDIS_FAILURES, SHED
+from session_svc.storage import redis_client
 
 log = logging.getLogger("session_svc")
 
