@@ -25,6 +25,7 @@ import asyncpg
 from redis.asyncio import Redis
 
 from session_svc import migrate
+from session_svc.record.fields import new_session_record
 from session_svc.record.keys import Keys
 from session_svc.record.shapes import new_id, now_us
 from session_svc.settings import Settings
@@ -117,8 +118,8 @@ async def main(database_url: str = DATABASE_URL) -> None:
             return lambda p: scripts._create_session(
                 {"session": uks[i].session(sids[i]), "user_index": uks[i].sessions, "active_index": uks[i].active,
                  "stats": uks[i].stats, "outbox": uks[i].outbox, "hot": uks[i].hot},
-                {"sid": sids[i], "uid": users[i], "title": "t", "conversation_data": "{}", "metadata": "{}",
-                 "session_summary": "", "now": now_us()},
+                {"sid": sids[i], "uid": users[i], "now": (now := now_us())},
+                [x for kv in new_session_record(sids[i], users[i], "t", "{}", "{}", "", now).items() for x in kv],
                 client=p,
             )  # fmt: skip
 

@@ -675,7 +675,7 @@ async def probe_cluster() -> dict[str, dict[str, str]]:
 def append_source() -> tuple[str, str]:
     from hashlib import sha1
 
-    from session_svc.storage.scripts import APPEND_MESSAGE
+    from session_svc.storage.scripts.api import APPEND_MESSAGE
 
     return APPEND_MESSAGE.source, sha1(APPEND_MESSAGE.source.encode()).hexdigest()
 

@@ -12,6 +12,7 @@ from collections import defaultdict
 from redis.exceptions import OutOfMemoryError
 
 from session_svc.domain import store
+from session_svc.record.fields import SessionStatus, sql_timestamptz_to_us, sql_us_to_timestamptz
 from session_svc.record.keys import bucket_of
 from session_svc.record.shapes import now_us
 from session_svc.storage import outbox, redis_client
@@ -71,9 +72,10 @@ async def trim_user_indexes(b: Backend, retention_s: int, page: int = 1000, page
     total, done = 0, False
     for _ in range(pages):
         rows = await b.pg.fetch(
-            f"""SELECT session_id, user_id, {_us_of("updated_at")} AS up FROM "{b.schema}".sessions
-                WHERE status <> 'active' AND updated_at < {_ts_of("$1")}
-                  AND (updated_at, session_id) > ({_ts_of("$2")}, $3)
+            f"""SELECT session_id, user_id, {sql_timestamptz_to_us("updated_at")} AS up
+                FROM "{b.schema}".sessions
+                WHERE status <> '{SessionStatus.active}' AND updated_at < {sql_us_to_timestamptz("$1")}
+                  AND (updated_at, session_id) > ({sql_us_to_timestamptz("$2")}, $3)
                 ORDER BY updated_at, session_id LIMIT $4""",
             until,
             after_us,
@@ -107,14 +109,6 @@ async def trim_user_indexes(b: Backend, retention_s: int, page: int = 1000, page
     if total:
         log.info("trimmed %d old sessions from their users' indexes", total)
     return total
-
-
-def _us_of(column: str) -> str:
-    return f"(extract(epoch FROM {column}) * 1000000)::bigint"
-
-
-def _ts_of(param: str) -> str:
-    return f"'epoch'::timestamptz + {param} * interval '1 microsecond'"
 
 
 async def relieve_memory(b: Backend, high_water: float, page: int = 200) -> int:
@@ -226,7 +220,7 @@ async def housekeeping(
         cutoff_us = now_us() - days * _DAY_US
         rows = await b.pg.fetch(
             f"""SELECT session_id, user_id FROM "{b.schema}".sessions
-                WHERE status = $1 AND last_activity < 'epoch'::timestamptz + $2 * interval '1 microsecond'
+                WHERE status = $1 AND last_activity < {sql_us_to_timestamptz("$2")}
                 ORDER BY last_activity LIMIT 1000""",
             from_status,
             cutoff_us,

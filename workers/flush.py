@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-import orjson
 from prometheus_client import Counter, Gauge, Histogram
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -41,13 +40,24 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from session_svc.errors import PG_UNAVAILABLE
-from session_svc.record import fields as record
-from session_svc.record.fields import MICROS, Kind
+from session_svc.record.fields import Kind
 from session_svc.record.keys import Keys
 from session_svc.storage.outbox import GROUP
 from session_svc.storage.redis_client import AnyRedis
 from session_svc.storage.resources import Backend
 from session_svc.storage.scripts import Scripts
+from workers.rows import (
+    INSERT_MEMORIES,
+    INSERT_MESSAGES,
+    UPSERT_SESSIONS,
+    Entry,
+    Table,
+    memory_row,
+    message_row,
+    session_row,
+    table,
+    well_formed,
+)
 
 log = logging.getLogger("workers.flush")
 
@@ -78,21 +88,6 @@ CONSUMER_IDLE_MS = 86_400_000
 RELEASED_IDLE_MS = 86_400_000
 
 UNAVAILABLE: tuple[type[BaseException], ...] = (*PG_UNAVAILABLE, RedisConnectionError, RedisTimeoutError)
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    bucket: int
-    id: str
-    f: dict[str, str]
-
-
-@dataclass(frozen=True, slots=True)
-class Table:
-    """The rows one statement writes: how many, and all of them as one JSON array (its parameter)."""
-
-    rows: int
-    doc: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,7 +274,7 @@ class Flusher:
         good: list[Entry] = []
         malformed: list[Entry] = []
         for e in entries:
-            (good if _well_formed(e) else malformed).append(e)
+            (good if well_formed(e) else malformed).append(e)
         try:
             return Batch(entries, good, malformed, await self._rows(good))
         except Exception as exc:
@@ -324,18 +319,19 @@ class Flusher:
         # In primary key order (user, session): workers upserting the same sessions lock their rows in
         # the same order, so one waits for the other instead of both failing on a deadlock.
         sessions = sorted(
-            (_session_row(h) for h in snapshots if h), key=lambda row: (str(row["uid"]), str(row["sid"]))
+            (session_row(h) for h in snapshots if h),
+            key=lambda row: (str(row["user_id"]), str(row["session_id"])),
         )
-        messages = [_message_row(e) for e in entries if e.f["k"] == Kind.message]
-        memories = [_memory_row(e) for e in entries if e.f["k"] == Kind.memory]
-        return Rows(len(entries), _table(sessions), _table(messages), _table(memories))
+        messages = [message_row(e) for e in entries if e.f["k"] == Kind.message]
+        memories = [memory_row(e) for e in entries if e.f["k"] == Kind.memory]
+        return Rows(len(entries), table(sessions), table(messages), table(memories))
 
     async def _write(self, rows: Rows) -> None:
         """One transaction: the session upserts, then the message and memory inserts."""
         s = f'"{self.schema}"'
         statements = (
-            (_UPSERT_SESSIONS, rows.sessions), (_INSERT_MESSAGES, rows.messages),
-            (_INSERT_MEMORIES, rows.memories),
+            (UPSERT_SESSIONS, rows.sessions), (INSERT_MESSAGES, rows.messages),
+            (INSERT_MEMORIES, rows.memories),
         )  # fmt: skip
         async with self.pg.acquire() as conn, conn.transaction():
             for sql, table in statements:
@@ -553,54 +549,12 @@ def _id_key(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-# The fields each kind of entry carries, by the kind's letter.
-_REQUIRED = {kind.value: frozenset(fields) for kind, fields in record.ENTRY_FIELDS.items()}
-
-
-def _well_formed(e: Entry) -> bool:
-    required = _REQUIRED.get(e.f.get("k", ""))
-    return required is not None and required <= e.f.keys()
-
-
 def _max_versions(entries: Sequence[Entry]) -> dict[tuple[int, str], int]:
     out: dict[tuple[int, str], int] = {}
     for e in entries:
         key = (e.bucket, e.f["sid"])
         out[key] = max(out.get(key, 0), int(e.f["v"]))
     return out
-
-
-# Rows are JSON objects (keys: the columns of the statement's json_to_recordset), sent as one array.
-def _session_row(h: dict[str, str]) -> dict[str, Any]:
-    return {
-        "sid": h["session_id"], "uid": h["user_id"], "title": h["title"], "status": h["status"],
-        "cd": h["conversation_data"], "md": h["metadata"], "mc": int(h["message_count"]),
-        "yc": int(h["memory_count"]), "tok": int(h["total_tokens"]), "cost": int(h["cost_micros"]),
-        "summ": h["session_summary"], "c": int(h["created_at"]), "up": int(h["updated_at"]),
-        "la": int(h["last_activity"]), "v": int(h["v"]),
-    }  # fmt: skip
-
-
-def _message_row(e: Entry) -> dict[str, Any]:
-    f = e.f
-    return {
-        "id": f["id"], "sid": f["sid"], "seq": int(f["seq"]), "uid": f["uid"], "role": f["role"],
-        "content": f["content"], "mtype": f["type"], "meta": f["meta"], "tok": int(f["tokens"]),
-        "cost": int(f["cost"]), "ts": int(f["ts"]),
-    }  # fmt: skip
-
-
-def _memory_row(e: Entry) -> dict[str, Any]:
-    doc = orjson.loads(e.f["doc"])
-    return {
-        "id": doc["memory_id"], "sid": e.f["sid"], "seq": int(e.f["seq"]), "uid": e.f["uid"],
-        "mtype": doc["memory_type"], "content": doc["content"],
-        "meta": orjson.dumps(doc["metadata"]).decode(), "created": doc["created_at"],
-    }  # fmt: skip
-
-
-def _table(rows: list[dict[str, Any]]) -> Table:
-    return Table(len(rows), orjson.dumps(rows).decode() if rows else "")
 
 
 async def _retrying(call: Callable[[], Awaitable[Any]], what: str, attempts: int = 8) -> None:
@@ -617,52 +571,3 @@ async def _retrying(call: Callable[[], Awaitable[Any]], what: str, attempts: int
             log.warning("%s failed (attempt %d): %r; retrying in %.1fs", what, attempt, exc, delay)
             await asyncio.sleep(delay)
             delay = min(2.0, delay * 2)
-
-
-_US = "'epoch'::timestamptz + {} * interval '1 microsecond'"
-
-# One statement per table, the batch passed as one JSON array of objects (json_to_recordset). Each names
-# its conflict target, the table's primary key, which starts with the distribution column ``user_id``
-# (migration 0002): a distributed Postgres routes each row to its user's shard and checks it there. Arrays
-# (unnest) cost the same in Postgres, but asyncpg encodes them while the statement is sent, about 60 ms
-# of this process's CPU per 8,000 messages (a type check per element); the JSON document is built
-# with orjson (about 20 ms) while the batch before commits.
-_UPSERT_SESSIONS = (
-    """
-INSERT INTO {s}.sessions AS t (session_id, user_id, title, status, conversation_data, metadata,
-    message_count, memory_count, total_tokens, total_cost, session_summary, created_at, updated_at,
-    last_activity, version)
-SELECT sid, uid, title, status, cd::jsonb, md::jsonb, mc, yc, tok, cost::numeric / MICROS, summ,
-    CREATED, UPDATED, ACTIVITY, v
-FROM json_to_recordset($1::json) AS u(sid text, uid text, title text, status text, cd text, md text,
-    mc int, yc int, tok bigint, cost bigint, summ text, c bigint, up bigint, la bigint, v bigint)
-ON CONFLICT (user_id, session_id) DO UPDATE SET
-    title = EXCLUDED.title, status = EXCLUDED.status, conversation_data = EXCLUDED.conversation_data,
-    metadata = EXCLUDED.metadata, message_count = EXCLUDED.message_count,
-    memory_count = EXCLUDED.memory_count, total_tokens = EXCLUDED.total_tokens,
-    total_cost = EXCLUDED.total_cost, session_summary = EXCLUDED.session_summary,
-    updated_at = EXCLUDED.updated_at, last_activity = EXCLUDED.last_activity, version = EXCLUDED.version
-WHERE t.version < EXCLUDED.version
-""".replace("MICROS", str(MICROS))
-    .replace("CREATED", _US.format("c"))
-    .replace("UPDATED", _US.format("up"))
-    .replace("ACTIVITY", _US.format("la"))
-)
-
-_INSERT_MESSAGES = """
-INSERT INTO {s}.session_messages (message_id, session_id, seq, user_id, role, content, message_type,
-    metadata, tokens_used, cost_usd, created_at)
-SELECT id, sid, seq, uid, role, content, mtype, meta::jsonb, tok, cost::numeric / MICROS, TS
-FROM json_to_recordset($1::json) AS u(id text, sid text, seq bigint, uid text, role text, content text,
-    mtype text, meta text, tok int, cost bigint, ts bigint)
-ON CONFLICT (user_id, session_id, seq) DO NOTHING
-""".replace("TS", _US.format("ts")).replace("MICROS", str(MICROS))
-
-_INSERT_MEMORIES = """
-INSERT INTO {s}.session_memories (memory_id, session_id, seq, user_id, memory_type, content, metadata,
-    created_at)
-SELECT id, sid, seq, uid, mtype, content, meta::jsonb, created::timestamptz
-FROM json_to_recordset($1::json) AS u(id text, sid text, seq int, uid text, mtype text, content text,
-    meta text, created text)
-ON CONFLICT (user_id, session_id, seq) DO NOTHING
-"""

@@ -1,42 +1,42 @@
 """Sessions, messages and memories: the domain operations, Redis first, Postgres for what left Redis.
 
-Every function takes the ``Backend`` (``resources.py``: the process's Redis client, key layout,
+Every function takes the ``Backend`` (``storage/resources.py``: the process's Redis client, key layout,
 registered scripts and, when configured, the asyncpg pool) and plain values, and returns JSON-ready
-dicts in the guide's shapes (``shapes.py``). Hot paths are one script call (``scripts.py``). A session
-whose data has left Redis (``cold``) is read from Postgres with the same shapes (``cold.py``), and
-brought back into Redis before it is written to.
+dicts in the guide's shapes (``record/shapes.py``). Hot paths are one script call
+(``storage/scripts/api.py``). A session whose data has left Redis (``cold``) is read from Postgres
+with the same shapes (``storage/cold.py``), and brought back into Redis before it is written to.
 
-Writes take the request's ``Conditions``. With an Idempotency-Key or a rate limit they run the guarded
-variant of their script (``scripts.guarded``): the record of the first answer is checked, the user's
-token bucket charged and the answer recorded in the same script as the write. A record holds the
-request's fingerprint and what Python made for the first request (ids, times) plus what the script
-made (the sequence number; for PUT/DELETE the session hash), so a replay rebuilds the first answer
-byte for byte from the retry's own body, which the fingerprint proves is the same. Objects sent with
-a key (``metadata``, ``conversation_data``) are stored with sorted keys, so a retry that serialises
-them in another order still gets the very same bytes.
+Writes take the request's ``Conditions`` (``conditions.py``: idempotency, If-Match, rate limits).
+Objects sent with an Idempotency-Key (``metadata``, ``conversation_data``) are stored with sorted keys,
+so a retry that serialises them in another order still gets the very same bytes.
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Awaitable, Callable, Sequence
-from decimal import Decimal
-from typing import Any, NamedTuple, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import orjson
 from pydantic import BaseModel
 
-from session_svc.errors import (
-    MEMORY_NOT_FOUND,
-    SESSION_NOT_FOUND,
-    Conflict,
-    KeyReused,
-    NotFound,
-    PreconditionFailed,
-    TooManyWrites,
-    Unavailable,
+from session_svc.domain.conditions import (
+    NO_CONDITIONS,
+    Conditions,
+    Written,
+    as_json,
+    check,
+    etag,
+    guard_of,
+    replayed_record,
 )
-from session_svc.record.fields import LIST_FIELDS, MEMORY_ALL, MESSAGE_FIELDS
+from session_svc.errors import MEMORY_NOT_FOUND, SESSION_NOT_FOUND, Conflict, NotFound, Unavailable
+from session_svc.record.fields import (
+    LIST_FIELDS,
+    MEMORY_ALL,
+    MESSAGE_FIELDS,
+    SessionStatus,
+    new_session_record,
+)
 from session_svc.record.keys import UserKeys
 from session_svc.record.models import MemoryCreate, MessageCreate, SessionCreate, SessionUpdate, to_micros
 from session_svc.record.shapes import (
@@ -57,7 +57,9 @@ from session_svc.record.shapes import (
 )
 from session_svc.storage import cold
 from session_svc.storage.resources import Backend
-from session_svc.storage.scripts import FINGERPRINT_LEN, Guard
+from session_svc.storage.scripts import Reply
+
+__all__ = ["NO_CONDITIONS", "Conditions", "Written", "etag"]
 
 T = TypeVar("T")
 
@@ -100,132 +102,21 @@ async def _write(b: Backend, uk: UserKeys, sid: str, uid: str, call: Callable[[]
     """Run a write script; if the session is cold, rehydrate it and run the script again."""
     reply: Any = await call()
     for _ in range(_ATTEMPTS):
-        if reply[0] not in ("cold", "missing"):
+        if reply[0] not in (Reply.cold, Reply.missing):
             break
         await _rehydrate(b, uk, sid, uid)
         reply = await call()
     return reply  # type: ignore[no-any-return]
 
 
-def _check(reply: Sequence[Any], what: str) -> None:
-    state = reply[0]
-    if state in ("missing", "cold"):
-        raise NotFound(SESSION_NOT_FOUND)
-    if state == "conflict":
-        raise Conflict(f"Session is {reply[1]}: {what}")
-    if state == "precondition":
-        tag = etag(reply[1])
-        raise PreconditionFailed(
-            f"Precondition failed: If-Match does not match the session's current ETag {tag}; "
-            "read it again and redo the change",
-            {"ETag": tag},
-        )
-    if state == "mismatch":
-        raise KeyReused(
-            "Idempotency-Key was already used for a different request (another method, path, session, "
-            "If-Match or body); send a new key for a new request"
-        )
-    if state == "limited":
-        raise TooManyWrites(
-            f"Too many writes for this user; retry after {reply[1]} s", {"Retry-After": str(reply[1])}
-        )
-
-
-# Idempotency, preconditions, rate limits ---------------------------------------------------------------
-
-
-class Conditions(NamedTuple):
-    """What a write request says besides its body (read by ``views._adapt``)."""
-
-    idempotency_key: str | None = None
-    # If-Match: "" (none), "*", or the versions the session may have, as ",3,4," (``validation``).
-    if_match: str = ""
-
-
-NO_CONDITIONS = Conditions()
-
-
-class Written(NamedTuple):
-    """A write's answer: the JSON, the session's ETag when it has one, and whether it was replayed.
-    (Named tuples: one is built on every write, and a frozen dataclass costs several times more.)"""
-
-    row: Row
-    etag: str | None = None
-    replayed: bool = False
-
-
-def etag(version: str | int) -> str:
-    """The session's strong entity tag: its version ``v``, which every write bumps."""
-    return f'"{version}"'
-
-
-def _canonical(value: Any) -> Any:
-    if isinstance(value, Decimal):  # cost_usd: 0.00010 and 0.0001 are one amount
-        return str(value.normalize())
-    raise TypeError(type(value).__name__)
-
-
-def _fingerprint(op: str, uid: str, sid: str, body: BaseModel | None, if_match: str = "") -> str:
-    """The request as validated, keys sorted: a client that re-serialises the same body is the same
-    request, a different value is another one."""
-    # ``__dict__``: the validated fields (extra ones are ignored); ``dict(body)`` is 50x slower.
-    doc = [op, uid, sid, if_match, body.__dict__ if body is not None else None]
-    raw = orjson.dumps(doc, default=_canonical, option=orjson.OPT_SORT_KEYS)
-    return hashlib.blake2b(raw, digest_size=FINGERPRINT_LEN // 2).hexdigest()
-
-
-def _guard(
-    b: Backend,
-    uk: UserKeys,
-    cond: Conditions,
-    request: tuple[str, str, BaseModel | None],
-    made: Sequence[Any],
-    now: int,
-) -> Guard | None:
-    """The guarded script's extra arguments, or None (the plain script) with neither an Idempotency-Key
-    nor a rate limit. ``request``: (operation, session id, validated body), fingerprinted with the user
-    and If-Match when a key was sent; ``made``: what Python made for this request (ids, times)."""
-    if cond.idempotency_key is None and not b.rate_per_minute:
-        return None
-    op, sid, body = request
-    fp = "" if cond.idempotency_key is None else _fingerprint(op, uk.user_id, sid, body, cond.if_match)
-    return Guard(
-        uk.idempotency(cond.idempotency_key or ""), fp, dumps(made) + "\n", b.idempotency_ttl,
-        uk.rate_limit, b.rate_per_minute, b.rate_burst, now,
-    )  # fmt: skip
-
-
-def _record(rec: str) -> tuple[list[Any], str]:
-    """A replayed record: what Python made for the first request, and what its script made."""
-    made, _, extra = rec[FINGERPRINT_LEN:].partition("\n")
-    return orjson.loads(made), extra
-
-
-def _json(value: Any, sort: bool) -> str:
-    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode() if sort else dumps(value)
-
-
 # Sessions --------------------------------------------------------------------------------------------
 
 
 def _new_session(sid: str, now: int, body: SessionCreate, sort: bool) -> Hash:
-    return {
-        "session_id": sid,
-        "user_id": body.user_id,
-        "title": body.title,
-        "status": "active",
-        "conversation_data": _json(body.conversation_data, sort),
-        "metadata": _json(body.metadata, sort),
-        "session_summary": body.session_summary,
-        "message_count": "0",
-        "total_tokens": "0",
-        "cost_micros": "0",
-        "memory_count": "0",
-        "created_at": str(now),
-        "updated_at": str(now),
-        "last_activity": str(now),
-        "v": "1",
-    }
+    return new_session_record(
+        sid, body.user_id, body.title, as_json(body.conversation_data, sort), as_json(body.metadata, sort),
+        body.session_summary, now,
+    )  # fmt: skip
 
 
 async def create_session(b: Backend, body: SessionCreate, cond: Conditions = NO_CONDITIONS) -> Written:
@@ -242,19 +133,19 @@ async def create_session(b: Backend, body: SessionCreate, cond: Conditions = NO_
         metadata=h["metadata"],
         summary=body.session_summary,
         now=now,
-        guard=_guard(b, uk, cond, ("create_session", "", body), (sid, now), now),
+        guard=guard_of(b, uk, cond, ("create_session", "", body), (sid, now), now),
     )
-    if reply[0] == "replay":
-        (sid, now), _ = _record(reply[1])
+    if reply[0] == Reply.replay:
+        (sid, now), _ = replayed_record(reply[1])
         return Written(session_out(_new_session(sid, now, body, idem)), etag(1), replayed=True)
-    _check(reply, "cannot create")
+    check(reply, "cannot create")
     return Written(session_out(h), etag(1))
 
 
 async def _session_hash(b: Backend, sid: str, uid: str) -> Hash:
     uk = b.keys.for_user(uid)
     reply = await b.scripts.get_session(uk, sid)
-    if reply[0] == "ok":
+    if reply[0] == Reply.ok:
         return pairs(reply[1])
     return await _cold_hash(b, sid, uid)
 
@@ -288,7 +179,9 @@ async def update_session(
 
 async def end_session(b: Backend, sid: str, uid: str, cond: Conditions = NO_CONDITIONS) -> Written:
     """The answer's ``row`` is the session as it was left (the route answers a fixed message)."""
-    return await _set_session(b, sid, uid, "ended", [], cond=cond, request=("end_session", sid, None))
+    return await _set_session(
+        b, sid, uid, SessionStatus.ended, [], cond=cond, request=("end_session", sid, None)
+    )
 
 
 async def set_status_if_idle(b: Backend, sid: str, uid: str, status: str, idle_before_us: int) -> bool:
@@ -314,7 +207,7 @@ async def _set_session(
     uk = b.keys.for_user(uid)
     idle = "" if idle_before_us is None else str(idle_before_us)
     # Housekeeping (idle_before_us) is the service's own write: never rate limited.
-    guard = None if idle_before_us is not None else _guard(b, uk, cond, request, (), now_us())
+    guard = None if idle_before_us is not None else guard_of(b, uk, cond, request, (), now_us())
 
     def call() -> Awaitable[Any]:
         return b.scripts.update_session(
@@ -323,11 +216,11 @@ async def _set_session(
         )  # fmt: skip
 
     reply = await _write(b, uk, sid, uid, call)
-    replayed = reply[0] == "replay"
+    replayed = reply[0] == Reply.replay
     if replayed:
-        h = pairs(orjson.loads(_record(reply[1])[1]))
+        h = pairs(orjson.loads(replayed_record(reply[1])[1]))
     else:
-        _check(reply, f"it cannot become {status}" if status else "cannot update")
+        check(reply, f"it cannot become {status}" if status else "cannot update")
         h = pairs(reply[1])
     return Written(session_out(h), etag(h["v"]), replayed)
 
@@ -389,7 +282,7 @@ def _message(mid: str, ts: int, body: MessageCreate, sort: bool) -> Hash:
         "type": body.message_type.value,
         "tokens": str(body.tokens_used),
         "cost": str(to_micros(body.cost_usd)),  # type: ignore[arg-type]  # validated into a Decimal
-        "meta": _json(body.metadata, sort),
+        "meta": as_json(body.metadata, sort),
         "ts": str(ts),
     }
 
@@ -401,12 +294,12 @@ async def append_message(
     idem = cond.idempotency_key is not None
     mid, ts = new_id(), now_us()
     message = _message(mid, ts, body, idem)
-    guard = _guard(b, uk, cond, ("append_message", sid, body), (mid, ts), ts)
+    guard = guard_of(b, uk, cond, ("append_message", sid, body), (mid, ts), ts)
     reply = await _write(b, uk, sid, uid, lambda: b.scripts.append_message(uk, sid, message, guard))
-    if reply[0] == "replay":
-        (mid, ts), seq = _record(reply[1])
+    if reply[0] == Reply.replay:
+        (mid, ts), seq = replayed_record(reply[1])
         return Written(message_out(sid, uid, int(seq), _message(mid, ts, body, idem)), replayed=True)
-    _check(reply, "only an active session takes new messages")
+    check(reply, "only an active session takes new messages")
     return Written(message_out(sid, uid, int(reply[1]), message))
 
 
@@ -416,7 +309,7 @@ async def list_messages(b: Backend, sid: str, uid: str, page: int, page_size: in
     hi = lo + page_size - 1
     reply = await b.scripts.list_messages(uk, sid, lo, hi)
     messages: list[Row] = []
-    if reply[0] == "ok":
+    if reply[0] == Reply.ok:
         total, first = int(reply[1]), int(reply[2])
         if lo < first and b.pg is not None:
             for seq, f in await cold.load_messages(b.pg, b.schema, uid, sid, lo, min(hi, first - 1)):
@@ -444,7 +337,7 @@ def _memory_doc(mid: str, now: int, body: MemoryCreate, sort: bool) -> str:
             "memory_id": mid,
             "memory_type": body.memory_type.value,
             "content": body.content,
-            "metadata": orjson.Fragment(_json(body.metadata, sort)),
+            "metadata": orjson.Fragment(as_json(body.metadata, sort)),
             "created_at": iso(now),
         }
     )
@@ -458,16 +351,16 @@ async def create_memory(
     idem = cond.idempotency_key is not None
     mid, now = new_id(), now_us()
     doc = _memory_doc(mid, now, body, idem)
-    guard = _guard(b, uk, cond, ("create_memory", sid, body), (mid, now), now)
+    guard = guard_of(b, uk, cond, ("create_memory", sid, body), (mid, now), now)
 
     def call() -> Awaitable[Any]:
         return b.scripts.create_memory(uk, sid, now=now, memory_type=mtype, doc=doc, guard=guard)
 
     reply = await _write(b, uk, sid, uid, call)
-    if reply[0] == "replay":
-        (mid, now), _ = _record(reply[1])
+    if reply[0] == Reply.replay:
+        (mid, now), _ = replayed_record(reply[1])
         return Written(memory_out(sid, uid, _memory_doc(mid, now, body, idem)), replayed=True)
-    _check(reply, "it no longer takes memories")
+    check(reply, "it no longer takes memories")
     return Written(memory_out(sid, uid, doc))
 
 
@@ -478,7 +371,7 @@ async def list_memories(
     uk = b.keys.for_user(uid)
     start = (page - 1) * page_size
     reply = await b.scripts.list_memories(uk, sid, memory_type or MEMORY_ALL, start, start + page_size - 1)
-    if reply[0] == "ok":
+    if reply[0] == Reply.ok:
         total = int(reply[1])
         docs = [d for d in reply[3] if d is not None]
     else:

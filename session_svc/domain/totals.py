@@ -21,8 +21,8 @@ from prometheus_client.registry import Collector
 
 from session_svc import __version__
 from session_svc.errors import PG_UNAVAILABLE
-from session_svc.record.fields import MEMORY_STAT, MICROS, ROLE_STAT, MemoryType
-from session_svc.record.models import Role, SessionStatus
+from session_svc.record.fields import MEMORY_STAT, MICROS, ROLE_STAT, MemoryType, SessionStatus
+from session_svc.record.models import Role
 from session_svc.storage import heartbeat, redis_client
 from session_svc.storage.redis_client import REDIS_FAILURES
 from session_svc.storage.resources import Backend

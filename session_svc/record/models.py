@@ -16,7 +16,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from pydantic_core import PydanticCustomError
 from typing_extensions import TypeAliasType
 
-from session_svc.record.fields import MICROS, MemoryType
+from session_svc.record.fields import MICROS, MemoryType, SessionStatus
 
 # Size limits (documented in README, "Limits").
 MAX_ID_CHARS = 255
@@ -33,13 +33,6 @@ MAX_COST_PER_MESSAGE = Decimal(1_000_000)
 # 255 at most).
 MAX_JSON_DEPTH = 64
 TOO_DEEP = f"JSON nests deeper than {MAX_JSON_DEPTH} levels of arrays and objects"
-
-
-class SessionStatus(StrEnum):
-    active = "active"
-    completed = "completed"
-    archived = "archived"
-    ended = "ended"
 
 
 class Role(StrEnum):

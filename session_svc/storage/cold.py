@@ -1,6 +1,6 @@
 """Reads from PostgreSQL, the system of record, for sessions whose data has left Redis.
 
-Rows come back in the very shapes Redis stores (``record.py``: a session hash of strings, the stream
+Rows come back in the very shapes Redis stores (``record/fields.py``: a session hash of strings, the stream
 fields of a message, a memory's JSON document), so one set of formatters (``shapes.py``) serves both
 tiers and a cold session answers with the same JSON as a hot one. Timestamps and money are converted
 to integer microseconds in SQL, exactly (``numeric``), never through a float.
@@ -17,7 +17,15 @@ import asyncpg
 import orjson
 
 from session_svc.ops.telemetry import PG_SECONDS, RECORDER
-from session_svc.record.fields import LIST_FIELDS, MESSAGE_FIELDS, MICROS, SESSION_FIELDS
+from session_svc.record.fields import (
+    LIST_FIELDS,
+    MEMORY,
+    MESSAGE,
+    MESSAGE_FIELDS,
+    SESSION_ROW,
+    Conv,
+    sql_us_to_timestamptz,
+)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -40,32 +48,14 @@ def _timed(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
 
 Hash = dict[str, str]
 
-_TIMES = ("created_at", "updated_at", "last_activity")
-
-# Each field of the session hash (``record.SESSION_FIELDS``, and its version ``v``) as a column.
-_COLUMN = {
-    "conversation_data": "conversation_data::text AS conversation_data",
-    "metadata": "metadata::text AS metadata",
-    "message_count": "message_count::text",
-    "total_tokens": "total_tokens::text",
-    "cost_micros": f"(total_cost * {MICROS})::bigint::text AS cost_micros",
-    "memory_count": "memory_count::text",
-    **{t: f"(extract(epoch FROM {t}) * 1000000)::bigint::text AS {t}" for t in _TIMES},
-    "v": "version::text AS v",
-}
-_SESSION_COLUMNS = ", ".join(_COLUMN.get(f, f) for f in (*SESSION_FIELDS, "v"))
-# A listing's columns only (``record.LIST_FIELDS``): it never shows the two JSON objects, so it never
-# reads them (up to 256 KiB each; reading them made a cold page of 20 cost 3.1 ms instead of 0.46 ms
-# with 16 KiB of conversation_data per session).
-_LIST_COLUMNS = ", ".join(_COLUMN.get(f, f) for f in ("session_id", *LIST_FIELDS))
-
-
-# Integer microseconds since the epoch ($2) as a timestamptz, exactly as the flusher writes them.
-_US_PARAM = "'epoch'::timestamptz + $2 * interval '1 microsecond'"
-
-
-def _iso_sql(column: str) -> str:
-    return f"to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+_SESSION = {f.name: f for f in SESSION_ROW}
+# Every field of the session hash (and its version ``v``) from its column, as Redis holds it.
+_SESSION_COLUMNS = ", ".join(f.to_redis() for f in SESSION_ROW)
+# A listing's columns only (``LIST_FIELDS``): it never shows the two JSON objects, so it never reads
+# them (up to 256 KiB each).
+_LIST_COLUMNS = ", ".join(_SESSION[n].to_redis() for n in ("session_id", *LIST_FIELDS))
+_MESSAGE_COLUMNS = ", ".join(f.to_redis() for f in MESSAGE)
+_MEMORY_COLUMNS = ", ".join(f.to_redis() for f in MEMORY)
 
 
 def _compact(text: str) -> str:
@@ -73,10 +63,13 @@ def _compact(text: str) -> str:
     return orjson.dumps(orjson.loads(text)).decode()
 
 
+_SESSION_JSON = tuple(f.name for f in SESSION_ROW if f.conv is Conv.json)
+
+
 def _session_hash(row: asyncpg.Record) -> Hash:
     h = dict(row)
-    h["conversation_data"] = _compact(h["conversation_data"])
-    h["metadata"] = _compact(h["metadata"])
+    for name in _SESSION_JSON:
+        h[name] = _compact(h[name])
     return h
 
 
@@ -119,7 +112,8 @@ async def list_older(
     rows within it, since the API pages by number."""
     rows = await pool.fetch(
         f"""SELECT {_LIST_COLUMNS} FROM "{schema}".sessions
-            WHERE user_id = $1 AND last_activity <= {_US_PARAM} AND NOT session_id = ANY($3::text[])
+            WHERE user_id = $1 AND last_activity <= {sql_us_to_timestamptz("$2")}
+              AND NOT session_id = ANY($3::text[])
             ORDER BY last_activity DESC, session_id DESC OFFSET $4 LIMIT $5""",
         uid,
         boundary_us,
@@ -136,10 +130,7 @@ async def load_messages(
 ) -> list[tuple[int, Hash]]:
     """Messages ``lo..hi`` (sequence numbers, inclusive) as stream fields."""
     rows = await pool.fetch(
-        f"""SELECT seq, message_id AS id, role, content, message_type AS type, metadata::text AS meta,
-                   tokens_used::text AS tokens, (cost_usd * {MICROS})::bigint::text AS cost,
-                   (extract(epoch FROM created_at) * 1000000)::bigint::text AS ts
-            FROM "{schema}".session_messages
+        f"""SELECT seq, {_MESSAGE_COLUMNS} FROM "{schema}".session_messages
             WHERE user_id = $1 AND session_id = $2 AND seq BETWEEN $3 AND $4 ORDER BY seq""",
         uid,
         sid,
@@ -150,27 +141,17 @@ async def load_messages(
 
 
 def _memory_doc(r: asyncpg.Record) -> str:
+    """The memory's JSON document, as Redis holds it."""
     return orjson.dumps(
-        {
-            "memory_id": r["memory_id"],
-            "memory_type": r["memory_type"],
-            "content": r["content"],
-            "metadata": orjson.Fragment(r["metadata"]),
-            "created_at": r["created"],
-        }
+        {f.name: orjson.Fragment(r[f.name]) if f.conv is Conv.json else r[f.name] for f in MEMORY}
     ).decode()
-
-
-_MEMORY_COLUMNS = (
-    f"seq, memory_id, memory_type, content, metadata::text AS metadata, {_iso_sql('created_at')} AS created"
-)
 
 
 @_timed
 async def load_memory_docs(pool: asyncpg.Pool, schema: str, uid: str, sid: str) -> list[tuple[int, str]]:
     """Every memory of a session, oldest first, as (seq, JSON document)."""
     rows = await pool.fetch(
-        f"""SELECT {_MEMORY_COLUMNS} FROM "{schema}".session_memories
+        f"""SELECT seq, {_MEMORY_COLUMNS} FROM "{schema}".session_memories
             WHERE user_id = $1 AND session_id = $2 ORDER BY seq""",
         uid,
         sid,
@@ -190,7 +171,7 @@ async def load_memories(
 ) -> tuple[int, list[str]]:
     """One page of memories, newest first, and the total count."""
     rows = await pool.fetch(
-        f"""SELECT {_MEMORY_COLUMNS}, count(*) OVER () AS total FROM "{schema}".session_memories
+        f"""SELECT seq, {_MEMORY_COLUMNS}, count(*) OVER () AS total FROM "{schema}".session_memories
             WHERE user_id = $1 AND session_id = $2 AND ($3::text IS NULL OR memory_type = $3)
             ORDER BY seq DESC OFFSET $4 LIMIT $5""",
         uid,
