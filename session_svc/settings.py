@@ -13,7 +13,8 @@ from urllib.parse import unquote, urlsplit
 
 # REDIS_BUCKETS when it is not set. On a cluster, buckets are what spreads the load over masters: 16
 # bucket slots land 4/8/4 on 3 masters with equal slot ranges, 64 land 22/24/18 (and can be evened to
-# within 10% by moving slots, up to 10 masters); every-bucket reads cost 3x those of 16 (256: 10x).
+# within 10% by moving slots, up to 10 masters); reads that visit every bucket (stats, the drain) cost
+# in proportion, so more buckets are not free (docs/scale.md).
 STANDALONE_BUCKETS = 16
 CLUSTER_BUCKETS = 64
 

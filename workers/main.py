@@ -12,7 +12,7 @@ survives its dependencies going away and coming back:
   job skips its round instead of failing when Redis or Postgres is unavailable.
 
 arq gives us cron scheduling that several workers share (a cron tick is one job id, so it runs once).
-The drain is not an arq job per write (an enqueue costs about 4x an XADD); it is one loop reading the
+The drain is not an arq job per write (an enqueue costs several XADDs); it is one loop reading the
 outbox streams. arq's queue lives on ``ARQ_REDIS_URL`` (it does not run on Redis Cluster), which
 defaults to ``REDIS_URL``; with REDIS_CLUSTER it must be set (to a standalone Redis), or the worker
 refuses to start.

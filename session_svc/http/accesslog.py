@@ -1,8 +1,8 @@
 """The access log (ACCESS_LOG=true): one JSON line per request, gathered in memory and written to stderr
 in one write every ``FLUSH_EVERY_S``, and at shutdown.
 
-Not through ``logging``: a LogRecord, the handler chain and a write and flush per request cost a
-quarter of the throughput of a hot request on this machine (measured); a list append does not. A
+Not through ``logging``: a LogRecord, the handler chain and a write and flush per request cost a large
+share of a hot request's throughput (docs/performance.md); a list append does not. A
 process killed with SIGKILL loses at most the last ``FLUSH_EVERY_S`` of lines.
 """
 

@@ -1,8 +1,8 @@
 """Per-process figures (requests, Redis and Postgres calls): cheap on the hot path, right across processes.
 
-A request adds to plain Python counters here: a dict lookup, a bisect and a few additions, about 0.6 µs.
-Observing prometheus_client's histogram and counter directly costs 5 µs per request in one process and
-13 µs in multiprocess mode on this machine (measured), a tenth of a hot request. ``publish()`` moves what
+A request adds to plain Python counters here: a dict lookup, a bisect and a few additions. Observing
+prometheus_client's histogram and counter directly on every request costs several times that, most in
+its multiprocess mode, a visible share of a hot request (docs/performance.md). ``publish()`` moves what
 accumulated into prometheus_client's metrics; the API and the worker call it once a second and before
 every scrape.
 
