@@ -1,4 +1,4 @@
-"""Bad input, systematically: each kind has one documented answer (README, "Limits" and "API notes"), a 4xx
+"""Bad input, systematically: each kind has one documented answer (docs/api.md, "Limits" and the notes), a 4xx
 with a JSON ``detail``, never a 500, and it writes nothing.
 
 The requests go over a real socket as raw bytes (``helpers.exchange``): aiohttp's client would refuse or
@@ -239,7 +239,7 @@ async def test_json_nested_exactly_to_the_limit_is_kept_hot_and_cold(
 async def test_negative_zero_keeps_its_value_and_loses_its_sign_in_postgres(
     client: Any, flusher: Flusher, backend: Backend, redis: Redis
 ) -> None:
-    """Documented (README, "JSON in metadata"): PostgreSQL's numeric has no negative zero."""
+    """Documented (docs/api.md, "JSON in metadata"): PostgreSQL's numeric has no negative zero."""
     sid = (await make_session(client, USER, metadata={"z": -0.0, "l": [-0.0]}))["session_id"]
     resp = await client.get(session_url(sid), params={"user_id": USER})
     assert b'"metadata":{"z":-0.0,"l":[-0.0]}' in await resp.read()  # hot: as sent

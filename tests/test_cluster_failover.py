@@ -6,7 +6,7 @@ With asynchronous replication a master can acknowledge a write its replica never
 then loses it. Without REDIS_WAIT_REPLICAS the test counts such losses (and reports them: it cannot
 promise none); with REDIS_WAIT_REPLICAS=1 a write is acknowledged only once a replica has it, and the test
 asserts that nothing acknowledged is lost. The figures (503s, recovery time, writes lost) are printed
-(``pytest -s``) and recorded in the README.
+(``pytest -s``) and recorded in docs/performance.md ("Redis Cluster").
 """
 
 from __future__ import annotations

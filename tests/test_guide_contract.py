@@ -9,8 +9,8 @@ against a tiny in-process ``httpx`` stand-in that forwards to the test client.
 The guide's user ids are mapped to ids unique to this run (``test_user_123`` -> ``test_user_123-<hex>``),
 ``{session_id}``/``{SESSION_ID}``/``{user_id}`` to the session that the nearest preceding create example
 made (and its owner). Values are checked against what was sent (echo), except ``status`` (the guide's
-value) and the DELETE answer (the guide's body exactly). ``memory_type`` is returned as sent (README,
-"API notes"), not as the guide's example shows.
+value) and the DELETE answer (the guide's body exactly). ``memory_type`` is returned as sent (docs/api.md,
+"Memories"), not as the guide's example shows.
 """
 
 from __future__ import annotations

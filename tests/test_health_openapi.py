@@ -50,7 +50,7 @@ def _api_routes(app: web.Application) -> set[tuple[str, str]]:
     routes = set()
     for route in app.router.routes():
         path = route.resource.canonical if route.resource is not None else ""
-        # The document itself, its page, and /metrics (Prometheus' format, described in the README).
+        # The document itself, its page, and /metrics (Prometheus' format, described in docs/operations.md).
         if route.method == "HEAD" or path in ("/openapi.json", "/metrics") or path.startswith("/docs"):
             continue
         routes.add((route.method.lower(), path))

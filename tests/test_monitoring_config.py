@@ -451,14 +451,14 @@ def test_compose_runs_only_session_svc_subcommands() -> None:
 
 def test_compose_sets_only_documented_settings() -> None:
     example = (CONFIG / "session_svc.env.example").read_text()
-    readme = (ROOT / "README.md").read_text()
+    page = (ROOT / "docs" / "configuration.md").read_text()
     for name, service in project_services().items():
         env = {k: interpolated(str(v)) for k, v in service["environment"].items()}
         assert {"REDIS_URL", "DATABASE_URL"} <= set(env), name
         for variable in env:
             assert variable in SETTINGS_ENV, (name, variable)
             assert re.search(rf"^{variable}=", example, re.M), (name, variable)
-            assert f"`{variable}`" in readme, (name, variable)
+            assert f"`{variable}`" in page, (name, variable)
         Settings.from_env(env)  # the values are valid too
 
 
@@ -485,7 +485,7 @@ def test_compose_redis_runs_the_repo_redis_conf() -> None:
     conf = mounts_of(redis)["./config/redis.conf"]
     command = [interpolated(str(arg)) for arg in redis["command"]]
     assert command[:2] == ["redis-server", conf]
-    assert re.fullmatch(r"\d+[kmg]b", command[command.index("--maxmemory") + 1])  # bounded: see README
+    assert re.fullmatch(r"\d+[kmg]b", command[command.index("--maxmemory") + 1])  # bounded (operations.md)
     lines = (CONFIG / "redis.conf").read_text().splitlines()
     settings = dict(line.split(None, 1) for line in lines if line.strip() and not line.startswith("#"))
     assert settings["appendonly"] == "yes"
@@ -513,12 +513,12 @@ def test_compose_starts_in_order() -> None:
     assert url == f"postgresql://{user}:{password}@postgres:5432/{db}"
 
 
-# README ------------------------------------------------------------------------------------------------
+# docs/operations.md ------------------------------------------------------------------------------------
 
 
-def test_readme_monitoring_table_lists_every_alert() -> None:
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### Monitoring") :]
+def test_operations_page_lists_every_alert() -> None:
+    page = (ROOT / "docs" / "operations.md").read_text()
+    section = page[page.index("## Monitoring") :]
     table = section[section.index("| alert | condition | what to do |") :].split("\n\n")[0]
     documented = {re.findall(r"`(\w+)`", row)[0] for row in table.splitlines()[2:]}
     assert documented == {a["alert"] for a in alerts()}

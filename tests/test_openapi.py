@@ -95,7 +95,7 @@ async def test_session_id_is_documented_as_the_uuid_the_service_issued(doc: dict
 
 
 async def test_body_limits_are_documented(doc: dict[str, Any]) -> None:
-    # The README's "Limits" table, field by field.
+    # docs/api.md's "Limits" table, field by field.
     message, memory = f"{SESSION}/messages", f"{SESSION}/memory"
     for path, method in ((SESSIONS, "post"), (SESSION, "put")):
         title = prop(doc, path, method, "title")

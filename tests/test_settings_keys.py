@@ -235,41 +235,45 @@ def test_migrations_applied_again_are_a_no_op(settings: Settings) -> None:
     assert len(asyncio.run(versions())) == 1
 
 
-def test_every_setting_is_documented_in_the_env_example_and_the_readme() -> None:
+def test_every_setting_is_documented_in_the_env_example_and_the_configuration_page() -> None:
     root = Path(__file__).resolve().parent.parent
     example = (root / "config" / "session_svc.env.example").read_text()
-    readme = (root / "README.md").read_text()
+    page = (root / "docs" / "configuration.md").read_text()
     names = [f.name.upper() for f in fields(Settings)]
     assert [n for n in names if not re.search(rf"^{n}=", example, re.M)] == []
-    assert [n for n in names if f"`{n}`" not in readme] == []
+    assert [n for n in names if f"`{n}`" not in page] == []
 
 
-def _readme_defaults() -> dict[str, str]:
-    """The README's configuration table: variable -> default, where the default is a literal value."""
-    readme = (ROOT / "README.md").read_text()
-    table = readme[readme.index("| variable | default | meaning |") :].split("\n\n")[0]
+def _documented_defaults() -> dict[str, str]:
+    """docs/configuration.md's tables (one per group of settings): variable -> default, where the
+    default is a literal value."""
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    header = "| variable | default | meaning |"
+    tables = [part.split("\n\n")[0] for part in page.split(header)[1:]]
+    assert len(tables) >= 2, "docs/configuration.md: one table per group of settings"
     out: dict[str, str] = {}
-    for row in table.splitlines()[2:]:
-        _, names, default, *_ = row.split("|")
-        if not default.strip().startswith("`"):  # "(= `REDIS_URL`)", "host-pid": said in words
-            continue
-        values = re.findall(r"`([^`]*)`", default)
-        out.update(zip(re.findall(r"`([A-Z_]+)`", names), values, strict=True))
+    for table in tables:
+        for row in table.splitlines()[2:]:
+            _, names, default, *_ = row.split("|")
+            if not default.strip().startswith("`"):  # "(= `REDIS_URL`)", "host-pid": said in words
+                continue
+            values = re.findall(r"`([^`]*)`", default)
+            out.update(zip(re.findall(r"`([A-Z_]+)`", names), values, strict=True))
     return out
 
 
 def test_documented_defaults_are_the_defaults() -> None:
-    """The env example ("every variable with its default") and the README's table say what a setting
+    """The env example ("every variable with its default") and docs/configuration.md say what a setting
     is when it is not set; read the way the service reads its environment, each is the code's default."""
     defaults = Settings()
     example = dict(
         re.findall(r"^([A-Z_]+)=(.*)$", (ROOT / "config" / "session_svc.env.example").read_text(), re.M)
     )
-    readme = _readme_defaults()
-    assert {"END_IDLE_AFTER_DAYS", "WORKER_METRICS_PORT", "SERVICE_PORT", "DEBUG"} <= set(readme)
+    page = _documented_defaults()
+    assert {"END_IDLE_AFTER_DAYS", "WORKER_METRICS_PORT", "SERVICE_PORT", "DEBUG", "AUTH_MODE"} <= set(page)
     for f in fields(Settings):
         name = f.name.upper()
-        for where, documented in (("env example", example), ("README", readme)):
+        for where, documented in (("env example", example), ("docs/configuration.md", page)):
             if name in documented:
                 value = getattr(Settings.from_env({name: documented[name]}), f.name)
                 assert value == getattr(defaults, f.name), (where, name, documented[name])
