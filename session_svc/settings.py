@@ -104,7 +104,7 @@ class Settings:
     consul_token: str = ""
     consul_tags: str = "api,v1"
     consul_service_address: str = ""
-    # Who may call the API (session_svc/http/auth.py, README "Authentication"): none (a gateway in front
+    # Who may call the API (session_svc/http/auth.py, docs/api.md "Authentication"): none (a gateway in front
     # authenticates), api_key (trusted backends, keys from AUTH_API_KEYS and/or AUTH_API_KEYS_FILE) or
     # jwt (HS256 with AUTH_JWT_SECRET, or RS256/ES256 with the keys at AUTH_JWKS_URL).
     auth_mode: str = "none"

@@ -18,7 +18,7 @@ from typing_extensions import TypeAliasType
 
 from session_svc.record.fields import MICROS, MemoryType, SessionStatus
 
-# Size limits (documented in README, "Limits").
+# Size limits (documented in docs/api.md, "Limits").
 MAX_ID_CHARS = 255
 MAX_TITLE_CHARS = 500
 MAX_CONTENT_CHARS = 256 * 1024
