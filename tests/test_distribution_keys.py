@@ -25,7 +25,7 @@ from tests import outbox_drain, pg_rows
 from tests.conftest import ServerUrls
 from tests.helpers import add_memory, add_message, error_json, get_session, list_messages, new_user
 from tests.support import drop_schema, new_name
-from workers.flush import Entry
+from workers.rows import Entry
 
 DISTRIBUTION_COLUMN = "user_id"
 

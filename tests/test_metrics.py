@@ -22,8 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from session_svc import __version__
 from session_svc.domain.totals import CACHE_S
 from session_svc.http.accesslog import ACCESS_LOG, FLUSH_EVERY_S
-from session_svc.record.fields import MemoryType
-from session_svc.record.models import Role, SessionStatus
+from session_svc.record.fields import MemoryType, SessionStatus
+from session_svc.record.models import Role
 from tests import outbox_drain
 from tests.helpers import (
     add_memory,
