@@ -8,7 +8,8 @@
 
 Fixtures meant for every test module (API, workers, faults): ``test_urls``, ``db_schema``, ``key_prefix``,
 ``make_settings``, ``settings``, ``app``, ``client``, ``make_client``, ``redis``, ``pg``,
-``private_redis``. Request helpers (``make_session`` ...) live in ``tests/helpers.py``.
+``private_redis``, ``make_rig`` (the fault tests' rig, ``tests/rig.py``). Request helpers
+(``make_session`` ...) live in ``tests/helpers.py``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -33,6 +35,7 @@ from session_svc.storage import heartbeat
 from session_svc.storage.resources import Backend
 from tests.helpers import Client
 from tests.outbox_drain import make_flusher
+from tests.rig import MakeRig, rigs
 from tests.servers import LocalCluster, PgServer, RedisServer, start_cluster, start_postgres, start_redis
 from tests.support import create_schema, delete_prefix, drop_schema
 from workers.flush import Flusher
@@ -231,6 +234,15 @@ def private_redis() -> Iterator[Callable[[], RedisServer]]:
     yield start
     for server in started:
         server.destroy()
+
+
+@pytest.fixture
+async def make_rig(pg_server: PgServer, aiohttp_client: Any, tmp_path: Path) -> AsyncIterator[MakeRig]:
+    """``await make_rig(redis_args, **settings)``: the fault tests' rig (``tests/rig.py``): a private
+    Redis of its own, a fresh schema on the module's private Postgres, the app on both, the model of
+    acknowledged writes; removed afterwards, its workers stopped (SIGTERM, clean exit required)."""
+    async with rigs(pg_server, aiohttp_client, tmp_path) as make:
+        yield make
 
 
 # Redis Cluster --------------------------------------------------------------------------------------------

@@ -1,19 +1,16 @@
 """What Postgres holds and what the API answered, in the same plain shapes, so a test compares them with
-one ``==`` (money as ``Decimal``, timestamps as the API's ISO strings at microseconds); and the model
-of acknowledged writes with the check "Postgres equals the model"."""
+one ``==`` (money as ``Decimal``, timestamps as the API's ISO strings at microseconds). The model of
+acknowledged writes that reconciles them is ``tests/acked.py``."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
 
-from session_svc.record.keys import Keys
 from tests.helpers import SESSION_FIELDS
 
 
@@ -124,59 +121,3 @@ async def pg_snapshot(conn: Any, schema: str) -> dict[str, list[tuple[Any, ...]]
         rows = await conn.fetch(f'SELECT * FROM "{schema}".{table} ORDER BY {order}')
         out[table] = [tuple(r.values()) for r in rows]
     return out
-
-
-@dataclass
-class Model:
-    """What the API acknowledged (200): sessions, and per session its messages and memories."""
-
-    users: dict[str, str] = field(default_factory=dict)  # sid -> uid
-    messages: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    memories: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    failures: list[str] = field(default_factory=list)  # non-200 answers to writes that should succeed
-
-    def session(self, body: dict[str, Any]) -> str:
-        sid: str = body["session_id"]
-        self.users[sid] = body["user_id"]
-        self.messages[sid] = []
-        self.memories[sid] = []
-        return sid
-
-    @property
-    def message_total(self) -> int:
-        return sum(len(v) for v in self.messages.values())
-
-
-async def assert_postgres_equals_model(
-    client: Any, redis: Redis, keys: Keys, conn: Any, schema: str, model: Model
-) -> None:
-    """Postgres holds every acknowledged write exactly once, with the values the API answered.
-
-    Sessions are compared with what the API answers now (all fields, and the Redis version), messages
-    and memories with the acknowledgements themselves; sequence numbers are 1..n without gaps.
-    """
-    assert not model.failures, model.failures[:5]
-    sids = list(model.users)
-    total = await conn.fetchval(f'SELECT count(*) FROM "{schema}".sessions')
-    assert total == len(sids)
-    rows = await pg_sessions(conn, schema, sids)
-    for sid, uid in model.users.items():
-        resp = await client.get(f"/api/v1/sessions/{sid}", params={"user_id": uid})
-        body = await resp.json()
-        assert resp.status == 200, body
-        h: dict[str, str] = await redis.hgetall(keys.for_user(uid).session(sid))  # type: ignore[misc]
-        version = int(h["v"]) if h else rows[sid]["version"]
-        if h:
-            assert h["fv"] == h["v"], (sid, h)
-        assert rows[sid] == api_session(body, len(model.memories[sid]), version), sid
-        msgs = sorted(model.messages[sid], key=lambda m: m["sequence"])
-        assert [m["sequence"] for m in msgs] == list(range(1, len(msgs) + 1)), sid
-        assert await pg_messages(conn, schema, sid) == [api_message(m) for m in msgs], sid
-        # Memories written concurrently are numbered in the order Redis ran them: compare by id.
-        stored = await pg_memories(conn, schema, sid)
-        assert [m.pop("seq") for m in stored] == list(range(1, len(stored) + 1)), sid
-        by_id = {m["memory_id"]: m for m in stored}
-        assert by_id == {m["memory_id"]: m for m in model.memories[sid]}, sid
-    n_msg = await conn.fetchval(f'SELECT count(*) FROM "{schema}".session_messages')
-    n_mem = await conn.fetchval(f'SELECT count(*) FROM "{schema}".session_memories')
-    assert (n_msg, n_mem) == (model.message_total, sum(len(v) for v in model.memories.values()))

@@ -14,7 +14,9 @@ connection and to new ones:
   out of step, which is why a client must not reuse one whose command timed out.
 - ``cut()``: every open connection is reset (RST), and so is every new one until the mode changes.
 
-``connections`` counts the connections open now, ``accepted`` those accepted so far.
+``connections`` counts the connections open now, ``accepted`` those accepted so far, ``held_up`` the
+chunks read from a client that the server has not been sent yet (a request provably in the link: hold
+it with ``delay(up=...)``, then ``cut()``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class _Link:
     client: asyncio.StreamWriter
     server: asyncio.StreamWriter
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    held_up: int = 0  # chunks read from the client and not yet passed to the server
 
 
 class Proxy:
@@ -86,6 +89,10 @@ class Proxy:
     @property
     def connections(self) -> int:
         return len(self._links)
+
+    @property
+    def held_up(self) -> int:
+        return sum(link.held_up for link in list(self._links))
 
     def url(self, scheme_and_rest: str) -> str:
         """``url("redis://127.0.0.1:{port}/0")``: a URL with this proxy's port filled in."""
@@ -143,7 +150,7 @@ class Proxy:
         """One direction: read chunks, hold each for the delay in force when it arrived, forward them in
         order (or drop them while black-holed); then pass the close on."""
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
-        sender = asyncio.create_task(self._send(queue, writer))
+        sender = asyncio.create_task(self._send(queue, writer, link, upstream))
         try:
             while True:
                 try:
@@ -155,6 +162,7 @@ class Proxy:
                 if self.mode in ("blackhole", "cut"):
                     continue
                 hold = self.up_delay if upstream else self.down_delay
+                link.held_up += upstream
                 queue.put_nowait((time.monotonic() + hold, chunk))
             queue.put_nowait((0.0, b""))  # end of stream, after what is queued
             await sender
@@ -162,7 +170,13 @@ class Proxy:
             sender.cancel()
             self._drop(link)
 
-    async def _send(self, queue: asyncio.Queue[tuple[float, bytes]], writer: asyncio.StreamWriter) -> None:
+    async def _send(
+        self,
+        queue: asyncio.Queue[tuple[float, bytes]],
+        writer: asyncio.StreamWriter,
+        link: _Link,
+        upstream: bool,
+    ) -> None:
         try:
             while True:
                 due, chunk = await queue.get()
@@ -174,8 +188,10 @@ class Proxy:
                 if wait > 0:
                     await asyncio.sleep(wait)
                 if self.mode in ("blackhole", "cut"):
+                    link.held_up -= upstream
                     continue
                 writer.write(chunk)
+                link.held_up -= upstream
                 await writer.drain()
         except OSError:
             pass

@@ -88,6 +88,18 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def bytes_waiting(port: int) -> int:
+    """Bytes the kernel holds, unread, for the sockets a server on ``port`` accepted (``/proc/net/tcp``'s
+    rx_queue): with the server stopped (SIGSTOP), a request that reached it and waits shows here."""
+    total = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if int(f[1].rsplit(":", 1)[1], 16) == port and f[3] != "0A":  # 0A: LISTEN (its backlog)
+                total += int(f[4].split(":")[1], 16)
+    return total
+
+
 def _spawn_redis(port: int, workdir: Path, args: Sequence[str]) -> subprocess.Popen[bytes]:
     binary = shutil.which("redis-server") or "/usr/bin/redis-server"
     cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]

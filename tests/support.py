@@ -1,7 +1,8 @@
 """Test plumbing shared by every module: polling, names, schemas and key prefixes of a test's own.
 
-Private servers are in ``tests/servers.py``, the in-process outbox drain in ``tests/outbox_drain.py``,
-Postgres row shapes and the model of acknowledged writes in ``tests/pg_rows.py``. Nothing here touches
+Private servers are in ``tests/servers.py``, the fault tests' rig of them in ``tests/rig.py``, the
+in-process outbox drain in ``tests/outbox_drain.py``, Postgres row shapes in ``tests/pg_rows.py`` and
+the model of acknowledged writes in ``tests/acked.py``. Nothing here touches
 the shared servers beyond the schema and key prefix a test owns.
 """
 

@@ -139,3 +139,24 @@ def test_each_handler_takes_exactly_the_models_its_route_declares() -> None:
         if (query, body) != declared:
             wrong.append(f"{route.method} {route.path}: handler {hint}, route {declared}")
     assert wrong == []
+
+
+def test_no_test_module_imports_another() -> None:
+    """What tests share lives in helper modules (``tests/rig.py``, ``tests/acked.py``, ...): a test module
+    imported by another runs its module-level code and fixtures twice, and ties the two together."""
+    tests = ROOT / "tests"
+    wrong = []
+    for path in sorted(tests.glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names: list[str] = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            for name in names:
+                parts = name.split(".")
+                if any(p.startswith("test_") for p in parts[1:] if parts[0] == "tests") or (
+                    parts[0].startswith("test_") and (tests / f"{parts[0]}.py").exists()
+                ):
+                    wrong.append(f"{path.name}: {name}")
+    assert wrong == []

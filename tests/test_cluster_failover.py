@@ -17,7 +17,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,8 @@ from session_svc.record.keys import Keys
 from session_svc.settings import Settings
 from session_svc.storage.redis_client import REDIS_DOWN
 from session_svc.storage.resources import Backend, open_backend
+from tests import acked
+from tests.acked import Acked
 from tests.conftest import MakeClient, MakeSettings, ServerUrls
 from tests.helpers import Client, make_session, new_user, session_url
 from tests.outbox_drain import drain
@@ -55,86 +57,71 @@ def failover_cluster() -> Iterator[LocalCluster]:
 
 @dataclass
 class Run:
-    acked: dict[str, tuple[str, int]] = field(default_factory=dict)  # message id -> (sid, sequence)
-    unavailable: int = 0  # 503s
-    details: set[str] = field(default_factory=set)
-    killed_at: float = 0.0
-    recovered_after: float | None = None  # seconds from the kill to the first 200 on the killed shard
-    recovered: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-async def _writer(
-    client: Client, user: str, sid: str, on_victim: bool, run: Run, stop: asyncio.Event
-) -> None:
-    n = 0
-    while not stop.is_set():
-        n += 1
-        content = f"{sid[:8]}-{n}"
-        resp = await client.post(
-            session_url(sid, "/messages"), params={"user_id": user}, json={"role": "user", "content": content}
-        )
-        body = await resp.json()
-        if resp.status == 200:
-            run.acked[body["message_id"]] = (sid, body["sequence"])
-            if on_victim and run.killed_at and run.recovered_after is None:
-                run.recovered_after = time.monotonic() - run.killed_at
-                run.recovered.set()
-        else:
-            assert resp.status == 503, (resp.status, body)
-            run.unavailable += 1
-            run.details.add(body["detail"].split(":")[0][:80])
-            await asyncio.sleep(0.01)
+    model: Acked  # every answer, filed by what it promises
+    lost: int  # acknowledged messages Postgres lacks after the worker drained everything
+    recovered_after: float  # seconds from the kill to the first 200 on the killed shard
+    figures: dict[str, int] | None = None  # of the reconciliation, when the test asked for one
 
 
 async def _failover_under_load(
-    client: Client, settings: Settings, cluster: LocalCluster, pg: asyncpg.Connection
-) -> tuple[Run, int]:
+    client: Client, settings: Settings, cluster: LocalCluster, pg: asyncpg.Connection, reconcile: bool
+) -> Run:
     """Write from WRITERS sessions (on every shard) while the worker drains; kill the master of the
-    first session's bucket; stop once its shard took writes again (plus a second). Returns the run
-    and how many acknowledged messages Postgres lacks after the worker drained everything."""
+    first session's bucket; stop once its shard took writes again (plus a second). Then drain
+    everything and count the acknowledged messages Postgres lacks; ``reconcile``: Postgres must also
+    equal the model of acknowledged writes (``Acked.reconcile``: nothing acknowledged missing,
+    nothing stored twice, no gap, counters exact)."""
     keys = Keys(settings.key_prefix, settings.redis_buckets)
-    users = [new_user() for _ in range(WRITERS)]
-    sids = [(await make_session(client, u))["session_id"] for u in users]
-    victim = cluster.master_of(keys.for_user(users[0]).stats)
-    on_victim = [cluster.master_of(keys.for_user(u).stats) == victim for u in users]
-    run = Run()
-    stop = asyncio.Event()
+    model = Acked()
+    sids = [await acked.create(client, model) for _ in range(WRITERS)]
+    victim = cluster.master_of(keys.for_user(model.users[sids[0]]).stats)
+    on_victim = {s for s in sids if cluster.master_of(keys.for_user(model.users[s]).stats) == victim}
     async with open_backend(
         settings, socket_timeout=settings.worker_redis_socket_timeout, coalesce=True
     ) as backend:
         flusher = Flusher(backend, new_name("t-"), batch_size=500, max_deliveries=5, claim_idle_ms=1000)
         worker_stop = asyncio.Event()
         worker = asyncio.create_task(flusher.run(worker_stop))
-        writers = [
-            asyncio.create_task(_writer(client, u, s, v, run, stop))
-            for u, s, v in zip(users, sids, on_victim, strict=True)
-        ]
+        load = acked.Load(client, model, sids, writers=WRITERS, pause=0.0, backoff=0.01)
         await asyncio.sleep(BEFORE_KILL_S)
         os.kill(cluster.pid(victim), signal.SIGKILL)
-        run.killed_at = time.monotonic()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(run.recovered.wait(), MOST_S)
+        killed_at = time.monotonic()
+
+        async def victim_writable() -> bool:
+            return any(s.status == 200 and s.sid in on_victim and s.start >= killed_at for s in model.samples)
+
+        with contextlib.suppress(AssertionError):
+            await eventually(victim_writable, "a write on the killed shard", within=MOST_S, interval=0.05)
         await asyncio.sleep(AFTER_RECOVERY_S)
-        stop.set()
-        await asyncio.gather(*writers)
+        await load.finish()
         worker_stop.set()
         await worker
-        assert run.recovered_after is not None, f"no write on the killed shard within {MOST_S}s"
+        ok = [s for s in model.samples if s.status == 200 and s.sid in on_victim and s.start >= killed_at]
+        assert ok, f"no write on the killed shard within {MOST_S}s"
+        recovered_after = min(s.start + s.elapsed for s in ok) - killed_at
         await _drain_once_redis_answers(backend)
+        figures = None
+        if reconcile:
+            figures = await model.reconcile(
+                client, backend.redis, keys, pg, settings.db_schema, exclusive=False
+            )
+    assert {s.status for s in model.samples} <= {200, 503}, model.not_ok[:5]
+    missing = set(await model.missing(pg, settings.db_schema))
     rows = await pg.fetch(
-        "SELECT message_id, session_id, seq FROM session_messages WHERE session_id = ANY($1::text[])", sids
+        "SELECT session_id, seq FROM session_messages WHERE session_id = ANY($1::text[])", sids
     )
-    in_pg = {r["message_id"] for r in rows}
-    lost = [m for m in run.acked if m not in in_pg]
     taken = {(r["session_id"], r["seq"]) for r in rows}
-    reused = [m for m in lost if run.acked[m] in taken]  # its sequence number holds another message
+    reused = [  # its sequence number holds another message
+        m for sid in sids for m in model.messages[sid]
+        if m["message_id"] in missing and (sid, m["sequence"]) in taken
+    ]  # fmt: skip
     print(
-        f"\nfailover (REDIS_WAIT_REPLICAS={settings.redis_wait_replicas}): {len(run.acked)} writes "
-        f"acknowledged, {run.unavailable} answered 503 ({sorted(run.details)}), killed shard writable "
-        f"again after {run.recovered_after:.2f}s, acknowledged writes missing from Postgres: {len(lost)} "
-        f"({len(reused)} of them: their sequence number holds another message)"
+        f"\nfailover (REDIS_WAIT_REPLICAS={settings.redis_wait_replicas}): {model.acked_total} writes "
+        f"acknowledged, {len(model.not_ok)} answered 503 ({dict(model.details)}), killed shard writable "
+        f"again after {recovered_after:.2f}s, acknowledged writes missing from Postgres: {len(missing)} "
+        f"({len(reused)} of them: their sequence number holds another message); reconciled: {figures}"
     )
-    return run, len(lost)
+    return Run(model, len(missing), recovered_after, figures)
 
 
 async def _drain_once_redis_answers(backend: Backend) -> None:
@@ -164,14 +151,14 @@ async def test_a_killed_master_is_replaced_and_the_service_recovers_without_a_re
 ) -> None:
     settings, client = await _on_cluster(make_settings, make_client, failover_cluster.url, test_urls)
     try:
-        run, lost = await _failover_under_load(client, settings, failover_cluster, pg)
+        run = await _failover_under_load(client, settings, failover_cluster, pg, reconcile=False)
     finally:
         _restore(failover_cluster)
-    assert run.unavailable > 0  # the killed shard did answer 503 for a moment
-    assert len(run.acked) > 100
+    assert run.model.not_ok  # the killed shard did answer 503 for a moment
+    assert run.model.acked_total > 100
     # Without WAIT a failover may lose what the old master acknowledged last: printed, not asserted
-    # (the test with REDIS_WAIT_REPLICAS asserts that nothing is lost).
-    print(f"without WAIT: {lost} of {len(run.acked)} acknowledged writes lost")
+    # (the test with REDIS_WAIT_REPLICAS reconciles: nothing acknowledged is lost).
+    print(f"without WAIT: {run.lost} of {run.model.acked_total} acknowledged writes lost")
 
 
 async def test_with_wait_replicas_nothing_acknowledged_is_lost_in_a_failover(
@@ -191,12 +178,12 @@ async def test_with_wait_replicas_nothing_acknowledged_is_lost_in_a_failover(
     )
     restarter = asyncio.create_task(_restore_when_promoted(failover_cluster))
     try:
-        run, lost = await _failover_under_load(client, settings, failover_cluster, pg)
+        run = await _failover_under_load(client, settings, failover_cluster, pg, reconcile=True)
     finally:
         await restarter
-    assert run.unavailable > 0
-    assert len(run.acked) > 100
-    assert lost == 0
+    assert run.model.not_ok
+    assert run.model.acked_total > 100
+    assert run.lost == 0 and run.figures is not None
 
 
 async def _restore_when_promoted(cluster: LocalCluster) -> None:

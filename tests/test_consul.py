@@ -16,13 +16,11 @@ import logging
 import signal
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from session_svc import __version__
 from session_svc.http.appkeys import CONSUL
@@ -30,79 +28,8 @@ from session_svc.ops import consul
 from session_svc.ops.consul import Registration, Service
 from session_svc.settings import Settings
 from tests import servers, support
+from tests.consul_agent import REGISTER, Agent, ready
 from tests.support import eventually
-
-REGISTER = "/v1/agent/service/register"
-
-
-@dataclass
-class Call:
-    method: str
-    path: str
-    query: dict[str, str]
-    token: str | None
-    body: Any
-
-
-@dataclass
-class Agent:
-    """A stand-in for the Consul agent's HTTP API (register, deregister, read one service)."""
-
-    port: int = field(default_factory=servers.free_port)
-    calls: list[Call] = field(default_factory=list)
-    services: dict[str, Any] = field(default_factory=dict)
-    fail_next: int = 0  # answer this many calls with a 500
-    hang: bool = False  # never answer
-    runner: web.AppRunner | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @web.middleware
-    async def _record(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        body = await request.json() if request.can_read_body else None
-        self.calls.append(
-            Call(
-                request.method, request.path, dict(request.query), request.headers.get("X-Consul-Token"), body
-            )
-        )
-        if self.hang:
-            await asyncio.sleep(3600)
-        if self.fail_next:
-            self.fail_next -= 1
-            return web.Response(status=500, text="rpc error: No cluster leader")
-        resp: web.StreamResponse = await handler(request)
-        return resp
-
-    async def _register(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        self.services[body["ID"]] = body
-        return web.Response()
-
-    async def _deregister(self, request: web.Request) -> web.Response:
-        self.services.pop(request.match_info["id"], None)
-        return web.Response()
-
-    async def _service(self, request: web.Request) -> web.Response:
-        found = self.services.get(request.match_info["id"])
-        return web.json_response(found) if found else web.Response(status=404, text="unknown service ID")
-
-    async def start(self) -> None:
-        app = web.Application(middlewares=[self._record])
-        app.router.add_put(REGISTER, self._register)
-        app.router.add_put("/v1/agent/service/deregister/{id}", self._deregister)
-        app.router.add_get("/v1/agent/service/{id}", self._service)
-        self.runner = web.AppRunner(app, shutdown_timeout=0.1)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
-
-    async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
-
-    def to(self, path: str) -> list[Call]:
-        return [c for c in self.calls if c.path == path]
 
 
 @pytest.fixture
@@ -140,7 +67,7 @@ async def test_the_api_process_registers_with_the_guides_check_and_deregisters_o
     port = api.port
     try:
         api.wait_healthy()
-        await eventually(lambda: _async(bool(agent.to(REGISTER))), "the registration", within=10)
+        await eventually(lambda: ready(bool(agent.to(REGISTER))), "the registration", within=10)
         [call] = agent.to(REGISTER)
         service_id = f"session_service-127.0.0.1-{port}"
         assert (call.method, call.query, call.token) == ("PUT", {"replace-existing-checks": "true"}, "t0ken")
@@ -185,11 +112,11 @@ async def test_the_api_serves_while_the_agent_is_down_and_registers_once_it_is_u
         t0 = time.monotonic()
         api.wait_healthy()
         serving_after = time.monotonic() - t0
-        await eventually(lambda: _async("(attempt 1)" in api.tail()), "a failed attempt logged", within=10)
+        await eventually(lambda: ready("(attempt 1)" in api.tail()), "a failed attempt logged", within=10)
         assert "WARNING session_svc.ops.consul Consul registration of" in api.tail()
         await agent.start()
         t1 = time.monotonic()
-        await eventually(lambda: _async(bool(agent.services)), "the registration", within=20)
+        await eventually(lambda: ready(bool(agent.services)), "the registration", within=20)
         registered_after = time.monotonic() - t1
         assert [c.path for c in agent.calls] == [REGISTER]
         assert api.healthy()
@@ -214,7 +141,7 @@ async def test_an_agent_answering_500_is_retried_with_backoff(
     await agent.start()
     agent.fail_next = 2
     client = await make_client(consul_host="127.0.0.1", consul_port=agent.port, service_host="127.0.0.1")
-    await eventually(lambda: _async(client.app[CONSUL].registered), "the registration", within=10)
+    await eventually(lambda: ready(client.app[CONSUL].registered), "the registration", within=10)
     calls = agent.to(REGISTER)
     assert len(calls) == 3 and calls[0].body == calls[1].body == calls[2].body
     failures = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -230,9 +157,9 @@ async def test_a_registration_the_agent_lost_is_made_again(agent: Agent, fast_re
     registration = Registration(agent.url, Service("10.1.2.3", 8205, ("api",)))
     await registration.start()
     try:
-        await eventually(lambda: _async(registration.registered), "the registration", within=10)
+        await eventually(lambda: ready(registration.registered), "the registration", within=10)
         agent.services.clear()  # the agent lost its state (or removed a long-critical instance)
-        await eventually(lambda: _async(len(agent.to(REGISTER)) == 2), "the registration again", within=10)
+        await eventually(lambda: ready(len(agent.to(REGISTER)) == 2), "the registration again", within=10)
         assert "session_service-10.1.2.3-8205" in agent.services
     finally:
         await registration.stop()
@@ -242,7 +169,7 @@ async def test_stop_is_bounded_when_the_agent_hangs(agent: Agent, fast_retries: 
     await agent.start()
     registration = Registration(agent.url, Service("10.1.2.3", 8205, ()))
     await registration.start()
-    await eventually(lambda: _async(registration.registered), "the registration", within=10)
+    await eventually(lambda: ready(registration.registered), "the registration", within=10)
     agent.hang = True
     t0 = time.monotonic()
     await registration.stop()
@@ -267,7 +194,3 @@ def test_the_advertised_address_and_the_service_id() -> None:
     )
     assert Service("fd00::5", 8205, ()).check_url == "http://[fd00::5]:8205/health"
     assert consul.service_of(Settings()).tags == ("api", "v1")
-
-
-async def _async(value: Any) -> Any:
-    return value

@@ -45,6 +45,15 @@ async def _refused(port: int) -> bool:
     return False
 
 
+# Larger than anything the API sends Redis by itself (a ping, a heartbeat read): its command is in the
+# stopped Redis's socket once that many bytes wait there.
+PAD = "x" * 8_192
+
+
+async def _reached(redis: servers.RedisServer) -> bool:
+    return await asyncio.to_thread(servers.bytes_waiting, redis.port) >= len(PAD)
+
+
 def _api(settings: Settings, redis_url: str, tmp_path: Path, **extra: str) -> servers.ApiProcess:
     port = servers.free_port()
     s = settings
@@ -73,10 +82,10 @@ async def test_sigterm_lets_the_request_in_flight_finish_and_refuses_new_connect
                     http.post(
                         session_url(sid, "/messages"),
                         params={"user_id": user},
-                        json={"role": "user", "content": "sent just before SIGTERM"},
+                        json={"role": "user", "content": "sent just before SIGTERM " + PAD},
                     )
                 )
-                await asyncio.sleep(0.3)  # the request is in the API, waiting for Redis
+                await eventually(lambda: _reached(redis), "the request in the API, waiting for Redis")
                 assert not in_flight.done()
                 t0 = time.monotonic()
                 api.proc.send_signal(signal.SIGTERM)
@@ -107,9 +116,12 @@ async def test_a_request_that_outlives_the_shutdown_timeout_is_cut_and_the_api_s
     api = _api(settings, redis.url, tmp_path, SHUTDOWN_TIMEOUT="1")
     try:
         async with aiohttp.ClientSession(api.url) as http:
+            async with http.post(SESSIONS, json={"user_id": support.new_name("user-")}) as resp:
+                assert resp.status == 200, await resp.text()  # a pooled connection to Redis, in use
             redis.pause()
-            stuck = asyncio.create_task(http.post(SESSIONS, json={"user_id": support.new_name("user-")}))
-            await asyncio.sleep(0.3)
+            body = {"user_id": support.new_name("user-"), "metadata": {"pad": PAD}}
+            stuck = asyncio.create_task(http.post(SESSIONS, json=body))  # metadata: at most 16 KiB
+            await eventually(lambda: _reached(redis), "the request in the API, waiting for Redis")
             t0 = time.monotonic()
             api.proc.send_signal(signal.SIGTERM)
             status = await asyncio.to_thread(api.proc.wait, 10)

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from session_svc.settings import Settings
 from tests import servers, support
-from tests.test_monitoring_config import EXPORTED
+from tests.metric_names import EXPORTED
 
 MESSAGES = "/api/v1/sessions/{session_id}/messages"
 

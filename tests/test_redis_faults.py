@@ -10,8 +10,9 @@ What an answer promised is what is checked:
   without a gap in the sequence numbers;
 - anything else (a 500, a 503 of another kind) fails the test.
 
-Each test starts its own redis-server (AOF or maxmemory as it needs) and uses its own schema on a
-PostgreSQL cluster started once for the module; neither is a shared server. Figures (recovery time,
+Each test builds its rig (``tests/rig.py``): its own redis-server (AOF or maxmemory as it needs) and
+its own schema on a PostgreSQL cluster started once for the module, neither a shared server; answers
+are filed and reconciled by the model of acknowledged writes (``tests/acked.py``). Figures (recovery time,
 latencies while Redis is down, memory) are printed: ``pytest -s -k redis_faults`` shows them.
 """
 
@@ -21,264 +22,35 @@ import asyncio
 import random
 import statistics
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
-from redis.asyncio import Redis
 
-from session_svc.http.app import create_app
 from session_svc.http.appkeys import BACKEND
-from session_svc.record.keys import Keys
-from session_svc.settings import Settings
-from session_svc.storage import outbox
-from session_svc.storage.redis_client import REDIS_DOWN_DETAIL, REDIS_OOM_DETAIL, REDIS_UNKNOWN_DETAIL
-from tests import outbox_drain, pg_rows, servers, support
+from session_svc.storage.redis_client import REDIS_OOM_DETAIL, REDIS_UNKNOWN_DETAIL
+from tests import outbox_drain
+from tests.acked import first_ok_after
 from tests.helpers import new_user, session_url
-from tests.servers import PgServer, RedisServer, WorkerProcess
+from tests.rig import AOF, MakeRig, Rig
+from tests.servers import RedisServer
 from tests.support import eventually
 from workers import expiry
 
 pytestmark = pytest.mark.fault
 
-AOF = ("--appendonly", "yes", "--appendfsync", "everysec", "--maxmemory-policy", "noeviction")
-
-
-@dataclass
-class Sample:
-    start: float
-    elapsed: float
-    status: int
-
-
-@dataclass
-class Ledger:
-    """What the API answered to each write, by what that answer promises (see the module docstring)."""
-
-    users: dict[str, str] = field(default_factory=dict)  # sid -> uid
-    acked: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    unknown: set[str] = field(default_factory=set)  # contents of writes with an unknown outcome
-    refused: set[str] = field(default_factory=set)  # contents of writes that wrote nothing
-    oom: int = 0
-    wrong: list[str] = field(default_factory=list)  # answers that are never acceptable
-    samples: list[Sample] = field(default_factory=list)
-
-    @property
-    def acked_total(self) -> int:
-        return sum(len(v) for v in self.acked.values())
-
-
-@dataclass
-class Rig:
-    settings: Settings
-    client: Any
-    redis: Redis
-    redis_server: RedisServer
-    pg_server: PgServer
-    pg: asyncpg.Connection
-    log_dir: Path
-    ledger: Ledger = field(default_factory=Ledger)
-    workers: list[WorkerProcess] = field(default_factory=list)
-
-    @property
-    def keys(self) -> Keys:
-        return Keys(self.settings.key_prefix, self.settings.redis_buckets)
-
-    def start_worker(self, tag: str) -> WorkerProcess:
-        worker = servers.start_worker(self.settings, f"{self.settings.key_prefix}-{tag}", self.log_dir)
-        self.workers.append(worker)
-        return worker
-
-    def logs(self) -> str:
-        return "\n".join(f"--- worker {w.name} (alive={w.alive}):\n{w.tail()}" for w in self.workers)
-
-    async def create(self, title: str = "") -> str:
-        uid = new_user()
-        resp = await self.client.post("/api/v1/sessions", json={"user_id": uid, "title": title})
-        body = await resp.json()
-        assert resp.status == 200, body
-        sid: str = body["session_id"]
-        self.ledger.users[sid] = uid
-        self.ledger.acked[sid] = []
-        return sid
-
-    async def append(self, sid: str, content: str) -> int:
-        """One message, its answer filed in the ledger; returns the status."""
-        ledger = self.ledger
-        body = {"role": "user", "content": content, "tokens_used": 3, "cost_usd": 0.000125}
-        t0 = time.monotonic()
-        resp = await self.client.post(
-            session_url(sid, "/messages"), params={"user_id": ledger.users[sid]}, json=body
-        )
-        answer = await resp.json()
-        ledger.samples.append(Sample(t0, time.monotonic() - t0, resp.status))
-        detail = answer.get("detail") if resp.status == 503 else None
-        if resp.status == 200:
-            ledger.acked[sid].append(answer)
-        elif detail == REDIS_UNKNOWN_DETAIL:
-            ledger.unknown.add(content)
-        elif detail in (REDIS_DOWN_DETAIL, REDIS_OOM_DETAIL):
-            ledger.refused.add(content)
-            ledger.oom += detail == REDIS_OOM_DETAIL
-        else:
-            ledger.wrong.append(f"{resp.status} {answer}")
-        return int(resp.status)
-
-    async def health(self) -> tuple[int, dict[str, Any], float]:
-        t0 = time.monotonic()
-        resp = await self.client.get("/health/detailed")
-        return resp.status, await resp.json(), time.monotonic() - t0
-
-    async def quiescent(self, within: float = 60.0) -> None:
-        async def drained() -> bool:
-            backlog = await outbox.backlog(self.redis, self.keys)
-            pending = await outbox_drain.pending_per_consumer(self.redis, self.keys)
-            return backlog.entries == 0 and not any(pending.values())
-
-        try:
-            await eventually(drained, "an empty outbox backlog with nothing pending", within, interval=0.1)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{self.logs()}") from None
-
-    async def check(self) -> None:
-        """Postgres holds each acknowledged write once, equal to its answer, and nothing refused."""
-        ledger = self.ledger
-        assert not ledger.wrong, ledger.wrong[:5]
-        conn = self.pg  # Postgres is never restarted here
-        schema = self.settings.db_schema
-        for sid, uid in ledger.users.items():
-            rows = await pg_rows.pg_messages(conn, schema, sid)
-            assert [r["sequence"] for r in rows] == list(range(1, len(rows) + 1)), sid
-            by_id = {r["message_id"]: r for r in rows}
-            for m in ledger.acked[sid]:
-                assert by_id.get(m["message_id"]) == pg_rows.api_message(m), (sid, m)
-            acked_ids = {m["message_id"] for m in ledger.acked[sid]}
-            extra = {r["content"] for r in rows if r["message_id"] not in acked_ids}
-            assert extra <= ledger.unknown, (sid, extra - ledger.unknown)
-            assert not {r["content"] for r in rows} & ledger.refused, sid
-            resp = await self.client.get(session_url(sid), params={"user_id": uid})
-            body = await resp.json()
-            assert resp.status == 200, body
-            assert body["message_count"] == len(rows), sid
-            h = await self.redis.hgetall(self.keys.for_user(uid).session(sid))
-            row = (await pg_rows.pg_sessions(conn, schema, [sid]))[sid]
-            if h:  # still hot: fully flushed and not pinned
-                assert (h["fv"], h.get("stuck")) == (h["v"], None), (sid, h)
-            assert row == pg_rows.api_session(body, 0, int(h["v"]) if h else row["version"]), sid
-        assert await outbox_drain.dead_letters(self.redis, self.keys) == []
-
-
-def fault_settings(redis: RedisServer, pg: PgServer, schema: str, **over: Any) -> Settings:
-    values: dict[str, Any] = {
-        "redis_url": redis.url,
-        "database_url": pg.url,
-        "db_schema": schema,
-        "key_prefix": support.new_name("r"),
-        "flush_claim_idle_ms": 1000,
-        "flush_batch_size": 200,
-        "redis_socket_timeout": 1.0,
-        "redis_pool_timeout": 1.0,
-        "redis_connect_timeout": 0.5,
-        "worker_redis_socket_timeout": 2.0,
-        "worker_heartbeat_interval": 0.5,
-        "worker_heartbeat_timeout": 3.0,
-    }
-    values.update(over)
-    return Settings(**values)
-
-
-@pytest.fixture
-async def make_rig(pg_server: PgServer, aiohttp_client: Any, tmp_path: Path) -> AsyncIterator[Any]:
-    """``await make_rig(redis_args, **settings)``: a private Redis, a fresh schema, the app on both."""
-    made: list[Rig] = []
-    schemas: list[str] = []
-
-    async def make(redis_args: tuple[str, ...], **over: Any) -> Rig:
-        server = servers.start_redis(*redis_args)
-        schema = await asyncio.to_thread(support.create_schema, pg_server.url)  # runs its own loop
-        schemas.append(schema)
-        settings = fault_settings(server, pg_server, schema, **over)
-        client = await aiohttp_client(create_app(settings))
-        rig = Rig(
-            settings,
-            client,
-            Redis.from_url(server.url, decode_responses=True),
-            server,
-            pg_server,
-            await asyncpg.connect(pg_server.url),
-            tmp_path,
-        )
-        made.append(rig)
-        return rig
-
-    yield make
-    try:
-        for rig in made:  # SIGTERM while their Redis still runs: each must exit cleanly
-            await asyncio.to_thread(servers.stop_workers, rig.workers)
-    finally:
-        for rig in made:
-            for worker in rig.workers:
-                if worker.alive:
-                    worker.kill()
-            await rig.redis.aclose()
-            await rig.pg.close(timeout=5)
-            rig.redis_server.destroy()
-        for schema in schemas:
-            await asyncio.to_thread(support.drop_schema, pg_server.url, schema)
-
-
-class Load:
-    """``writers`` tasks appending to the rig's sessions until stopped."""
-
-    def __init__(self, rig: Rig, sids: list[str], writers: int, size: int = 40, pause: float = 0.002) -> None:
-        self.rig, self.sids, self.size, self.pause = rig, sids, size, pause
-        self.stop = asyncio.Event()
-        self.n = 0
-        self.tasks = [asyncio.create_task(self._writer(w)) for w in range(writers)]
-
-    async def _writer(self, w: int) -> None:
-        rnd = random.Random(w)
-        while not self.stop.is_set():
-            self.n += 1
-            content = f"w{w} n{self.n} ".ljust(self.size, "x")
-            await self.rig.append(rnd.choice(self.sids), content)
-            await asyncio.sleep(self.pause)
-
-    async def acked(self, more: int, within: float = 30.0) -> float:
-        """Until ``more`` further writes were acknowledged; returns how long that took."""
-        t0 = time.monotonic()
-        target = self.rig.ledger.acked_total + more
-
-        async def reached() -> bool:
-            return self.rig.ledger.acked_total >= target
-
-        await eventually(reached, f"{more} more acknowledged writes", within)
-        return time.monotonic() - t0
-
-    async def finish(self) -> None:
-        self.stop.set()
-        await asyncio.gather(*self.tasks)
-
-
-def first_ok_after(samples: list[Sample], t: float) -> float:
-    """Seconds from ``t`` to the first 200 of a request started after ``t``."""
-    return min(s.start + s.elapsed for s in samples if s.start >= t and s.status == 200) - t
-
 
 # The tests ------------------------------------------------------------------------------------------
 
 
-async def test_redis_killed_and_restarted_three_times_under_load(make_rig: Any) -> None:
+async def test_redis_killed_and_restarted_three_times_under_load(make_rig: MakeRig) -> None:
     """kill -9 of Redis (AOF everysec), restarted 3 s later, three times in a row under write load: the
     worker process lives through it and goes on by itself (drain and cron jobs: the sweep evicts the
     sessions at the end), the API recovers without a restart, and Postgres has every 200."""
     rig: Rig = await make_rig(AOF, session_hot_ttl=2, sweep_every_seconds=1)
     sids = [await rig.create(f"s{i}") for i in range(6)]
     worker = rig.start_worker("w1")
-    load = Load(rig, sids, writers=8)
+    load = rig.load(sids, writers=8)
     recoveries = []
     down: list[float] = []  # latencies of requests made while Redis was down
     try:
@@ -289,9 +61,9 @@ async def test_redis_killed_and_restarted_three_times_under_load(make_rig: Any) 
             await asyncio.sleep(3)
             await asyncio.to_thread(rig.redis_server.restart)
             restarted = time.monotonic()
-            down += [s.elapsed for s in rig.ledger.samples if killed <= s.start < restarted]
+            down += [s.elapsed for s in rig.model.samples if killed <= s.start < restarted]
             await load.acked(60)
-            recoveries.append(first_ok_after(rig.ledger.samples, restarted))
+            recoveries.append(first_ok_after(rig.model.samples, restarted))
             assert worker.alive, rig.logs()
     finally:
         await load.finish()
@@ -299,8 +71,8 @@ async def test_redis_killed_and_restarted_three_times_under_load(make_rig: Any) 
         f"\nredis restarts: {len(down)} requests while down, p50 {statistics.median(down) * 1000:.1f} ms, "
         f"max {max(down) * 1000:.0f} ms; writes acknowledged again {[round(r, 2) for r in recoveries]} s "
         "after restart; "
-        f"{rig.ledger.acked_total} acked, {len(rig.ledger.refused)} refused, "
-        f"{len(rig.ledger.unknown)} unknown"
+        f"{rig.model.acked_total} acked, {len(rig.model.refused)} refused, "
+        f"{len(rig.model.unknown)} unknown"
     )
     assert worker.alive, rig.logs()
     await rig.quiescent()
@@ -319,7 +91,7 @@ async def test_redis_killed_and_restarted_three_times_under_load(make_rig: Any) 
         raise AssertionError(f"{exc}: {last}\n{rig.logs()}") from None
 
     async def all_evicted() -> bool:  # the sweep, an arq cron job, still runs after three restarts
-        for sid, uid in rig.ledger.users.items():
+        for sid, uid in rig.model.users.items():
             if await rig.redis.exists(rig.keys.for_user(uid).session(sid)):
                 return False
         return True
@@ -329,14 +101,14 @@ async def test_redis_killed_and_restarted_three_times_under_load(make_rig: Any) 
     assert worker.alive, rig.logs()
 
 
-async def test_redis_paused_for_10s_fails_fast_and_recovers_by_itself(make_rig: Any) -> None:
+async def test_redis_paused_for_10s_fails_fast_and_recovers_by_itself(make_rig: MakeRig) -> None:
     """SIGSTOP for 10 s under load: every request is answered within the fail-fast bound (most in
     milliseconds: the circuit breaker), health says why within its 1 s cap, writes are acknowledged
     again soon after SIGCONT without anyone touching the service, and every 200 is in Postgres."""
     rig: Rig = await make_rig(AOF)
     sids = [await rig.create(f"s{i}") for i in range(8)]
     worker = rig.start_worker("w1")
-    load = Load(rig, sids, writers=16)
+    load = rig.load(sids, writers=16)
     bound = rig.settings.redis_pool_timeout + rig.settings.redis_socket_timeout + 0.5
     try:
         await load.acked(100)
@@ -356,14 +128,14 @@ async def test_redis_paused_for_10s_fails_fast_and_recovers_by_itself(make_rig: 
         await load.acked(100)
     finally:
         await load.finish()
-    during = [s for s in rig.ledger.samples if paused <= s.start < resumed - bound]
+    during = [s for s in rig.model.samples if paused <= s.start < resumed - bound]
     latencies = sorted(s.elapsed for s in during)
-    recovery = first_ok_after(rig.ledger.samples, resumed)
+    recovery = first_ok_after(rig.model.samples, resumed)
     print(
         f"\nredis paused 10 s: {len(during)} requests answered, "
         f"p50 {statistics.median(latencies) * 1000:.1f} ms, "
         f"max {latencies[-1] * 1000:.0f} ms; writes acknowledged again {recovery:.2f} s after SIGCONT; "
-        f"{len(rig.ledger.unknown)} unknown outcomes, {len(rig.ledger.refused)} refused"
+        f"{len(rig.model.unknown)} unknown outcomes, {len(rig.model.refused)} refused"
     )
     assert {s.status for s in during} == {503}
     assert latencies[-1] <= bound, latencies[-10:]
@@ -375,7 +147,7 @@ async def test_redis_paused_for_10s_fails_fast_and_recovers_by_itself(make_rig: 
     await rig.check()
 
 
-async def test_full_redis_refuses_writes_with_503_and_recovers_by_itself(make_rig: Any) -> None:
+async def test_full_redis_refuses_writes_with_503_and_recovers_by_itself(make_rig: MakeRig) -> None:
     """Redis at maxmemory under 16 writers of 2 KB messages to 40 sessions, filled while no worker ran
     (so the worker must flush into a full Redis: its bookkeeping after COMMIT must still land), then
     idle for longer than a reconciliation period: writes answer 503 "out of memory" (never 500) while
@@ -389,15 +161,15 @@ async def test_full_redis_refuses_writes_with_503_and_recovers_by_itself(make_ri
         reconcile_stale_after_seconds=1,
     )
     sids = [await rig.create(f"s{i}") for i in range(40)]
-    load = Load(rig, sids, writers=16, size=2048, pause=0)
+    load = rig.load(sids, writers=16, size=2048, pause=0)
     reads: list[int] = []
     try:
 
         async def full() -> bool:
             sid = random.choice(sids)
-            resp = await rig.client.get(session_url(sid), params={"user_id": rig.ledger.users[sid]})
+            resp = await rig.client.get(session_url(sid), params={"user_id": rig.model.users[sid]})
             reads.append(resp.status)
-            return rig.ledger.oom >= 50
+            return rig.model.oom >= 50
 
         await eventually(full, "writes refused for lack of memory", within=60, interval=0.05)
         full_at = time.monotonic()
@@ -409,12 +181,17 @@ async def test_full_redis_refuses_writes_with_503_and_recovers_by_itself(make_ri
 
         await eventually(health_says_full, "health to report Redis out of memory", within=10, interval=0.05)
         worker = rig.start_worker("w1")  # flushes into a full Redis while the writers keep it full
-        await asyncio.sleep(3)
+
+        async def flushed() -> bool:
+            assert worker.alive, rig.logs()
+            return await rig.count("session_messages") > 0
+
+        await eventually(flushed, "the worker's first batch committed into Postgres", within=20)
     finally:
         await load.finish()
     assert set(reads) == {200}, reads  # reads keep working on a full Redis
-    assert {s.status for s in rig.ledger.samples} == {200, 503}
-    assert not rig.ledger.wrong, rig.ledger.wrong[:3]
+    assert {s.status for s in rig.model.samples} == {200, 503}
+    assert not rig.model.wrong, rig.model.wrong[:3]
 
     # Idle now. Writes are taken again once the worker has flushed and evicted sessions.
     idle = time.monotonic()
@@ -433,7 +210,7 @@ async def test_full_redis_refuses_writes_with_503_and_recovers_by_itself(make_ri
     await asyncio.sleep(max(0.0, idle + 2 * rig.settings.reconcile_every_seconds + 1 - time.monotonic()))
     info = await rig.redis.info("memory")
     print(
-        f"\nfull redis: {rig.ledger.acked_total} acked, {rig.ledger.oom} answered 503 out of memory; "
+        f"\nfull redis: {rig.model.acked_total} acked, {rig.model.oom} answered 503 out of memory; "
         f"writes taken again {recovered:.2f} s after the load stopped; used_memory "
         f"{info['used_memory'] / 2**20:.1f} MiB of {info['maxmemory'] / 2**20:.0f} MiB"
     )
@@ -447,7 +224,7 @@ async def test_full_redis_refuses_writes_with_503_and_recovers_by_itself(make_ri
     assert worker.alive, rig.logs()
 
 
-async def test_health_reports_a_killed_worker_within_the_heartbeat_timeout(make_rig: Any) -> None:
+async def test_health_reports_a_killed_worker_within_the_heartbeat_timeout(make_rig: MakeRig) -> None:
     rig: Rig = await make_rig(())
     worker = rig.start_worker("w1")
 
@@ -481,10 +258,10 @@ def set_maxmemory(server: RedisServer, limit: str) -> None:
         r.config_set("maxmemory", limit)
 
 
-async def test_full_redis_refuses_every_write_whole_and_keeps_reading(make_rig: Any) -> None:
+async def test_full_redis_refuses_every_write_whole_and_keeps_reading(make_rig: MakeRig) -> None:
     rig: Rig = await make_rig(("--maxmemory-policy", "noeviction"))
     sid = await rig.create("before")
-    uid = rig.ledger.users[sid]
+    uid = rig.model.users[sid]
     assert await rig.append(sid, "one") == 200
     before = await (await rig.client.get(session_url(sid), params={"user_id": uid})).json()
     set_maxmemory(rig.redis_server, "1")
@@ -516,12 +293,12 @@ async def test_full_redis_refuses_every_write_whole_and_keeps_reading(make_rig: 
     assert resp.status == 200 and (await resp.json())["sequence"] == 2
 
 
-async def test_a_lost_reply_is_an_unknown_outcome_not_a_refusal(make_rig: Any) -> None:
+async def test_a_lost_reply_is_an_unknown_outcome_not_a_refusal(make_rig: MakeRig) -> None:
     """Redis paused after receiving a write: the API cannot know whether it ran, and says so; when
     Redis resumes, the write is applied (which is why "nothing was written" would have been a lie)."""
     rig: Rig = await make_rig(())
     sid = await rig.create()
-    uid = rig.ledger.users[sid]
+    uid = rig.model.users[sid]
     assert await rig.append(sid, "first") == 200  # the script is loaded: the next call is one EVALSHA
     rig.redis_server.pause()
     try:
@@ -544,7 +321,7 @@ async def test_a_lost_reply_is_an_unknown_outcome_not_a_refusal(make_rig: Any) -
 
 
 async def test_reconciliation_resends_in_bounded_chunks_and_stops_above_the_high_water_mark(
-    make_rig: Any, monkeypatch: pytest.MonkeyPatch
+    make_rig: MakeRig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A session of 25 messages whose outbox entries were all lost is re-sent a few entries per script
     (never its whole history at once), not at all while Redis is above the high-water mark, and
@@ -553,7 +330,7 @@ async def test_reconciliation_resends_in_bounded_chunks_and_stops_above_the_high
     sid = await rig.create()
     for i in range(25):
         assert await rig.append(sid, f"m{i}") == 200
-    uk = rig.keys.for_user(rig.ledger.users[sid])
+    uk = rig.keys.for_user(rig.model.users[sid])
     await rig.redis.delete(uk.outbox)  # every entry lost, as after a failover
     backend = rig.client.app[BACKEND]
 

@@ -1,6 +1,6 @@
 """SERVICE_PROCESSES=N: one supervisor, N API processes sharing the port, one Consul registration, one
 metrics sum; a killed process is replaced, SIGTERM stops them all. Real processes on the shared Redis
-and Postgres, with this test's own prefix and schema; a stand-in Consul agent (tests/test_consul.py)."""
+and Postgres, with this test's own prefix and schema; a stand-in Consul agent (tests/consul_agent.py)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from session_svc.settings import Settings
 from tests import servers, support
+from tests.consul_agent import REGISTER, Agent, ready
 from tests.support import eventually
-from tests.test_consul import REGISTER, Agent, _async
 
 MESSAGES = "/api/v1/sessions/{session_id}/messages"
 
@@ -136,8 +136,8 @@ async def test_one_consul_registration_for_the_port(settings: Settings, tmp_path
     api = servers.start_api(env, tmp_path)
     try:
         await asyncio.to_thread(api.wait_healthy)
-        await eventually(lambda: _async(len(children(api.proc.pid)) == 2), "two API processes", 20)
-        await eventually(lambda: _async(bool(agent.to(REGISTER))), "the registration", 10)
+        await eventually(lambda: ready(len(children(api.proc.pid)) == 2), "two API processes", 20)
+        await eventually(lambda: ready(bool(agent.to(REGISTER))), "the registration", 10)
         await asyncio.sleep(1.0)  # the processes had time to register too, were they to
         [call] = agent.to(REGISTER)
         assert call.body["Port"] == port
