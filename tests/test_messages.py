@@ -203,7 +203,9 @@ async def race_appends_with_the_end(client: Any, redis: Redis, keys: Keys) -> Ra
         *[("m", str(i), i + 1) for i in range(1, n + 1)],
         ("s", None, n + 2),
     ]
-    assert [f["id"] for f in entries if f["k"] == "m"] == [
+    # Each entry points at its message in the session's stream (the entry does not copy it).
+    stream = dict(await redis.xrange(keys.for_user(user).messages(sid)))
+    assert [stream[f"{f['seq']}-0"]["id"] for f in entries if f["k"] == "m"] == [
         m["message_id"] for m in sorted(accepted, key=lambda m: m["sequence"])
     ]
     racing = [status for sent, answered, status, _ in appends if sent < end_answered and answered > end_sent]

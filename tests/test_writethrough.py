@@ -209,10 +209,13 @@ async def test_replayed_and_reordered_batches_leave_the_same_rows(
     assert await pg_rows.pg_snapshot(pg, db_schema) == want
 
     # An older version of the session written after a newer one: the version guard keeps the newer.
-    async def stale_snapshots(versions: Any) -> list[dict[str, str]]:
-        return [stale]
+    read_records = flusher._read_records
 
-    monkeypatch.setattr(flusher, "_snapshots", stale_snapshots)
+    async def stale_snapshots(versions: Any, entries: Any) -> Any:
+        _snapshots, content = await read_records(versions, entries)
+        return [stale], content
+
+    monkeypatch.setattr(flusher, "_read_records", stale_snapshots)
     await flusher.flush(first)
     assert await pg_rows.pg_snapshot(pg, db_schema) == want
 

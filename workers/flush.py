@@ -1,10 +1,11 @@
 """Write-through: drain the outbox streams into PostgreSQL, in batches, idempotently.
 
 The loop, per round: read new entries of every bucket (one pipelined round trip), take each touched
-session's current hash, upsert sessions, then insert messages and memories, all in one transaction;
-after COMMIT record the flushed version on each session (``fv``) and XACK, in one atomic script that
-also runs on a full Redis (retried until it lands, see ``_done``). While a batch commits, the next one
-is read and its rows built (``run``'s read-ahead); batches still commit one at a time, in order. So:
+session's current hash and the messages and memories its entries point at (one more round trip),
+upsert sessions, then insert messages and memories, all in one transaction; after COMMIT record the
+flushed version on each session (``fv``) and XACK, in one atomic script that also runs on a full
+Redis (retried until it lands, see ``_done``). While a batch commits, the next one is read and its
+rows built (``run``'s read-ahead); batches still commit one at a time, in order. So:
 
 - a worker killed before COMMIT leaves its entries pending; another worker (or itself, restarted with
   the same WORKER_NAME) reclaims them with XAUTOCLAIM and writes them again;
@@ -44,10 +45,14 @@ from workers.rows import (
     INSERT_MEMORIES,
     INSERT_MESSAGES,
     UPSERT_SESSIONS,
+    Content,
     Entry,
     Table,
+    content_of,
     memory_row,
     message_row,
+    pointers,
+    runs,
     session_row,
     table,
     well_formed,
@@ -162,15 +167,15 @@ class Flusher(OutboxReader):
 
     async def _rows(self, entries: Sequence[Entry]) -> Rows:
         versions = _max_versions(entries)
-        snapshots = await self._snapshots(versions)
+        snapshots, content = await self._read_records(versions, entries)
         # In primary key order (user, session): workers upserting the same sessions lock their rows in
         # the same order, so one waits for the other instead of both failing on a deadlock.
         sessions = sorted(
             (session_row(h) for h in snapshots if h),
             key=lambda row: (str(row["user_id"]), str(row["session_id"])),
         )
-        messages = [message_row(e) for e in entries if e.f["k"] == Kind.message]
-        memories = [memory_row(e) for e in entries if e.f["k"] == Kind.memory]
+        messages = [message_row(e, content_of(e, content)) for e in entries if e.f["k"] == Kind.message]
+        memories = [memory_row(e, content_of(e, content)) for e in entries if e.f["k"] == Kind.memory]
         return Rows(len(entries), table(sessions), table(messages), table(memories))
 
     async def _write(self, rows: Rows) -> None:
@@ -191,11 +196,38 @@ class Flusher(OutboxReader):
         LAST_BATCH.set(rows.entries)
         self.last_commit = time.time()
 
-    async def _snapshots(self, versions: dict[tuple[int, str], int]) -> list[dict[str, str]]:
+    async def _read_records(
+        self, versions: dict[tuple[int, str], int], entries: Sequence[Entry]
+    ) -> tuple[list[dict[str, str]], Content]:
+        """One pipelined round trip for the whole batch: each touched session's hash, and the content
+        the batch's message and memory entries point at: per session, one XRANGE over the sequences its
+        message entries name (they are nearly always consecutive) and one HMGET of its memories."""
+        reads: list[tuple[int, str, str, list[int]]] = []  # (bucket, sid, kind, seqs) per command
+        for (bucket, sid, kind), seqs in pointers(entries).items():
+            if kind == Kind.message:
+                reads += [(bucket, sid, kind, run) for run in runs(seqs)]
+            else:
+                reads.append((bucket, sid, kind, seqs))
         async with self.redis.pipeline(transaction=False) as pipe:
             for bucket, sid in versions:
                 pipe.hgetall(self.keys.session(bucket, sid))
-            return list(await pipe.execute())
+            for bucket, sid, kind, seqs in reads:
+                if kind == Kind.message:
+                    pipe.xrange(self.keys.messages(bucket, sid), f"{seqs[0]}-0", f"{seqs[-1]}-0")
+                else:
+                    pipe.hmget(self.keys.memories(bucket, sid), seqs)
+            replies = list(await pipe.execute())
+        snapshots = replies[: len(versions)]
+        content: Content = {}
+        for (bucket, sid, kind, seqs), reply in zip(reads, replies[len(versions) :], strict=True):
+            if kind == Kind.message:
+                for eid, kv in reply:
+                    content[(bucket, sid, kind, int(eid.partition("-")[0]))] = kv
+            else:
+                for seq, doc in zip(seqs, reply, strict=True):
+                    if doc is not None:
+                        content[(bucket, sid, kind, seq)] = {"doc": doc}
+        return snapshots, content
 
     async def _done(self, entries: Sequence[Entry]) -> None:
         """After COMMIT: per bucket, raise each session's flushed version and acknowledge, atomically.

@@ -58,16 +58,62 @@ def session_row(h: dict[str, str]) -> dict[str, Any]:
 
 _MESSAGE_ROW = (*ROW_KEY, *MESSAGE)
 
-
-def message_row(e: Entry) -> dict[str, Any]:
-    """A message entry (it carries the whole message) as a row."""
-    f = e.f
-    return {x.name: x.row_value(f[x.name]) for x in _MESSAGE_ROW}
+# What the entries of a batch point at: (bucket, sid, kind, seq) -> the stored fields (a message's
+# stream fields; a memory's ``doc``).
+Content = dict[tuple[int, str, str, int], dict[str, str]]
 
 
-def memory_row(e: Entry) -> dict[str, Any]:
-    """A memory entry (it carries the memory's JSON document) as a row."""
-    doc = orjson.loads(e.f["doc"])
+def pointers(entries: Sequence[Entry]) -> dict[tuple[int, str, str], list[int]]:
+    """Per (bucket, sid, kind), the sorted sequences whose content the flusher must read from the
+    session's keys: those of message and memory entries that do not carry it (release 1.0's did)."""
+    out: dict[tuple[int, str, str], list[int]] = {}
+    for e in entries:
+        kind = e.f["k"]
+        carried = record.ENTRY_CONTENT_1_0.get(Kind(kind)) if kind in _KINDS else None
+        if carried is None or carried[0] in e.f:
+            continue
+        out.setdefault((e.bucket, e.f["sid"], kind), []).append(int(e.f["seq"]))
+    for seqs in out.values():
+        seqs.sort()
+    return out
+
+
+_KINDS = frozenset(k.value for k in Kind)
+# A gap in a session's sequences longer than this starts another XRANGE (rather than reading the gap).
+RUN_GAP = 16
+
+
+def runs(seqs: Sequence[int]) -> list[list[int]]:
+    """Sorted sequences cut into runs without a gap over ``RUN_GAP``: one XRANGE each."""
+    out: list[list[int]] = []
+    for seq in seqs:
+        if out and seq - out[-1][-1] <= RUN_GAP:
+            out[-1].append(seq)
+        else:
+            out.append([seq])
+    return out
+
+
+def content_of(e: Entry, content: Content) -> dict[str, str]:
+    """What ``e`` stands for: the fields it carries (release 1.0), or those read for it (KeyError if its
+    content is not in Redis: a data error, so the entry goes its own way to the dead letters)."""
+    carried = record.ENTRY_CONTENT_1_0[Kind(e.f["k"])]
+    if carried[0] in e.f:
+        return e.f
+    return content[(e.bucket, e.f["sid"], e.f["k"], int(e.f["seq"]))]
+
+
+def message_row(e: Entry, content: dict[str, str]) -> dict[str, Any]:
+    """A message entry and its stream fields as a row."""
+    row: dict[str, Any] = {x.name: x.row_value(e.f[x.name]) for x in ROW_KEY}
+    for x in MESSAGE:
+        row[x.name] = x.row_value(content[x.name])
+    return row
+
+
+def memory_row(e: Entry, content: dict[str, str]) -> dict[str, Any]:
+    """A memory entry and its JSON document as a row."""
+    doc = orjson.loads(content["doc"])
     row: dict[str, Any] = {x.name: x.row_value(e.f[x.name]) for x in ROW_KEY}
     for x in MEMORY:
         row[x.name] = orjson.dumps(doc[x.name]).decode() if x.conv is Conv.json else doc[x.name]
@@ -98,6 +144,3 @@ UPSERT_SESSIONS = _insert(
 # Messages and memories are keyed by (user, session, seq): a replayed entry changes nothing.
 INSERT_MESSAGES = _insert("session_messages", _MESSAGE_ROW, "user_id, session_id, seq", "DO NOTHING")
 INSERT_MEMORIES = _insert("session_memories", (*ROW_KEY, *MEMORY), "user_id, session_id, seq", "DO NOTHING")
-
-# The rows of each kind of entry that carries one.
-ENTRY_ROW = {Kind.message: message_row, Kind.memory: memory_row}

@@ -314,11 +314,14 @@ async def list_messages(b: Backend, sid: str, uid: str, page: int, page_size: in
         if lo < first and b.pg is not None:
             for seq, f in await cold.load_messages(b.pg, b.schema, uid, sid, lo, min(hi, first - 1)):
                 messages.append(message_out(sid, uid, seq, f))
-        # [.., an entry's id, its values in MESSAGE_FIELDS order, ..]
-        width = 1 + len(MESSAGE_FIELDS)
-        for i in range(3, len(reply), width):
-            seq = int(reply[i].partition("-")[0])
-            messages.append(message_row(sid, uid, seq, reply[i + 1 : i + width]))
+        # XRANGE's entries: [id, [field, value, ...]], the fields in MESSAGE_FIELDS order as the append
+        # wrote them (checked: anything else is read by name).
+        for eid, kv in reply[3]:
+            seq = int(eid.partition("-")[0])
+            values = kv[1::2]
+            if len(values) != len(MESSAGE_FIELDS) or tuple(kv[0::2]) != MESSAGE_FIELDS:
+                values = [dict(zip(kv[0::2], values, strict=True))[f] for f in MESSAGE_FIELDS]
+            messages.append(message_row(sid, uid, seq, values))
     else:
         h = await _cold_hash(b, sid, uid)
         total = int(h["message_count"])

@@ -153,9 +153,11 @@ SESSION_ROW = (*SESSION, VERSION)
 SESSION_FIELDS = names(SESSION)
 # Bookkeeping beside them, Redis only: version ``v``, flushed version ``fv`` (the highest version
 # committed to Postgres), ``mfirst`` (the first message sequence held in Redis; earlier ones are only in
-# Postgres after a rehydration); and, only while an outbox entry of the session keeps failing,
-# ``stuck`` (that entry's id).
-BOOKKEEPING = ("v", "fv", "mfirst")
+# Postgres after a rehydration), ``oid`` (the id of the session's newest outbox entry: the sweep evicts
+# the session only once the outbox group has acknowledged every entry up to it, since message and
+# memory entries point at content that only the session's keys hold); and, only while an outbox entry
+# of the session keeps failing, ``stuck`` (that entry's id).
+BOOKKEEPING = ("v", "fv", "mfirst", "oid")
 # The fields a listing needs (the two large JSON objects stay out).
 LIST_FIELDS = tuple(
     f.name for f in SESSION if f.name not in ("session_id", "conversation_data", "metadata",
@@ -232,17 +234,21 @@ class Kind(StrEnum):
     """``k`` of an outbox entry."""
 
     session = "s"  # the session changed: the flusher upserts its current hash
-    message = "m"  # a message: the entry carries it whole
-    memory = "y"  # a memory: the entry carries its JSON document
+    message = "m"  # a message: the entry points at it (``seq`` in the session's stream)
+    memory = "y"  # a memory: the entry points at it (``seq`` in the session's memory hash)
 
 
-# Every entry names its session, user and the session version after the write.
+# Every entry names its session, user and the session version after the write; message and memory
+# entries the ``seq`` whose content the flusher reads from the session's keys (one copy of the content
+# in Redis, not two). Entries written by release 1.0 carried the content too (``ENTRY_CONTENT_1_0``):
+# the flusher still takes those as they are (docs/decisions.md, "Pointer entries").
 ENTRY_HEAD = ("k", "sid", "uid", "v")
 ENTRY_FIELDS: dict[Kind, tuple[str, ...]] = {
     Kind.session: ENTRY_HEAD,
-    Kind.message: (*ENTRY_HEAD, "seq", *MESSAGE_FIELDS),
-    Kind.memory: (*ENTRY_HEAD, "seq", "doc"),
+    Kind.message: (*ENTRY_HEAD, "seq"),
+    Kind.memory: (*ENTRY_HEAD, "seq"),
 }
+ENTRY_CONTENT_1_0: dict[Kind, tuple[str, ...]] = {Kind.message: MESSAGE_FIELDS, Kind.memory: ("doc",)}
 
 
 def lua_strings(names: tuple[str, ...] | list[str]) -> str:

@@ -54,9 +54,29 @@ local function owner_state(skey, uidx, sid, uid)
   if owner ~= uid then return MISSING end
   return nil
 end
+-- The ownership check and the fields a write needs, in one HMGET: the values of ``...`` (h[2], h[3],
+-- ...), or nil and the reply that ends the script.
+local function owned(skey, uidx, sid, uid, ...)
+  local h = redis.call('HMGET', skey, 'user_id', ...)
+  if not h[1] then
+    if redis.call('ZSCORE', uidx, sid) then return nil, COLD end
+    return nil, MISSING
+  end
+  if h[1] ~= uid then return nil, MISSING end
+  return h
+end
+-- The user's indexes are scored by the exact time of the last activity (they order listings).
 local function touch(uidx, aidx, status, now, sid)
   redis.call('ZADD', uidx, now, sid)
   if status == ACTIVE then redis.call('ZADD', aidx, now, sid) end
+end
+-- The bucket's hot set is the sweep's clock, which counts in minutes: it moves by whole seconds, so a
+-- write in the same second as the session's previous write (``prev``, its ``updated_at``) leaves it.
+-- The sweep checks ``updated_at`` as well, so the lag never lets a session go early.
+local function hot_touch(hot, now, prev, sid)
+  if not prev or math.floor(tonumber(prev) / 1e6) ~= math.floor(tonumber(now) / 1e6) then
+    redis.call('ZADD', hot, now, sid)
+  end
 end
 """
 
@@ -82,12 +102,12 @@ CREATE_SESSION = Lua(
     args=("sid", "uid", "now"),
     body=f"""
 if redis.call('EXISTS', session) == 1 then return {{CONFLICT, EXISTS}} end
-redis.call('HSET', session, unpack(ARGV, REST))
+local oid = redis.call('XADD', outbox, '*', 'k', '{Kind.session}', 'sid', sid, 'uid', uid, 'v', 1)
+redis.call('HSET', session, 'oid', oid, unpack(ARGV, REST))
 redis.call('ZADD', user_index, now, sid)
 redis.call('ZADD', active_index, now, sid)
 redis.call('HINCRBY', stats, 'sessions', 1)
 redis.call('HINCRBY', stats, ACTIVE, 1)
-redis.call('XADD', outbox, '*', 'k', '{Kind.session}', 'sid', sid, 'uid', uid, 'v', 1)
 redis.call('ZADD', hot, now, sid)
 return {{OK}}
 """,
@@ -114,15 +134,14 @@ UPDATE_SESSION = Lua(
     args=("sid", "uid", "now", "new_status", "idle_before", "if_match"),
     body=_OWNER
     + f"""
-local state = owner_state(session, user_index, sid, uid)
-if state then return {{state}} end
+local h, stop = owned(session, user_index, sid, uid, 'status', 'v', 'last_activity', 'updated_at')
+if not h then return {{stop}} end
+local cur, v = h[2], h[3]
 if if_match ~= '' and if_match ~= '*' then
-  local v = redis.call('HGET', session, 'v')
   if not string.find(if_match, ',' .. v .. ',', 1, true) then return {{PRECONDITION, v}} end
 end
-local cur = redis.call('HGET', session, 'status')
 local moves = {_MOVES}
-if idle_before ~= '' and tonumber(redis.call('HGET', session, 'last_activity')) >= tonumber(idle_before) then
+if idle_before ~= '' and tonumber(h[4]) >= tonumber(idle_before) then
   return {{CONFLICT, BUSY}}
 end
 if new_status ~= '' and new_status ~= cur then
@@ -136,40 +155,40 @@ if new_status ~= '' and new_status ~= cur then
   redis.call('HINCRBY', stats, cur, -1)
   redis.call('HINCRBY', stats, new_status, 1)
 end
-for i = REST, #ARGV, 2 do redis.call('HSET', session, ARGV[i], ARGV[i + 1]) end
-redis.call('HSET', session, 'updated_at', now)
-local v = redis.call('HINCRBY', session, 'v', 1)
-redis.call('XADD', outbox, '*', 'k', '{Kind.session}', 'sid', sid, 'uid', uid, 'v', v)
-redis.call('ZADD', hot, now, sid)
+v = tonumber(v) + 1
+local oid = redis.call('XADD', outbox, '*', 'k', '{Kind.session}', 'sid', sid, 'uid', uid, 'v', v)
+redis.call('HSET', session, 'updated_at', now, 'v', v, 'oid', oid, unpack(ARGV, REST))
+hot_touch(hot, now, h[5], sid)
 return {{OK, redis.call('HGETALL', session)}}
 """,
 )
 
 # Counters and the sequence number change in the same step as the append; the message's stream id is
-# <seq>-0, so a page of messages is one XRANGE. ``msg_ts`` is the time of the write.
+# <seq>-0, so a page of messages is one XRANGE. ``msg_ts`` is the time of the write. The outbox entry
+# points at the message (``seq``) rather than copying it: the flusher reads it from the stream. The
+# sequence and the version are read with the ownership check and written back in one HSET; tokens and
+# cost stay HINCRBYs (exact 64-bit integers; Lua numbers are doubles).
 APPEND_MESSAGE = Lua(
     keys=("session", "messages", "user_index", "active_index", "stats", "outbox", "hot"),
     args=("sid", "uid", *_MESSAGE_ARGS),
     body=_OWNER
     + f"""
-local state = owner_state(session, user_index, sid, uid)
-if state then return {{state}} end
-local status = redis.call('HGET', session, 'status')
-if status ~= ACTIVE then return {{CONFLICT, status}} end
-local seq = redis.call('HINCRBY', session, 'message_count', 1)
+local h, stop = owned(session, user_index, sid, uid, 'status', 'message_count', 'v', 'updated_at')
+if not h then return {{stop}} end
+if h[2] ~= ACTIVE then return {{CONFLICT, h[2]}} end
+local seq, v = tonumber(h[3]) + 1, tonumber(h[4]) + 1
+redis.call('XADD', messages, seq .. '-0', {_MESSAGE_PAIRS})
 redis.call('HINCRBY', session, 'total_tokens', msg_tokens)
 redis.call('HINCRBY', session, 'cost_micros', msg_cost)
-local v = redis.call('HINCRBY', session, 'v', 1)
-redis.call('HSET', session, 'updated_at', msg_ts, 'last_activity', msg_ts)
-redis.call('XADD', messages, seq .. '-0', {_MESSAGE_PAIRS})
-touch(user_index, active_index, status, msg_ts, sid)
+local oid = redis.call('XADD', outbox, '*', 'k', '{Kind.message}', 'sid', sid, 'uid', uid, 'v', v, 'seq', seq)
+redis.call('HSET', session, 'message_count', seq, 'v', v, 'updated_at', msg_ts, 'last_activity', msg_ts,
+  'oid', oid)
+touch(user_index, active_index, ACTIVE, msg_ts, sid)
 redis.call('HINCRBY', stats, 'messages', 1)
 redis.call('HINCRBY', stats, '{ROLE_STAT}' .. msg_role, 1)
 redis.call('HINCRBY', stats, 'tokens', msg_tokens)
 redis.call('HINCRBY', stats, 'cost_micros', msg_cost)
-redis.call('XADD', outbox, '*', 'k', '{Kind.message}', 'sid', sid, 'uid', uid, 'v', v, 'seq', seq,
-  {_MESSAGE_PAIRS})
-redis.call('ZADD', hot, msg_ts, sid)
+hot_touch(hot, msg_ts, h[5], sid)
 return {{OK, seq}}
 """,
 )
@@ -179,25 +198,16 @@ LIST_MESSAGES = Lua(
     keys=("session", "messages", "user_index"),
     args=("sid", "uid", "lo", "hi"),
     body=_OWNER
-    + "local FIELDS = {"
-    + ", ".join(f"'{f}'" for f in MESSAGE_FIELDS)
-    + "}\n"
     + """
 local state = owner_state(session, user_index, sid, uid)
 if state then return {state} end
 local h = redis.call('HMGET', session, 'message_count', 'mfirst')
 local from = math.max(tonumber(lo), tonumber(h[2]))
-local out = {OK, h[1], h[2]}
-if from <= tonumber(hi) then
-  -- Flat: each entry's id, then its fields' values in FIELDS order (a third of the reply's elements).
-  for _, e in ipairs(redis.call('XRANGE', messages, from .. '-0', hi .. '-0')) do
-    local kv, f = e[2], {}
-    for i = 1, #kv, 2 do f[kv[i]] = kv[i + 1] end
-    out[#out + 1] = e[1]
-    for _, name in ipairs(FIELDS) do out[#out + 1] = f[name] or false end
-  end
-end
-return out
+local page = {}
+-- The entries as XRANGE gives them ({id, {field, value, ...}}): reshaping them here cost Redis more
+-- than the smaller reply saved.
+if from <= tonumber(hi) then page = redis.call('XRANGE', messages, from .. '-0', hi .. '-0') end
+return {OK, h[1], h[2], page}
 """,
 )
 
@@ -217,22 +227,20 @@ CREATE_MEMORY = Lua(
     args=("sid", "uid", "now", "memory_type", "doc"),
     body=_OWNER
     + f"""
-local state = owner_state(session, user_index, sid, uid)
-if state then return {{state}} end
-local status = redis.call('HGET', session, 'status')
+local h, stop = owned(session, user_index, sid, uid, 'status', 'memory_count', 'v', 'updated_at')
+if not h then return {{stop}} end
+local status = h[2]
 if {" or ".join(f"status == {s.name.upper()}" for s in READ_ONLY)} then return {{CONFLICT, status}} end
-local seq = redis.call('HINCRBY', session, 'memory_count', 1)
-local v = redis.call('HINCRBY', session, 'v', 1)
-redis.call('HSET', session, 'updated_at', now, 'last_activity', now)
+local seq, v = tonumber(h[3]) + 1, tonumber(h[4]) + 1
 redis.call('HSET', memories, seq, doc)
 redis.call('ZADD', index_all, seq, seq)
 redis.call('ZADD', index_type, seq, seq)
+local oid = redis.call('XADD', outbox, '*', 'k', '{Kind.memory}', 'sid', sid, 'uid', uid, 'v', v, 'seq', seq)
+redis.call('HSET', session, 'memory_count', seq, 'v', v, 'updated_at', now, 'last_activity', now, 'oid', oid)
 touch(user_index, active_index, status, now, sid)
 redis.call('HINCRBY', stats, 'memories', 1)
 redis.call('HINCRBY', stats, '{MEMORY_STAT}' .. memory_type, 1)
-redis.call('XADD', outbox, '*', 'k', '{Kind.memory}', 'sid', sid, 'uid', uid, 'v', v, 'seq', seq,
-  'doc', doc)
-redis.call('ZADD', hot, now, sid)
+hot_touch(hot, now, h[5], sid)
 return {{OK, seq}}
 """,
 )

@@ -16,6 +16,7 @@ from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from session_svc.record import keys as k
 from session_svc.record.fields import MEMORY_ALL, Kind, MemoryType
 from session_svc.storage.coalesce import Coalescer
+from session_svc.storage.outbox import GROUP
 from session_svc.storage.scripts.call import Lua, Script
 
 # How long the eviction marker ``g:<sid>`` outlives an eviction: longer than any request in flight.
@@ -24,10 +25,15 @@ GONE_TTL_S = 86_400
 # Every memory index key of a session, from its prefix ``P:{bNN}:yi:<sid>:``.
 _INDEX_KEYS = ", ".join(f"yi .. '{t}'" for t in (MEMORY_ALL, *MemoryType))
 
-# REST: session ids. Evicts those that are idle (hot-set score, i.e. last write or rehydration, before
-# ``cutoff``) and fully flushed (v == fv), unless an outbox entry of theirs failed (``stuck``: kept
-# until an operator has looked at the dead letter). A write that raced the sweep has bumped v and the
-# score and wins: the session stays. Never a blind DEL, never a TTL on unflushed data. The user's
+# REST: session ids. Evicts those that are idle (hot-set score, i.e. last write or rehydration, and
+# last write ``updated_at`` before ``cutoff``) and fully flushed: v == fv, and every outbox entry of the
+# session acknowledged, i.e. the group has delivered past its newest entry ``oid`` and nothing at or
+# below ``oid`` is still pending (message and memory entries point at content that only the session's
+# keys hold, and batches of several workers may commit out of order, so v == fv alone does not say it).
+# A session without ``oid`` (rehydrated, or written by release 1.0 whose entries carried their content)
+# has nothing in the outbox that needs its keys. Never evicted: a session one of whose outbox entries
+# failed (``stuck``: kept until an operator has looked at the dead letter). A write that raced the sweep
+# has bumped v and wins: the session stays. Never a blind DEL, never a TTL on unflushed data. The user's
 # indexes keep the session id (that is how a cold session is still listed and found), and a marker
 # ``g:<sid>`` keeps the version it left with, so a stale copy read before the eviction can never be
 # brought back. The marker only has to outlive a request that read Postgres before the eviction: it
@@ -35,19 +41,47 @@ _INDEX_KEYS = ", ".join(f"yi .. '{t}'" for t in (MEMORY_ALL, *MemoryType))
 # with the session: its row in Postgres is current now. ``allow-oom``: eviction is how a full Redis gets
 # its memory back.
 EVICT = Lua(
-    keys=("hot",),
-    args=("bucket_prefix", "cutoff"),
+    keys=("hot", "outbox"),
+    args=("bucket_prefix", "cutoff", "group"),
     allow_oom=True,
     body=f"""
+local function id_of(s)
+  local ms, n = string.match(s, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(n)
+end
+local function below(a, b)  -- stream id a < b
+  local am, an = id_of(a)
+  local bm, bn = id_of(b)
+  return am < bm or (am == bm and an < bn)
+end
+-- What the group has delivered, and the oldest entry it has not acknowledged yet.
+local delivered, oldest = nil, nil
+local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', outbox)
+if ok then
+  for _, g in ipairs(groups) do
+    local f = {{}}
+    for i = 1, #g, 2 do f[g[i]] = g[i + 1] end
+    if f['name'] == group then
+      delivered = f['last-delivered-id']
+      if tonumber(f['pending']) > 0 then oldest = redis.call('XPENDING', outbox, group)[2] end
+    end
+  end
+end
+local function acknowledged(oid)
+  if not oid then return true end
+  if not delivered or below(delivered, oid) then return false end
+  return not oldest or below(oid, oldest)
+end
 local evicted = 0
 for i = REST, #ARGV do
   local sid = ARGV[i]
   local skey = bucket_prefix .. '{k.SESSION}:' .. sid
-  local h = redis.call('HMGET', skey, 'v', 'fv', 'stuck', 'user_id')
+  local h = redis.call('HMGET', skey, 'v', 'fv', 'stuck', 'user_id', 'updated_at', 'oid')
   local score = redis.call('ZSCORE', hot, sid)
   if not h[1] then
     redis.call('ZREM', hot, sid)
-  elseif h[1] == h[2] and not h[3] and score and tonumber(score) < tonumber(cutoff) then
+  elseif h[1] == h[2] and not h[3] and score and tonumber(score) < tonumber(cutoff)
+      and tonumber(h[5]) < tonumber(cutoff) and acknowledged(h[6]) then
     local yi = bucket_prefix .. '{k.MEMORY_INDEX}:' .. sid .. ':'
     redis.call('DEL', skey, bucket_prefix .. '{k.MESSAGES}:' .. sid, bucket_prefix .. '{k.MEMORIES}:' .. sid,
       {_INDEX_KEYS})
@@ -159,14 +193,15 @@ return redis.call('XACK', outbox, group, entry_id)
 )
 
 # Reconciliation: a session whose writes are not all flushed (v > fv) although the outbox holds nothing
-# that old any more has lost outbox entries (e.g. a Redis failover dropped them). Its messages and
-# memories are written to the outbox again, one bounded chunk per call so that a long history never
-# lands in Redis at once, then its snapshot. ``phase``: 'm' messages, 'y' memories, 's' the session;
-# ``cursor``: the last seq sent in this phase; at most ``most`` entries or about ``budget`` bytes.
-# All inserts are idempotent, so re-sending what Postgres already has is harmless. Message and memory
-# entries carry the flushed version ``fv`` (committing them does not make the session evictable); only
-# the snapshot carries ``v``, and it is written after every chunk. Returns {next phase or 'done', next
-# cursor, entries written}.
+# that old any more has lost outbox entries (e.g. a Redis failover dropped them). Entries pointing at its
+# messages and memories are written to the outbox again, one bounded chunk per call, then its snapshot.
+# ``phase``: 'm' messages, 'y' memories, 's' the session; ``cursor``: the last seq sent in this phase; at
+# most ``most`` entries per call (``budget``, in bytes of content, is kept for callers: entries point at
+# their content now, so each counts for its own size). All inserts are idempotent, so re-sending what
+# Postgres already has is harmless. Message and memory entries carry the flushed version ``fv``
+# (committing them does not make the session evictable); only the snapshot carries ``v``, and it is
+# written after every chunk. Each call records its newest entry in ``oid``, so the sweep waits for them.
+# Returns {next phase or 'done', next cursor, entries written}.
 RESYNC = Lua(
     keys=("session", "messages", "memories", "outbox"),
     args=("sid", "phase", "cursor", "most", "budget"),
@@ -174,39 +209,37 @@ RESYNC = Lua(
 local h = redis.call('HMGET', session, 'v', 'fv', 'stuck', 'user_id', 'memory_count')
 if not h[1] or h[1] == h[2] or h[3] then return {{'done', 0, 0}} end
 local uid, at, limit, room = h[4], tonumber(cursor), tonumber(most), tonumber(budget)
-local n, bytes = 0, 0
+local n, bytes, oid = 0, 0, nil
+local function entry(kind, seq)
+  oid = redis.call('XADD', outbox, '*', 'k', kind, 'sid', sid, 'uid', uid, 'v', h[2], 'seq', seq)
+  n = n + 1
+  bytes = bytes + 64
+end
+local function result(p, c)
+  if oid then redis.call('HSET', session, 'oid', oid) end
+  return {{p, c, n}}
+end
 if phase == 'm' then
   local entries = redis.call('XRANGE', messages, '(' .. at .. '-0', '+', 'COUNT', limit)
   for _, e in ipairs(entries) do
     at = tonumber(string.match(e[1], '^(%d+)'))
-    local entry = {{'k', '{Kind.message}', 'sid', sid, 'uid', uid, 'v', h[2], 'seq', at}}
-    for _, x in ipairs(e[2]) do
-      entry[#entry + 1] = x
-      bytes = bytes + #x
-    end
-    redis.call('XADD', outbox, '*', unpack(entry))
-    n = n + 1
-    if bytes >= room then return {{'m', at, n}} end
+    entry('{Kind.message}', at)
+    if bytes >= room then return result('m', at) end
   end
-  if #entries == limit then return {{'m', at, n}} end
-  return {{'y', 0, n}}
+  if #entries == limit then return result('m', at) end
+  return result('y', 0)
 elseif phase == 'y' then
   local last = tonumber(h[5])
   while at < last and n < limit and bytes < room do
     at = at + 1
-    local doc = redis.call('HGET', memories, at)
-    if doc then
-      redis.call('XADD', outbox, '*', 'k', '{Kind.memory}', 'sid', sid, 'uid', uid, 'v', h[2],
-        'seq', at, 'doc', doc)
-      n = n + 1
-      bytes = bytes + #doc
-    end
+    if redis.call('HEXISTS', memories, at) == 1 then entry('{Kind.memory}', at) end
   end
-  if at < last then return {{'y', at, n}} end
-  return {{'s', 0, n}}
+  if at < last then return result('y', at) end
+  return result('s', 0)
 end
-redis.call('XADD', outbox, '*', 'k', '{Kind.session}', 'sid', sid, 'uid', uid, 'v', h[1])
-return {{'done', 0, n + 1}}
+oid = redis.call('XADD', outbox, '*', 'k', '{Kind.session}', 'sid', sid, 'uid', uid, 'v', h[1])
+n = n + 1
+return result('done', 0)
 """,
 )
 
@@ -247,7 +280,9 @@ class WorkerScripts:
 
     def evict(self, keys: k.Keys, bucket: int, cutoff_us: int, sids: Sequence[str]) -> Awaitable[Any]:
         return self._evict(
-            {"hot": keys.hot(bucket)}, {"bucket_prefix": keys.prefix_of(bucket), "cutoff": cutoff_us}, sids
+            {"hot": keys.hot(bucket), "outbox": keys.outbox(bucket)},
+            {"bucket_prefix": keys.prefix_of(bucket), "cutoff": cutoff_us, "group": GROUP},
+            sids,
         )
 
     def trim_user_indexes(
