@@ -88,6 +88,9 @@ class Settings:
     # Seconds an Idempotency-Key's record (the first answer to a write) is kept: a retry with the same
     # key within this time gets that answer again and writes nothing.
     idempotency_ttl: int = 86_400
+    # Milliseconds the totals of GET /api/v1/sessions/stats may be old: each API process reads every
+    # bucket's counters at most this often and answers the same exact totals meanwhile (0 = every call).
+    stats_max_age_ms: int = 1000
     # Writes per minute and user, a token bucket in the user's Redis bucket shared by every API process
     # (0 = no limit). The burst is the bucket's size: how many writes may come at once after a pause
     # (0 = as many as the rate per minute).
@@ -190,6 +193,8 @@ class Settings:
             raise ValueError("PG_COMMAND_TIMEOUT must be more than 0 seconds")
         if self.idempotency_ttl < 1:
             raise ValueError("IDEMPOTENCY_TTL must be at least 1 second")
+        if self.stats_max_age_ms < 0:
+            raise ValueError("STATS_MAX_AGE_MS must be 0 (read every time) or more")
         if self.rate_limit_writes_per_minute < 0 or self.rate_limit_burst < 0:
             raise ValueError(
                 "RATE_LIMIT_WRITES_PER_MINUTE and RATE_LIMIT_BURST must be 0 (off/default) or more"

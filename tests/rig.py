@@ -41,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "worker_redis_socket_timeout": 2.0,
     "worker_heartbeat_interval": 0.5,
     "worker_heartbeat_timeout": 3.0,
+    "stats_max_age_ms": 0,
 }
 AOF = ("--appendonly", "yes", "--appendfsync", "everysec", "--maxmemory-policy", "noeviction")
 

@@ -69,6 +69,7 @@ def api_settings(redis_url: str, database_url: str, schema: str, prefix: str, po
     return {
         "REDIS_URL": redis_url, "DATABASE_URL": database_url, "DB_SCHEMA": schema, "KEY_PREFIX": prefix,
         "SERVICE_HOST": "127.0.0.1", "SERVICE_PORT": str(port), "SERVICE_PROCESSES": "1",
+        "STATS_MAX_AGE_MS": "0",
     }  # fmt: skip
 
 

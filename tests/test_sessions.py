@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
 import pytest
 
+from session_svc.domain import store
 from tests.helpers import (
     SESSION_FIELDS,
     SESSIONS,
@@ -287,6 +289,36 @@ async def test_stats_are_exact(client: Any) -> None:
     assert (body["total_sessions"], body["active_sessions"], body["total_messages"]) == (3, 1, 4)
     await update_session(client, a2, alice, status="archived")
     assert (await stats(client))["active_sessions"] == 1
+
+
+async def test_stats_are_read_at_most_every_max_age_and_shared_meanwhile(
+    make_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With STATS_MAX_AGE_MS, a dashboard polling the totals costs Redis one fan-out per period: calls
+    within it answer the totals of the last read, concurrent ones share a read, and after the period
+    the totals are exact again."""
+    reads = 0
+    read_stats = store._read_stats
+
+    async def counted(b: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        return await read_stats(b)
+
+    monkeypatch.setattr(store, "_read_stats", counted)
+    client = await make_client(stats_max_age_ms=500)
+    user = new_user()
+    sid = (await make_session(client, user))["session_id"]
+    before = await stats(client)
+    assert reads == 1
+    await add_message(client, sid, user, tokens_used=3)
+    burst = await asyncio.gather(*(stats(client) for _ in range(20)))
+    assert all(b == before for b in burst) and reads == 1  # within the period: the last read's totals
+    await asyncio.sleep(0.55)
+    burst = await asyncio.gather(*(stats(client) for _ in range(20)))
+    assert all(b["total_messages"] == before["total_messages"] + 1 for b in burst)
+    assert all(b["total_tokens"] == before["total_tokens"] + 3 for b in burst)
+    assert reads == 2  # twenty calls at once: one read, shared
 
 
 async def test_unicode_and_special_characters_round_trip(client: Any) -> None:

@@ -13,6 +13,8 @@ so a retry that serialises them in another order still gets the very same bytes.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -252,6 +254,32 @@ async def list_user_sessions(b: Backend, uid: str, active_only: bool, page: int,
 
 
 async def stats(b: Backend) -> Row:
+    """The service-wide totals. Read at most every ``b.stats_max_age`` seconds per process (a dashboard
+    polls this; every read fans out to every bucket): meanwhile the last read's exact totals, and calls
+    that arrive while a read is under way share it."""
+    if b.stats_max_age <= 0:
+        return await _read_stats(b)
+    memo = b.memo
+    hit = memo.get("stats")
+    if hit is not None and time.monotonic() - hit[0] < b.stats_max_age:
+        return hit[1]  # type: ignore[no-any-return]
+    flight: asyncio.Future[Row] | None = memo.get("stats_read")
+    if flight is None:
+        flight = asyncio.ensure_future(_read_stats_into(b, time.monotonic()))
+        memo["stats_read"] = flight
+    return await asyncio.shield(flight)
+
+
+async def _read_stats_into(b: Backend, started: float) -> Row:
+    try:
+        row = await _read_stats(b)
+        b.memo["stats"] = (started, row)  # as old as the moment the read began
+        return row
+    finally:
+        b.memo.pop("stats_read", None)
+
+
+async def _read_stats(b: Backend) -> Row:
     async with b.redis.pipeline(transaction=False) as pipe:
         for bucket in range(b.keys.buckets):
             pipe.hgetall(b.keys.stats(bucket))

@@ -15,8 +15,8 @@ import logging
 import os
 import signal
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass
-from typing import cast
+from dataclasses import dataclass, field
+from typing import Any, cast
 
 import asyncpg
 from asyncpg.pool import PoolAcquireContext
@@ -53,6 +53,10 @@ class Backend:
     rate_burst: int = 0
     # REDIS_WAIT_REPLICAS and REDIS_WAIT_TIMEOUT (in ms): (0, 0) when off.
     wait: tuple[int, int] = (0, 0)
+    # STATS_MAX_AGE_MS in seconds: how old the totals of ``GET /api/v1/sessions/stats`` may be (0: read
+    # every time); ``memo`` holds this process's latest read (``domain/store.stats``).
+    stats_max_age: float = 0.0
+    memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def cluster(self) -> bool:
@@ -165,6 +169,7 @@ async def open_backend(
             settings.rate_limit_writes_per_minute,
             settings.rate_limit_burst or settings.rate_limit_writes_per_minute,
             wait if wait[0] else (0, 0),
+            settings.stats_max_age_ms / 1000,
         )
     finally:
         if later is not None:
