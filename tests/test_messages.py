@@ -265,3 +265,17 @@ async def test_token_counts_written_as_integral_floats_are_integers(client: Any)
         resp = await client.post(url, params=params, data=body, headers={"Content-Type": "application/json"})
         assert await validation_locs(resp) == [["body", "tokens_used"]]
     assert (await get_session(client, sid, user))["total_tokens"] == 1005
+
+
+async def test_session_totals_stay_exact_past_what_a_lua_number_holds(
+    client: Any, redis: Redis, keys: Keys
+) -> None:
+    """The append adds tokens and cost in its script with Lua numbers (doubles) while the totals are
+    below 2^53, and with Redis' 64-bit HINCRBY past it: a session near 2^53 still counts to the unit."""
+    user = new_user()
+    sid = (await make_session(client, user))["session_id"]
+    skey = keys.for_user(user).session(sid)
+    await redis.hset(skey, mapping={"total_tokens": 2**53 - 5, "cost_micros": 2**53 - 3})
+    await add_message(client, sid, user, tokens_used=10, cost_usd=0.000007)
+    await add_message(client, sid, user, tokens_used=1, cost_usd=0.000001)
+    assert await redis.hmget(skey, "total_tokens", "cost_micros") == [str(2**53 + 6), str(2**53 + 5)]

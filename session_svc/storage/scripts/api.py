@@ -166,23 +166,30 @@ return {{OK, redis.call('HGETALL', session)}}
 # Counters and the sequence number change in the same step as the append; the message's stream id is
 # <seq>-0, so a page of messages is one XRANGE. ``msg_ts`` is the time of the write. The outbox entry
 # points at the message (``seq``) rather than copying it: the flusher reads it from the stream. The
-# sequence and the version are read with the ownership check and written back in one HSET; tokens and
-# cost stay HINCRBYs (exact 64-bit integers; Lua numbers are doubles).
+# sequence, the version and the session's token and cost totals are read with the ownership check and
+# written back by one HSET: exact while below 2^53 (a Lua number is a double), HINCRBY past it.
 APPEND_MESSAGE = Lua(
     keys=("session", "messages", "user_index", "active_index", "stats", "outbox", "hot"),
     args=("sid", "uid", *_MESSAGE_ARGS),
     body=_OWNER
     + f"""
-local h, stop = owned(session, user_index, sid, uid, 'status', 'message_count', 'v', 'updated_at')
+local h, stop = owned(session, user_index, sid, uid, 'status', 'message_count', 'v', 'updated_at',
+  'total_tokens', 'cost_micros')
 if not h then return {{stop}} end
 if h[2] ~= ACTIVE then return {{CONFLICT, h[2]}} end
 local seq, v = tonumber(h[3]) + 1, tonumber(h[4]) + 1
+local tokens, cost = tonumber(h[6]) + tonumber(msg_tokens), tonumber(h[7]) + tonumber(msg_cost)
 redis.call('XADD', messages, seq .. '-0', {_MESSAGE_PAIRS})
-redis.call('HINCRBY', session, 'total_tokens', msg_tokens)
-redis.call('HINCRBY', session, 'cost_micros', msg_cost)
 local oid = redis.call('XADD', outbox, '*', 'k', '{Kind.message}', 'sid', sid, 'uid', uid, 'v', v, 'seq', seq)
-redis.call('HSET', session, 'message_count', seq, 'v', v, 'updated_at', msg_ts, 'last_activity', msg_ts,
-  'oid', oid)
+if tokens < 2^53 and cost < 2^53 then
+  redis.call('HSET', session, 'message_count', seq, 'v', v, 'updated_at', msg_ts, 'last_activity', msg_ts,
+    'oid', oid, 'total_tokens', tokens, 'cost_micros', cost)
+else  -- past 2^53 a Lua number (a double) is no longer exact: Redis' 64-bit integers take over
+  redis.call('HSET', session, 'message_count', seq, 'v', v, 'updated_at', msg_ts, 'last_activity', msg_ts,
+    'oid', oid)
+  redis.call('HINCRBY', session, 'total_tokens', msg_tokens)
+  redis.call('HINCRBY', session, 'cost_micros', msg_cost)
+end
 touch(user_index, active_index, ACTIVE, msg_ts, sid)
 redis.call('HINCRBY', stats, 'messages', 1)
 redis.call('HINCRBY', stats, '{ROLE_STAT}' .. msg_role, 1)
