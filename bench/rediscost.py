@@ -24,9 +24,11 @@ Everything is driven over HTTP, SQL and Redis commands, never through the servic
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,6 +48,7 @@ SESSIONS = 50
 CLIENTS = int(os.environ.get("BENCH_COST_CLIENTS", "16"))
 APPENDS = int(os.environ.get("BENCH_COST_APPENDS", "20000"))
 CALLS = int(os.environ.get("BENCH_COST_CALLS", "2000"))
+CHUNKS = int(os.environ.get("BENCH_COST_SLICES", "5"))
 CONTENT = ("The quick brown fox jumps over the lazy dog. " * 24)[:1024]  # 1 KiB of ASCII
 DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
 MESSAGES_TABLE = "session_messages"
@@ -108,33 +111,34 @@ def _git(tree: Path, *args: str) -> str:
 
 @dataclass
 class Window:
-    """What Redis counted between a CONFIG RESETSTAT and the end of one kind of request."""
+    """What Redis counted over one kind of request (summed over the slices of ``window``)."""
 
     name: str
     requests: int
     wall_s: float
-    cpu_s: float
-    mem_delta: int
     stats: dict[str, dict[str, float]]
-    mem0: int = 0  # used_memory less client buffers before the window
+    mem_delta: int  # used_memory less client buffers, after less before
+    mem0: int  # the same before the window
+    slices: list[tuple[float, float]]  # per slice: (EVALSHA usec per call, server CPU µs per request)
     after_flush: float | None = None  # bytes per request once flushed (appends only)
     extra: list[str] = field(default_factory=list)
 
-    def calls(self, command: str) -> float:
-        return self.stats.get(command, {}).get("calls", 0)
-
     @property
     def evalsha_per_req(self) -> float:
-        return self.calls("evalsha") / self.requests
+        return self.stats.get("evalsha", {}).get("calls", 0) / self.requests
 
     @property
     def usec_per_evalsha(self) -> float:
-        s = self.stats.get("evalsha", {})
-        return s.get("usec", 0) / s["calls"] if s.get("calls") else float("nan")
+        return statistics.median(u for u, _ in self.slices)
+
+    @property
+    def usec_range(self) -> str:
+        us = sorted(u for u, _ in self.slices)
+        return f"{us[0]:.0f}-{us[-1]:.0f}"
 
     @property
     def cpu_us_per_req(self) -> float:
-        return self.cpu_s * 1e6 / self.requests
+        return statistics.median(c for _, c in self.slices)
 
     @property
     def commands_per_req(self) -> float:
@@ -160,23 +164,39 @@ async def _commandstats(r: aioredis.Redis) -> dict[str, dict[str, float]]:
     return {k.removeprefix("cmdstat_"): {f: float(v) for f, v in s.items()} for k, s in raw.items()}
 
 
-async def window(r: aioredis.Redis, name: str, requests: int, run: Callable[[], Awaitable[None]]) -> Window:
+async def window(
+    r: aioredis.Redis, name: str, requests: int, run: Callable[[range], Awaitable[None]]
+) -> Window:
+    """``requests`` requests in ``CHUNKS`` slices, each its own RESETSTAT window: the commands and the
+    memory are summed over the slices, the per-call figures are the median slice's (robust to a moment
+    of noise from other processes on the cores)."""
     mem0 = await _memory(r)
-    await r.config_resetstat()
-    cpu0 = await _cpu(r)
-    t0 = time.perf_counter()
-    await run()
-    wall = time.perf_counter() - t0
-    cpu1 = await _cpu(r)
-    stats = await _commandstats(r)
-    return Window(name, requests, wall, cpu1 - cpu0, await _memory(r) - mem0, stats, mem0)
+    wall = 0.0
+    stats: dict[str, dict[str, float]] = {}
+    slices: list[tuple[float, float]] = []  # (EVALSHA usec per call, server CPU µs per request)
+    bounds = [requests * k // CHUNKS for k in range(CHUNKS + 1)]
+    for lo, hi in itertools.pairwise(bounds):
+        await r.config_resetstat()
+        cpu0 = await _cpu(r)
+        t0 = time.perf_counter()
+        await run(range(lo, hi))
+        wall += time.perf_counter() - t0
+        cpu = await _cpu(r) - cpu0
+        part = await _commandstats(r)
+        for c, st in part.items():
+            total = stats.setdefault(c, {"calls": 0.0, "usec": 0.0})
+            total["calls"] += st["calls"]
+            total["usec"] += st["usec"]
+        ev = part.get("evalsha", {"calls": 0.0, "usec": 0.0})
+        slices.append((ev["usec"] / ev["calls"] if ev["calls"] else float("nan"), cpu * 1e6 / (hi - lo)))
+    return Window(name, requests, wall, stats, await _memory(r) - mem0, mem0, slices)
 
 
-async def drive(base: str, n: int, make: Callable[[int], Request]) -> None:
-    """``n`` requests over HTTP, ``CLIENTS`` in flight; any answer other than 2xx ends the benchmark."""
+async def drive(base: str, indices: range, make: Callable[[int], Request]) -> None:
+    """``make(i)`` for each index, over HTTP, ``CLIENTS`` in flight; any answer other than 2xx ends the benchmark."""
     connector = aiohttp.TCPConnector(limit=CLIENTS)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as s:
-        todo = iter(range(n))
+        todo = iter(indices)
 
         async def client() -> None:
             for i in todo:
@@ -326,7 +346,7 @@ async def main(env: dict[str, str]) -> None:
                 return "POST", f"/api/v1/sessions/{sid}/messages?user_id={owner[sid]}", body
 
             windows: list[Window] = []
-            appends = await window(r, "append a 1 KiB message", APPENDS, lambda: drive(base, APPENDS, append))
+            appends = await window(r, "append a 1 KiB message", APPENDS, lambda ix: drive(base, ix, append))
             windows.append(appends)
 
             worker = subprocess.Popen([PY, "-m", "workers"], env=svc, cwd=tree)
@@ -358,7 +378,7 @@ async def main(env: dict[str, str]) -> None:
 
             for name, make in (("create a session", create), ("create a 1 KiB memory", memory),
                                ("update a session's title", update)):  # fmt: skip
-                windows.append(await window(r, name, CALLS, lambda make=make: drive(base, CALLS, make)))
+                windows.append(await window(r, name, CALLS, lambda ix, make=make: drive(base, ix, make)))
             stop([api])
             api = None
 
@@ -379,8 +399,8 @@ async def baseline(redis_url: str) -> Window:
     sha = await r.script_load(BARE_LUA)
     value = CONTENT
 
-    async def run() -> None:
-        todo = iter(range(APPENDS))
+    async def run(indices: range) -> None:
+        todo = iter(indices)
 
         async def client() -> None:
             for i in todo:
@@ -397,14 +417,14 @@ async def baseline(redis_url: str) -> Window:
 
 def report(windows: list[Window], bare: Window) -> None:
     print(
-        "| write | requests | EVALSHA/req | EVALSHA µs/call | vs bare | Redis CPU µs/req | vs bare "
+        "| write | requests | EVALSHA/req | EVALSHA µs/call (slices) | vs bare | Redis CPU µs/req | vs bare "
         "| commands/req | B/req before flush | B/req after flush | req/s |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for w in [*windows, bare]:
         after = f"{w.after_flush:,.0f}" if w.after_flush is not None else ""
         print(
-            f"| {w.name} | {w.requests:,} | {w.evalsha_per_req:.2f} | {w.usec_per_evalsha:.1f} "
+            f"| {w.name} | {w.requests:,} | {w.evalsha_per_req:.2f} | {w.usec_per_evalsha:.1f} ({w.usec_range}) "
             f"| {w.usec_per_evalsha / bare.usec_per_evalsha:.2f}x | {w.cpu_us_per_req:.1f} "
             f"| {w.cpu_us_per_req / bare.cpu_us_per_req:.2f}x | {w.commands_per_req:.1f} "
             f"| {w.mem_delta / w.requests:,.0f} | {after} | {w.requests / w.wall_s:,.0f} |"
@@ -412,6 +432,10 @@ def report(windows: list[Window], bare: Window) -> None:
     for w in [*windows, bare]:
         for line in w.extra:
             print(line)
+    print(
+        f"(per-call figures: the median of {CHUNKS} slices, each its own RESETSTAT window; "
+        "commands and bytes: over all of them)"
+    )
     print("\ncommands per request, by command (calls / requests, and Redis's usec_per_call):")
     for w in [*windows, bare]:
         parts = sorted(
