@@ -1,18 +1,21 @@
 """What every benchmark shares: ports, key prefix and schema of this run, the wrk runner, the HTTP
-helpers, the outbox backlog probe and the cleanup of everything a run created."""
+helpers, the outbox backlog probe, a private redis-server and the cleanup of everything a run created."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import asyncpg
@@ -148,3 +151,65 @@ def bench_env() -> dict[str, str]:
         "LOG_LEVEL": "WARNING",
         "SERVICE_PROCESSES": os.environ.get("SERVICE_PROCESSES", "1"),
     }
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on at the moment (the kernel's choice)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def private_redis(conf: str | None = None) -> Iterator[str]:
+    """A redis-server of this run's own, on a free port of 127.0.0.1 in a temporary directory: yields its
+    URL, then stops it (SIGTERM to the process started here, by its pid) and removes the directory.
+
+    Without ``conf``: no persistence (no RDB, no AOF). With ``conf`` (e.g. ``config/redis.conf``, AOF
+    everysec): that file's settings, with port, bind, dir, daemonize, logfile and pidfile overridden on the
+    command line so the server stays private. Either way ``latency-tracking no`` (Redis 7 allocates a
+    histogram of about 25 KiB per command name on its first call, which is not the data's memory).
+    ``BENCH_REDIS_CPUS`` (e.g. ``1``) pins the server with ``taskset -c``."""
+    workdir = Path(tempfile.mkdtemp(prefix="bench-redis-"))
+    port = free_port()
+    args = ["redis-server"]
+    if conf:
+        path = Path(conf)
+        if not path.is_absolute() and not path.exists():
+            path = ROOT / path
+        if not path.is_file():
+            raise SystemExit(f"private_redis: no config file {conf}")
+        args.append(str(path.resolve()))
+    args += ["--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir), "--daemonize", "no",
+             "--logfile", str(workdir / "redis.log"), "--pidfile", str(workdir / "redis.pid"),
+             "--latency-tracking", "no"]  # fmt: skip
+    if not conf:
+        args += ["--save", "", "--appendonly", "no"]
+    cpus = os.environ.get("BENCH_REDIS_CPUS")
+    if cpus and shutil.which("taskset"):
+        args = ["taskset", "-c", cpus, *args]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            if proc.poll() is not None:
+                log = (
+                    (workdir / "redis.log").read_text(errors="replace")[-2000:]
+                    if (workdir / "redis.log").exists()
+                    else ""
+                )
+                raise SystemExit(f"private redis-server exited with {proc.returncode}\n{log}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as c:
+                    c.sendall(b"PING\r\n")
+                    if c.recv(64).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("private redis-server did not answer PING within 10 s")
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        stop([proc])
+        shutil.rmtree(workdir, ignore_errors=True)

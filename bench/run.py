@@ -43,6 +43,7 @@ from bench.common import (
 )
 from bench.growth import growth, memory
 from bench.guards import guards
+from bench.rediscost import rediscost, take_options
 from bench.writebehind import writebehind
 from session_svc.settings import Settings
 
@@ -247,11 +248,12 @@ BENCHMARKS: dict[str, Callable[[dict[str, str]], None]] = {
     "guards": guards,
     "capacity": capacity,
     "cluster": cluster_table,
+    "rediscost": rediscost,
 }
 
 
 def main() -> None:
-    names = sys.argv[1:] or list(BENCHMARKS)
+    names = take_options(sys.argv[1:]) or list(BENCHMARKS)  # --ref, --conf: for rediscost
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         raise SystemExit(f"unknown benchmark {unknown}; choose from {sorted(BENCHMARKS)}")

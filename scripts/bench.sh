@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmark the hot paths and the write-through on this machine; prints figures, asserts nothing.
 # Uses its own key prefix and schema on the configured Redis/PostgreSQL and removes them afterwards.
+# `scripts/bench.sh rediscost [--ref GITREF] [--conf config/redis.conf]`: a private Redis, the code of GITREF.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
