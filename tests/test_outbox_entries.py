@@ -88,9 +88,9 @@ async def test_data_written_by_release_1_0_is_flushed_read_back_and_evicted(
 ) -> None:
     """The previous release's API (its code taken from git) writes a session, messages, a memory and an
     update, and stops before anything is flushed; the outbox then holds its entries, content and all.
-    This release's flusher writes them to Postgres as that API answered them, from the entries alone, this release's API
-    appends to the same session (a pointer entry), and the sweep evicts it once all of it is flushed;
-    read back from Postgres, the conversation is whole."""
+    This release's flusher writes them to Postgres as that API answered them, from the entries alone;
+    this release's API appends to the same session (a pointer entry), and the sweep evicts it once all
+    of it is flushed; read back from Postgres, the conversation is whole."""
     user = new_user()
     sid, answered, memory = await asyncio.to_thread(_write_with_release_1_0, settings, user, tmp_path)
     entries = [f for _id, f in await redis.xrange(keys.for_user(user).outbox) if f["sid"] == sid]
