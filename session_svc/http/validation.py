@@ -14,6 +14,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import BaseModel, ValidationError
 
 from session_svc.errors import SESSION_NOT_FOUND, BadRequest, NotFound
+from session_svc.http import fastbody
 from session_svc.http.appkeys import SETTINGS
 from session_svc.ops.telemetry import CONNECTIONS_CLOSED, RECORDER
 from session_svc.record import models
@@ -62,17 +63,24 @@ async def parse_body(request: web.Request, model: type[M]) -> M:
         # a failure of ours (nor of PostgreSQL, which an OSError escaping to the middleware would mean).
         detail = [{"type": "body_incomplete", "loc": ["body"], "msg": "The connection closed mid-body"}]
         raise BadRequest(detail) from None
-    if b"NaN" in raw or b"Infinity" in raw:
-        # pydantic's parser takes these non-JSON tokens (and orjson would write them back as null);
-        # orjson's strict parser tells a real one from the same letters inside a string. Only then: the
-        # hot path parses the body once.
-        try:
-            orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
+    try:
+        doc: Any = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        if b"NaN" in raw or b"Infinity" in raw:
+            # pydantic's parser takes these non-JSON tokens (and orjson would write them back as null);
+            # orjson's strict parser tells a real one from the same letters inside a string.
             if "depth limit" in str(exc):
                 raise BadRequest([TOO_DEEP]) from None
             detail = [{"type": "json_invalid", "loc": ["body"], "msg": f"Invalid JSON: {exc}"}]
             raise BadRequest(detail) from None
+    else:
+        fast = fastbody.FAST.get(model)
+        if fast is not None:
+            known = fast(doc, raw)
+            if known is not None:
+                return known  # type: ignore[return-value]  # keyed by its model
+    # Anything the fast path does not take for certain (every error, anything unusual): the model
+    # itself, so every answer to a bad body stays pydantic's.
     try:
         # JSON mode: strict types, yet enum values arrive as the strings they are.
         return model.model_validate_json(raw)
