@@ -165,7 +165,9 @@ def _fast(raw: bytes) -> MessageCreate | None:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return None
-    return FAST(doc, raw)
+    got = FAST(doc, raw)
+    assert got is None or isinstance(got, MessageCreate)
+    return got
 
 
 def _typed(m: MessageCreate) -> list[tuple[str, type, str]]:
@@ -211,7 +213,7 @@ def test_defaults_match() -> None:
     fast = _fast(b'{"role":"user","content":"x"}')
     assert fast is not None
     assert fast.cost_usd == Decimal("0.0") and str(fast.cost_usd) == "0.0"
-    assert fast.metadata == {} and fast.metadata is not _fast(b'{"role":"user","content":"y"}').metadata  # type: ignore[union-attr]
+    assert fast.metadata == {} and fast.metadata is not _fast(b'{"role":"user","content":"y"}').metadata
 
 
 async def _answers(client: Any, sid: str, bodies: list[bytes]) -> list[tuple[int, Any]]:

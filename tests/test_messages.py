@@ -278,4 +278,4 @@ async def test_session_totals_stay_exact_past_what_a_lua_number_holds(
     await redis.hset(skey, mapping={"total_tokens": 2**53 - 5, "cost_micros": 2**53 - 3})
     await add_message(client, sid, user, tokens_used=10, cost_usd=0.000007)
     await add_message(client, sid, user, tokens_used=1, cost_usd=0.000001)
-    assert await redis.hmget(skey, "total_tokens", "cost_micros") == [str(2**53 + 6), str(2**53 + 5)]
+    assert await redis.hmget(skey, ["total_tokens", "cost_micros"]) == [str(2**53 + 6), str(2**53 + 5)]
