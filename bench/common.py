@@ -3,16 +3,19 @@ helpers, the outbox backlog probe and the cleanup of everything a run created.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -137,6 +140,59 @@ def stop(procs: Iterable[subprocess.Popen[bytes] | None]) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+
+
+def free_port() -> int:
+    """A port nothing listens on now (the OS's choice; another process could take it before us)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def private_redis(conf: str | None = None, *extra: str) -> Iterator[str]:
+    """A redis-server of this run's own on a spare port, its data in a temporary directory; yields its URL.
+
+    ``conf``: a config file (e.g. ``config/redis.conf``: AOF, ``appendfsync everysec``), relative to the
+    repository or absolute; ``None`` starts Redis with its defaults, but without RDB snapshots. Port,
+    bind, dir and logfile are set on the command line after the file, so they win over it; ``extra`` goes
+    last. Stopped with SIGTERM (Redis fsyncs its AOF and exits), killed after 10 s; the directory is
+    removed. Never touches the shared Redis."""
+    port = free_port()
+    work = tempfile.mkdtemp(prefix="bench-redis-")
+    args = ["redis-server"]
+    if conf is not None:
+        path = Path(conf) if Path(conf).is_absolute() else ROOT / conf
+        if not path.is_file():
+            raise SystemExit(f"BENCH_REDIS_CONF: no such file {path}")
+        args.append(str(path))
+    else:
+        args += ["--save", ""]
+    args += ["--port", str(port), "--bind", "127.0.0.1", "--dir", work, "--daemonize", "no",
+             "--logfile", os.path.join(work, "redis.log"), *extra]  # fmt: skip
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            if proc.poll() is not None:
+                log = Path(work, "redis.log")
+                raise SystemExit(f"private redis-server exited: {log.read_text() if log.exists() else ''}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.1) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    break
+            time.sleep(0.05)
+        else:
+            raise SystemExit(f"private redis-server on port {port} did not answer")
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def bench_env() -> dict[str, str]:
