@@ -224,6 +224,9 @@ def chat_table(env: dict[str, str]) -> None:
                     f"{v['sqlalchemy']}, asyncpg {v['asyncpg']}); PostgreSQL {pg['server_version'].split()[0]} "
                     f"synchronous_commit={pg['synchronous_commit']} fsync={pg['fsync']}"
                 )
+            # BENCH_ROWS=session_svc,sqlalchemy: only the rows whose names contain one of these (and the ceiling)
+            only = [w.lower() for w in os.environ.get("BENCH_ROWS", "").split(",") if w]
+            rows = [r for r in rows if r == CEILING or not only or any(w in r.lower() for w in only)]
             results: dict[tuple[str, int], list[dict[str, float]]] = {(r, c): [] for r in rows for c in concs}
             lag = 0.0
             cell = 0
@@ -236,7 +239,7 @@ def chat_table(env: dict[str, str]) -> None:
                             async def svc(conc: int = conc, cell: int = cell) -> dict[str, float]:
                                 turns, close = await service_turns(base, conc, cell)
                                 try:
-                                    return await measure(turns, duration, warmup)
+                                    return await measure(turns, duration, warmup, (api.pid, worker.pid))
                                 finally:
                                     await close()
 
@@ -266,7 +269,8 @@ def chat_table(env: dict[str, str]) -> None:
                             res = agents.cell(name, conc, duration, warmup)
                         results[(row, conc)].append(res)
                         print(
-                            f"  {row} c={conc}: {res['tps']:.0f} turns/s p50 {res['p50']:.2f} ms p99 {res['p99']:.2f} ms",
+                            f"  {row} c={conc}: {res['tps']:.0f} turns/s p50 {res['p50']:.2f} ms p99 {res['p99']:.2f} ms, "
+                            f"CPU {res['cpu_ms']:.2f} ms/turn, load {res['loadavg']:.1f}",
                             file=sys.stderr,
                         )
             _print(results, rows, concs)
@@ -285,17 +289,27 @@ def _median(runs: list[dict[str, float]], key: str) -> float:
 
 
 def _print(results: dict[tuple[str, int], list[dict[str, float]]], rows: list[str], concs: list[int]) -> None:
-    head = f"{'system':44}"
+    """A Markdown table: per concurrency, the medians of turns/s, p50, p99 and CPU per turn, and the
+    median turns/s as a ratio of the bare-Redis ceiling's (redis-py 5.2.1)."""
+    head = "| system |"
+    rule = "|---|"
     for c in concs:
-        head += f" | {'c=' + str(c) + ' turns/s':>14} {'p50 ms':>8} {'p99 ms':>8} {'vs ceil':>8}"
+        head += f" c={c} turns/s | p50 ms | p99 ms | vs ceiling | CPU ms/turn |"
+        rule += "---:|---:|---:|---:|---:|"
     print(head)
+    print(rule)
     for row in rows:
-        line = f"{row:44}"
+        line = f"| {row} |"
         for c in concs:
             runs = results[(row, c)]
             tps = _median(runs, "tps")
             ceil = _median(results[(CEILING, c)], "tps")
             line += (
-                f" | {tps:14.0f} {_median(runs, 'p50'):8.2f} {_median(runs, 'p99'):8.2f} {tps / ceil:7.2f}x"
+                f" {tps:,.0f} | {_median(runs, 'p50'):.2f} | {_median(runs, 'p99'):.2f} | {tps / ceil:.2f}x"
+                f" | {_median(runs, 'cpu_ms'):.2f} |"
             )
         print(line)
+    loads = sorted(r["loadavg"] for runs in results.values() for r in runs)
+    print(
+        f"(1-minute load average during the cells: {loads[0]:.1f} to {loads[-1]:.1f} on {os.cpu_count()} cores)"
+    )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -65,14 +66,38 @@ def assistant_item(i: int) -> dict[str, Any]:
 Turn = Callable[[int], Awaitable[None]]
 
 
-async def measure(turns: list[Turn], duration: float, warmup: float) -> dict[str, float]:
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU time of this process (``pid=None``) or of process ``pid`` (Linux ``/proc``)."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def measure(
+    turns: list[Turn], duration: float, warmup: float, pids: tuple[int, ...] = ()
+) -> dict[str, float]:
     """Run every conversation's ``turn(i)`` in a loop, all at once, for ``warmup`` then ``duration``
-    seconds; only turns that start and end inside the measured window count."""
+    seconds; only turns that start and end inside the measured window count. ``cpu_ms``: CPU time per
+    turn over the window, of this process and of ``pids`` (the API, the worker), not of the Redis or
+    PostgreSQL servers: what the Python side costs whatever else shares the cores."""
     loop = asyncio.get_running_loop()
     t_start = loop.time() + warmup
     t_end = t_start + duration
     latencies: list[float] = []
     clock = time.perf_counter
+    cpu: list[float] = []
+
+    def cpu_now() -> float:
+        return cpu_seconds() + sum(cpu_seconds(p) for p in pids)
+
+    async def sample_cpu() -> None:
+        await asyncio.sleep(max(0.0, t_start - loop.time()))
+        cpu.append(cpu_now())
+        await asyncio.sleep(max(0.0, t_end - loop.time()))
+        cpu.append(cpu_now())
 
     async def conversation(turn: Turn) -> None:
         i = 0
@@ -87,16 +112,18 @@ async def measure(turns: list[Turn], duration: float, warmup: float) -> dict[str
                 latencies.append(p1 - p0)
             i += 1
 
-    await asyncio.gather(*(conversation(t) for t in turns))
+    await asyncio.gather(sample_cpu(), *(conversation(t) for t in turns))
     latencies.sort()
     n = len(latencies)
     if n == 0:
-        return {"turns": 0, "tps": 0.0, "p50": float("nan"), "p99": float("nan")}
+        return {"turns": 0, "tps": 0.0, "p50": float("nan"), "p99": float("nan"), "cpu_ms": float("nan")}
     return {
         "turns": n,
         "tps": n / duration,
         "p50": latencies[n // 2] * 1000,
         "p99": latencies[min(n - 1, int(n * 0.99))] * 1000,
+        "cpu_ms": (cpu[1] - cpu[0]) / n * 1000,
+        "loadavg": os.getloadavg()[0],
     }
 
 
