@@ -129,7 +129,7 @@ class Agents:
             self.why = self.info["error"]
             self.close()
 
-    def cell(self, row: str, conc: int, duration: float, warmup: float) -> dict[str, float]:
+    def cell(self, row: str, conc: int, duration: float, warmup: float) -> dict[str, Any]:
         assert self.proc and self.proc.stdin and self.proc.stdout
         self.proc.stdin.write(
             json.dumps({"row": row, "conc": conc, "duration": duration, "warmup": warmup}) + "\n"
@@ -227,7 +227,7 @@ def chat_table(env: dict[str, str]) -> None:
             # BENCH_ROWS=session_svc,sqlalchemy: only the rows whose names contain one of these (and the ceiling)
             only = [w.lower() for w in os.environ.get("BENCH_ROWS", "").split(",") if w]
             rows = [r for r in rows if r == CEILING or not only or any(w in r.lower() for w in only)]
-            results: dict[tuple[str, int], list[dict[str, float]]] = {(r, c): [] for r in rows for c in concs}
+            results: dict[tuple[str, int], list[dict[str, Any]]] = {(r, c): [] for r in rows for c in concs}
             lag = 0.0
             cell = 0
             for _ in range(repeats):
@@ -236,7 +236,7 @@ def chat_table(env: dict[str, str]) -> None:
                         cell += 1
                         if row == SERVICE:
 
-                            async def svc(conc: int = conc, cell: int = cell) -> dict[str, float]:
+                            async def svc(conc: int = conc, cell: int = cell) -> dict[str, Any]:
                                 turns, close = await service_turns(base, conc, cell)
                                 try:
                                     return await measure(turns, duration, warmup, (api.pid, worker.pid))
@@ -255,7 +255,7 @@ def chat_table(env: dict[str, str]) -> None:
                             lag = max(lag, _run(outbox()))
                         elif row == CEILING:
 
-                            async def ceiling(conc: int = conc) -> dict[str, float]:
+                            async def ceiling(conc: int = conc) -> dict[str, Any]:
                                 turns, close = await bare_redis_turns(redis_url, PREFIX, conc)
                                 try:
                                     return await measure(turns, duration, warmup)
@@ -274,6 +274,20 @@ def chat_table(env: dict[str, str]) -> None:
                             file=sys.stderr,
                         )
             _print(results, rows, concs)
+            if SERVICE in rows:
+                split = [
+                    sorted(r["cpu_split_ms"][i] for r in results[(SERVICE, c)])[repeats // 2]
+                    for c in concs
+                    for i in range(3)
+                ]
+                print(
+                    "(session_svc CPU ms per turn, client / API / worker: "
+                    + ", ".join(
+                        f"c={c}: {split[3 * j]:.2f} / {split[3 * j + 1]:.2f} / {split[3 * j + 2]:.2f}"
+                        for j, c in enumerate(concs)
+                    )
+                    + ")"
+                )
             print(DURABLE)
             print(
                 f"(session_svc's worker flushed to PostgreSQL during the run; oldest unflushed write right "
@@ -284,11 +298,11 @@ def chat_table(env: dict[str, str]) -> None:
             stop([api, worker])
 
 
-def _median(runs: list[dict[str, float]], key: str) -> float:
+def _median(runs: list[dict[str, Any]], key: str) -> float:
     return sorted(r[key] for r in runs)[len(runs) // 2]
 
 
-def _print(results: dict[tuple[str, int], list[dict[str, float]]], rows: list[str], concs: list[int]) -> None:
+def _print(results: dict[tuple[str, int], list[dict[str, Any]]], rows: list[str], concs: list[int]) -> None:
     """A Markdown table: per concurrency, the medians of turns/s, p50, p99 and CPU per turn, and the
     median turns/s as a ratio of the bare-Redis ceiling's (redis-py 5.2.1)."""
     head = "| system |"

@@ -78,7 +78,7 @@ def cpu_seconds(pid: int | None = None) -> float:
 
 async def measure(
     turns: list[Turn], duration: float, warmup: float, pids: tuple[int, ...] = ()
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Run every conversation's ``turn(i)`` in a loop, all at once, for ``warmup`` then ``duration``
     seconds; only turns that start and end inside the measured window count. ``cpu_ms``: CPU time per
     turn over the window, of this process and of ``pids`` (the API, the worker), not of the Redis or
@@ -88,10 +88,10 @@ async def measure(
     t_end = t_start + duration
     latencies: list[float] = []
     clock = time.perf_counter
-    cpu: list[float] = []
+    cpu: list[list[float]] = []
 
-    def cpu_now() -> float:
-        return cpu_seconds() + sum(cpu_seconds(p) for p in pids)
+    def cpu_now() -> list[float]:
+        return [cpu_seconds(), *(cpu_seconds(p) for p in pids)]
 
     async def sample_cpu() -> None:
         await asyncio.sleep(max(0.0, t_start - loop.time()))
@@ -116,13 +116,22 @@ async def measure(
     latencies.sort()
     n = len(latencies)
     if n == 0:
-        return {"turns": 0, "tps": 0.0, "p50": float("nan"), "p99": float("nan"), "cpu_ms": float("nan")}
+        return {
+            "turns": 0,
+            "tps": 0.0,
+            "p50": float("nan"),
+            "p99": float("nan"),
+            "cpu_ms": float("nan"),
+            "cpu_split_ms": [],
+        }
     return {
         "turns": n,
         "tps": n / duration,
         "p50": latencies[n // 2] * 1000,
         "p99": latencies[min(n - 1, int(n * 0.99))] * 1000,
-        "cpu_ms": (cpu[1] - cpu[0]) / n * 1000,
+        "cpu_ms": (sum(cpu[1]) - sum(cpu[0])) / n * 1000,
+        # the same split: this process, then each of ``pids``
+        "cpu_split_ms": [(b - a) / n * 1000 for a, b in zip(cpu[0], cpu[1], strict=True)],
         "loadavg": os.getloadavg()[0],
     }
 
