@@ -156,10 +156,9 @@ class Agents:
 def _run(coro: Awaitable[Any]) -> Any:
     try:
         import uvloop
-
-        return uvloop.run(coro)  # type: ignore[arg-type]
     except ImportError:
         return asyncio.run(coro)  # type: ignore[arg-type]
+    return uvloop.run(coro)  # type: ignore[arg-type]
 
 
 @contextmanager
@@ -192,11 +191,8 @@ def chat_table(env: dict[str, str]) -> None:
             return {**cfg, "version": ver}
 
         rcfg = _run(persistence())
-        where = (
-            "a private redis-server with " + os.environ["BENCH_REDIS_CONF"]
-            if "BENCH_REDIS_CONF" in os.environ
-            else "the shared Redis"
-        )
+        conf = os.environ.get("BENCH_REDIS_CONF")
+        where = f"a private redis-server with {conf}" if conf else "the shared Redis"
         print(
             f"\n# chat turn: append user message, read newest {CONTEXT}, append reply; conversations seeded "
             f"with {SEED}; {duration:g} s per cell after {warmup:g} s, medians of {repeats}, "
@@ -299,7 +295,7 @@ def chat_table(env: dict[str, str]) -> None:
 
 
 def _median(runs: list[dict[str, Any]], key: str) -> float:
-    return sorted(r[key] for r in runs)[len(runs) // 2]
+    return float(sorted(r[key] for r in runs)[len(runs) // 2])
 
 
 def _print(results: dict[tuple[str, int], list[dict[str, Any]]], rows: list[str], concs: list[int]) -> None:
