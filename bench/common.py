@@ -3,6 +3,7 @@ helpers, the outbox backlog probe, a private redis-server and the cleanup of eve
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -161,7 +162,7 @@ def free_port() -> int:
 
 
 @contextmanager
-def private_redis(conf: str | None = None) -> Iterator[str]:
+def private_redis(conf: str | None = None, *extra: str) -> Iterator[str]:
     """A redis-server of this run's own, on a free port of 127.0.0.1 in a temporary directory: yields its
     URL, then stops it (SIGTERM to the process started here, by its pid) and removes the directory.
 
@@ -169,7 +170,8 @@ def private_redis(conf: str | None = None) -> Iterator[str]:
     everysec): that file's settings, with port, bind, dir, daemonize, logfile and pidfile overridden on the
     command line so the server stays private. Either way ``latency-tracking no`` (Redis 7 allocates a
     histogram of about 25 KiB per command name on its first call, which is not the data's memory).
-    ``BENCH_REDIS_CPUS`` (e.g. ``1``) pins the server with ``taskset -c``."""
+    ``BENCH_REDIS_CPUS`` (e.g. ``1``) pins the server with ``taskset -c``. ``extra``: more arguments,
+    last."""
     workdir = Path(tempfile.mkdtemp(prefix="bench-redis-"))
     port = free_port()
     args = ["redis-server"]
@@ -185,6 +187,7 @@ def private_redis(conf: str | None = None) -> Iterator[str]:
              "--latency-tracking", "no"]  # fmt: skip
     if not conf:
         args += ["--save", "", "--appendonly", "no"]
+    args += extra
     cpus = os.environ.get("BENCH_REDIS_CPUS")
     if cpus and shutil.which("taskset"):
         args = ["taskset", "-c", cpus, *args]

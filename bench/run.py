@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 
 from bench.auth import auth_table
 from bench.capacity import capacity
+from bench.chat_turn import chat_table
 from bench.clients import clients_table
 from bench.cluster import cluster_table
 from bench.common import (
@@ -249,6 +250,7 @@ BENCHMARKS: dict[str, Callable[[dict[str, str]], None]] = {
     "capacity": capacity,
     "cluster": cluster_table,
     "rediscost": rediscost,
+    "chat": chat_table,
 }
 
 
