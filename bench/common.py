@@ -3,7 +3,6 @@ helpers, the outbox backlog probe, a private redis-server and the cleanup of eve
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
