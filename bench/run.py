@@ -45,6 +45,7 @@ from bench.common import (
 from bench.growth import growth, memory
 from bench.guards import guards
 from bench.rediscost import rediscost, take_options
+from bench.scriptsteps import scriptsteps
 from bench.writebehind import writebehind
 from session_svc.settings import Settings
 
@@ -251,6 +252,7 @@ BENCHMARKS: dict[str, Callable[[dict[str, str]], None]] = {
     "cluster": cluster_table,
     "rediscost": rediscost,
     "chat": chat_table,
+    "scriptsteps": scriptsteps,
 }
 
 

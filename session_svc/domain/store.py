@@ -35,7 +35,6 @@ from session_svc.errors import MEMORY_NOT_FOUND, SESSION_NOT_FOUND, Conflict, No
 from session_svc.record.fields import (
     LIST_FIELDS,
     MEMORY_ALL,
-    MESSAGE_FIELDS,
     SessionStatus,
     new_session_record,
 )
@@ -48,8 +47,8 @@ from session_svc.record.shapes import (
     iso,
     list_item_out,
     memory_out,
+    message_of_entry,
     message_out,
-    message_row,
     new_id,
     now_us,
     pairs,
@@ -342,14 +341,8 @@ async def list_messages(b: Backend, sid: str, uid: str, page: int, page_size: in
         if lo < first and b.pg is not None:
             for seq, f in await cold.load_messages(b.pg, b.schema, uid, sid, lo, min(hi, first - 1)):
                 messages.append(message_out(sid, uid, seq, f))
-        # XRANGE's entries: [id, [field, value, ...]], the fields in MESSAGE_FIELDS order as the append
-        # wrote them (checked: anything else is read by name).
-        for eid, kv in reply[3]:
-            seq = int(eid.partition("-")[0])
-            values = kv[1::2]
-            if len(values) != len(MESSAGE_FIELDS) or tuple(kv[0::2]) != MESSAGE_FIELDS:
-                values = [dict(zip(kv[0::2], values, strict=True))[f] for f in MESSAGE_FIELDS]
-            messages.append(message_row(sid, uid, seq, values))
+        # XRANGE's entries: [id, [field, value, ...]].
+        messages += [message_of_entry(sid, uid, int(eid.partition("-")[0]), kv) for eid, kv in reply[3]]
     else:
         h = await _cold_hash(b, sid, uid)
         total = int(h["message_count"])

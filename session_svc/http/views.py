@@ -291,6 +291,11 @@ ROUTES: tuple[Route, ...] = (
         "Service-wide exact totals",
         models.StatsOut,
         errors=(503,),
+        description=(
+            "Sums of the counters every write keeps in the same step as the write, over all buckets. "
+            "Each API process reads them at most every STATS_MAX_AGE_MS (1 s by default) and answers "
+            "the totals of that read meanwhile: exact, and at most that old."
+        ),
         access="admin",
     ),
     Route(

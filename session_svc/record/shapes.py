@@ -42,7 +42,10 @@ def _iso_seconds(seconds: int) -> str:
 
 
 def iso(us: int | str) -> str:
-    """ISO 8601 UTC with microseconds and Z. Cached per second: a page of 200 messages formats fast."""
+    """ISO 8601 UTC with microseconds and Z. Cached per second: a page of 200 messages formats fast. A
+    stored value (a string of digits since 1970-01-01 00:00:01) is cut as a string, not divided."""
+    if type(us) is str and len(us) > 6 and us.isdigit():
+        return f"{_iso_seconds(int(us[:-6]))}.{us[-6:]}Z"
     seconds, micros = divmod(int(us), 1_000_000)
     return f"{_iso_seconds(seconds)}.{micros:06d}Z"
 
@@ -135,6 +138,31 @@ def message_row(sid: str, uid: str, seq: int, v: Sequence[str]) -> Row:
         "tokens_used": int(v[_TOKENS]),
         "cost_usd": usd(v[_COST]),
         "created_at": iso(v[_TS]),
+    }
+
+
+_ENTRY_NAMES = list(MESSAGE_FIELDS)
+
+
+def message_of_entry(sid: str, uid: str, seq: int, kv: list[str]) -> Row:
+    """A message from its stream entry as XRANGE gives it ([field, value, ...]): the append writes the
+    fields in MESSAGE_FIELDS order; any other order is read by name."""
+    if kv[0::2] != _ENTRY_NAMES:
+        f = dict(zip(kv[0::2], kv[1::2], strict=True))
+        return message_row(sid, uid, seq, [f[name] for name in MESSAGE_FIELDS])
+    _, mid, _, role, _, content, _, mtype, _, tokens, _, cost, _, meta, _, ts = kv
+    return {
+        "message_id": mid,
+        "session_id": sid,
+        "user_id": uid,
+        "sequence": seq,
+        "role": role,
+        "content": content,
+        "message_type": mtype,
+        "metadata": orjson.Fragment(meta),
+        "tokens_used": int(tokens),
+        "cost_usd": usd(cost),
+        "created_at": iso(ts),
     }
 
 
