@@ -187,7 +187,7 @@ def test_timestamps_and_messages_read_from_stored_strings_equal_the_general_path
     """The page's fast paths (a stored timestamp cut as a string, a stream entry unpacked in field order)
     answer exactly what the general conversions do, and an entry in another field order is read by name."""
     for us in (1_000_001, 1_796_414_092_000_000, 1_796_414_092_424_413, 32_503_680_000_999_999):
-        assert shapes.iso(str(us)) == shapes.iso(us) == shapes.iso(str(us).encode().decode())
+        assert shapes.iso(str(us)) == shapes.iso(us)
     assert shapes.iso("999999") == shapes.iso(999_999) == "1970-01-01T00:00:00.999999Z"
     stored = {"id": "m1", "role": "user", "content": "hi", "type": "chat", "tokens": "3", "cost": "7",
               "meta": '{"a":1}', "ts": "1796414092424413"}  # fmt: skip

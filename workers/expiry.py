@@ -154,10 +154,9 @@ async def relieve_memory(b: Backend, high_water: float, page: int = 200) -> int:
 # must land before it can leave again.
 SPARE_RECENT_US = 1_000_000
 
-# Reconciliation writes a lost session back to the outbox in chunks of at most this many entries or
-# (about) this many bytes of payload, checking Redis memory between chunks.
+# Reconciliation writes a lost session back to the outbox in chunks of at most this many entries (each
+# points at its content, about 64 bytes), checking Redis memory between chunks.
 RESYNC_ENTRIES = 100
-RESYNC_BYTES = 1 << 20
 
 
 async def reconcile(b: Backend, stale_after_s: int = 300, high_water: float = 1.0) -> int:
@@ -183,7 +182,7 @@ async def reconcile(b: Backend, stale_after_s: int = 300, high_water: float = 1.
                         log.warning("reconciliation paused: Redis memory above the high-water mark")
                         return resent
                     phase, cursor, n = await b.scripts.resync(
-                        b.keys, bucket, sid, phase, cursor, RESYNC_ENTRIES, RESYNC_BYTES
+                        b.keys, bucket, sid, phase, cursor, RESYNC_ENTRIES
                     )
                     cursor, written = int(cursor), written + int(n)
                 if written:

@@ -68,17 +68,13 @@ def pointers(entries: Sequence[Entry]) -> dict[tuple[int, str, str], list[int]]:
     session's keys: those of message and memory entries that do not carry it (release 1.0's did)."""
     out: dict[tuple[int, str, str], list[int]] = {}
     for e in entries:
-        kind = e.f["k"]
-        carried = record.ENTRY_CONTENT_1_0.get(Kind(kind)) if kind in _KINDS else None
-        if carried is None or carried[0] in e.f:
-            continue
-        out.setdefault((e.bucket, e.f["sid"], kind), []).append(int(e.f["seq"]))
+        if e.f["k"] in record.ENTRY_CONTENT_1_0 and not _carries_content(e):
+            out.setdefault((e.bucket, e.f["sid"], e.f["k"]), []).append(int(e.f["seq"]))
     for seqs in out.values():
         seqs.sort()
     return out
 
 
-_KINDS = frozenset(k.value for k in Kind)
 # A gap in a session's sequences longer than this starts another XRANGE (rather than reading the gap).
 RUN_GAP = 16
 
@@ -94,11 +90,15 @@ def runs(seqs: Sequence[int]) -> list[list[int]]:
     return out
 
 
+def _carries_content(e: Entry) -> bool:
+    """A message or memory entry written by release 1.0: its content is in the entry itself."""
+    return record.ENTRY_CONTENT_1_0[Kind(e.f["k"])][0] in e.f
+
+
 def content_of(e: Entry, content: Content) -> dict[str, str]:
     """What ``e`` stands for: the fields it carries (release 1.0), or those read for it (KeyError if its
     content is not in Redis: a data error, so the entry goes its own way to the dead letters)."""
-    carried = record.ENTRY_CONTENT_1_0[Kind(e.f["k"])]
-    if carried[0] in e.f:
+    if _carries_content(e):
         return e.f
     return content[(e.bucket, e.f["sid"], e.f["k"], int(e.f["seq"]))]
 

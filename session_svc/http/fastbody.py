@@ -68,17 +68,6 @@ def _plain_json(value: Any) -> bool:
 _PARSER_SAFE_DEPTH = 128
 
 
-def _deeper_than(value: Any, limit: int) -> bool:
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if depth > limit:
-            return True
-        children = item.values() if type(item) is dict else item
-        stack.extend((c, depth + 1) for c in children if type(c) is dict or type(c) is list)
-    return False
-
-
 _new = object.__new__
 _set = object.__setattr__
 
@@ -131,7 +120,9 @@ def _message_create() -> Callable[[Any, bytes], MessageCreate | None]:
         if type(doc) is not dict:
             return None
         # Only that many brackets (in strings too) can nest that deep: the walk is for the rare body.
-        if raw.count(b"[") + raw.count(b"{") > _PARSER_SAFE_DEPTH and _deeper_than(doc, _PARSER_SAFE_DEPTH):
+        if raw.count(b"[") + raw.count(b"{") > _PARSER_SAFE_DEPTH and models._deeper_than(
+            doc, _PARSER_SAFE_DEPTH
+        ):
             return None
         r = doc.get("role")
         role = roles.get(r) if type(r) is str else None

@@ -63,20 +63,21 @@ async def parse_body(request: web.Request, model: type[M]) -> M:
         # a failure of ours (nor of PostgreSQL, which an OSError escaping to the middleware would mean).
         detail = [{"type": "body_incomplete", "loc": ["body"], "msg": "The connection closed mid-body"}]
         raise BadRequest(detail) from None
-    try:
-        doc: Any = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        if b"NaN" in raw or b"Infinity" in raw:
-            # pydantic's parser takes these non-JSON tokens (and orjson would write them back as null);
-            # orjson's strict parser tells a real one from the same letters inside a string.
-            if "depth limit" in str(exc):
-                raise BadRequest([TOO_DEEP]) from None
-            detail = [{"type": "json_invalid", "loc": ["body"], "msg": f"Invalid JSON: {exc}"}]
-            raise BadRequest(detail) from None
-    else:
-        fast = fastbody.FAST.get(model)
-        if fast is not None:
-            known = fast(doc, raw)
+    fast = fastbody.FAST.get(model)
+    suspect = b"NaN" in raw or b"Infinity" in raw
+    if fast is not None or suspect:  # else pydantic's own parse below is the only one
+        try:
+            doc: Any = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            if suspect:
+                # pydantic's parser takes these non-JSON tokens (and orjson would write them back as
+                # null); orjson's strict parser tells a real one from the same letters inside a string.
+                if "depth limit" in str(exc):
+                    raise BadRequest([TOO_DEEP]) from None
+                detail = [{"type": "json_invalid", "loc": ["body"], "msg": f"Invalid JSON: {exc}"}]
+                raise BadRequest(detail) from None
+        else:
+            known = fast(doc, raw) if fast is not None else None
             if known is not None:
                 return known  # type: ignore[return-value]  # keyed by its model
     # Anything the fast path does not take for certain (every error, anything unusual): the model

@@ -147,23 +147,11 @@ _ENTRY_NAMES = list(MESSAGE_FIELDS)
 def message_of_entry(sid: str, uid: str, seq: int, kv: list[str]) -> Row:
     """A message from its stream entry as XRANGE gives it ([field, value, ...]): the append writes the
     fields in MESSAGE_FIELDS order; any other order is read by name."""
+    values = kv[1::2]
     if kv[0::2] != _ENTRY_NAMES:
-        f = dict(zip(kv[0::2], kv[1::2], strict=True))
-        return message_row(sid, uid, seq, [f[name] for name in MESSAGE_FIELDS])
-    _, mid, _, role, _, content, _, mtype, _, tokens, _, cost, _, meta, _, ts = kv
-    return {
-        "message_id": mid,
-        "session_id": sid,
-        "user_id": uid,
-        "sequence": seq,
-        "role": role,
-        "content": content,
-        "message_type": mtype,
-        "metadata": orjson.Fragment(meta),
-        "tokens_used": int(tokens),
-        "cost_usd": usd(cost),
-        "created_at": iso(ts),
-    }
+        f = dict(zip(kv[0::2], values, strict=True))
+        values = [f[name] for name in MESSAGE_FIELDS]
+    return message_row(sid, uid, seq, values)
 
 
 def memory_out(sid: str, uid: str, doc: str) -> Row:

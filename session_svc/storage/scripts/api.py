@@ -45,16 +45,7 @@ from session_svc.storage.scripts.call import Arg, Guard, Lua, Script, guarded
 # Shared Lua: ownership and the user's indexes -----------------------------------------------------------
 
 _OWNER = """
-local function owner_state(skey, uidx, sid, uid)
-  local owner = redis.call('HGET', skey, 'user_id')
-  if not owner then
-    if redis.call('ZSCORE', uidx, sid) then return COLD end
-    return MISSING
-  end
-  if owner ~= uid then return MISSING end
-  return nil
-end
--- The ownership check and the fields a write needs, in one HMGET: the values of ``...`` (h[2], h[3],
+-- The ownership check and the fields a script needs, in one HMGET: the values of ``...`` (h[2], h[3],
 -- ...), or nil and the reply that ends the script.
 local function owned(skey, uidx, sid, uid, ...)
   local h = redis.call('HMGET', skey, 'user_id', ...)
@@ -64,6 +55,11 @@ local function owned(skey, uidx, sid, uid, ...)
   end
   if h[1] ~= uid then return nil, MISSING end
   return h
+end
+-- The ownership check alone: nil, or the reply that ends the script.
+local function owner_state(skey, uidx, sid, uid)
+  local _, stop = owned(skey, uidx, sid, uid)
+  return stop
 end
 -- The user's indexes are scored by the exact time of the last activity (they order listings).
 local function touch(uidx, aidx, status, now, sid)

@@ -196,24 +196,23 @@ return redis.call('XACK', outbox, group, entry_id)
 # that old any more has lost outbox entries (e.g. a Redis failover dropped them). Entries pointing at its
 # messages and memories are written to the outbox again, one bounded chunk per call, then its snapshot.
 # ``phase``: 'm' messages, 'y' memories, 's' the session; ``cursor``: the last seq sent in this phase; at
-# most ``most`` entries per call (``budget``, in bytes of content, is kept for callers: entries point at
-# their content now, so each counts for its own size). All inserts are idempotent, so re-sending what
+# most ``most`` entries per call (each a pointer of about 64 bytes: the content stays where it is). All
+# inserts are idempotent, so re-sending what
 # Postgres already has is harmless. Message and memory entries carry the flushed version ``fv``
 # (committing them does not make the session evictable); only the snapshot carries ``v``, and it is
 # written after every chunk. Each call records its newest entry in ``oid``, so the sweep waits for them.
 # Returns {next phase or 'done', next cursor, entries written}.
 RESYNC = Lua(
     keys=("session", "messages", "memories", "outbox"),
-    args=("sid", "phase", "cursor", "most", "budget"),
+    args=("sid", "phase", "cursor", "most"),
     body=f"""
 local h = redis.call('HMGET', session, 'v', 'fv', 'stuck', 'user_id', 'memory_count')
 if not h[1] or h[1] == h[2] or h[3] then return {{'done', 0, 0}} end
-local uid, at, limit, room = h[4], tonumber(cursor), tonumber(most), tonumber(budget)
-local n, bytes, oid = 0, 0, nil
+local uid, at, limit = h[4], tonumber(cursor), tonumber(most)
+local n, oid = 0, nil
 local function entry(kind, seq)
   oid = redis.call('XADD', outbox, '*', 'k', kind, 'sid', sid, 'uid', uid, 'v', h[2], 'seq', seq)
   n = n + 1
-  bytes = bytes + 64
 end
 local function result(p, c)
   if oid then redis.call('HSET', session, 'oid', oid) end
@@ -224,13 +223,12 @@ if phase == 'm' then
   for _, e in ipairs(entries) do
     at = tonumber(string.match(e[1], '^(%d+)'))
     entry('{Kind.message}', at)
-    if bytes >= room then return result('m', at) end
   end
   if #entries == limit then return result('m', at) end
   return result('y', 0)
 elseif phase == 'y' then
   local last = tonumber(h[5])
-  while at < last and n < limit and bytes < room do
+  while at < last and n < limit do
     at = at + 1
     if redis.call('HEXISTS', memories, at) == 1 then entry('{Kind.memory}', at) end
   end
@@ -335,12 +333,12 @@ class WorkerScripts:
         )
 
     def resync(
-        self, keys: k.Keys, bucket: int, sid: str, phase: str, cursor: int, most: int, budget: int
+        self, keys: k.Keys, bucket: int, sid: str, phase: str, cursor: int, most: int
     ) -> Awaitable[Any]:
         return self._resync(
             {"session": keys.session(bucket, sid), "messages": keys.messages(bucket, sid),
              "memories": keys.memories(bucket, sid), "outbox": keys.outbox(bucket)},
-            {"sid": sid, "phase": phase, "cursor": cursor, "most": most, "budget": budget},
+            {"sid": sid, "phase": phase, "cursor": cursor, "most": most},
         )  # fmt: skip
 
     def beat(self, keys: k.Keys, name: str, doc: str, now: float, forget_after: int) -> Awaitable[Any]:
